@@ -1,0 +1,143 @@
+"""Shared fixtures: tiny random language models of every supported family, built offline.
+
+Nothing here touches the network: models are built from config classes with random weights,
+and the tokenizer is trained on a few sentences. Every build is seeded and takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Never reach the Hugging Face hub from the test suite (must be set before huggingface_hub loads).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from transcoders.models import ModelAdapter, adapter_for
+
+FAMILIES = ("gpt2", "gpt_neox", "llama", "gemma2")
+
+N_LAYERS = 3
+D_MODEL = 32
+VOCAB = 100
+MAX_POS = 64
+# family -> (adapter family, d_mlp)
+EXPECTED = {
+    "gpt2": ("gpt2", 4 * D_MODEL),
+    "gpt_neox": ("gpt_neox", 64),
+    "llama": ("llama", 48),
+    "gemma2": ("gemma", 48),
+}
+
+
+def build_tiny_model(family: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A 3-layer, 32-wide random causal LM of ``family`` in eval mode with gradients off."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(
+            n_layer=N_LAYERS, n_embd=D_MODEL, n_head=4, vocab_size=VOCAB, n_positions=MAX_POS,
+            bos_token_id=0, eos_token_id=0,
+        )
+        model = GPT2LMHeadModel(cfg)
+    elif family == "gpt_neox":
+        cfg = GPTNeoXConfig(
+            num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, num_attention_heads=4, intermediate_size=64,
+            vocab_size=VOCAB, use_parallel_residual=True, max_position_embeddings=MAX_POS,
+            bos_token_id=0, eos_token_id=0,
+        )
+        model = GPTNeoXForCausalLM(cfg)
+    elif family == "llama":
+        cfg = LlamaConfig(
+            num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=MAX_POS,
+        )
+        model = LlamaForCausalLM(cfg)
+    elif family == "gemma2":
+        cfg = Gemma2Config(
+            num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=MAX_POS,
+        )
+        model = Gemma2ForCausalLM(cfg)
+    else:  # pragma: no cover - programming error in a test
+        raise ValueError(f"unknown family {family!r}")
+    if family == "gemma2":
+        # Gemma norms start at zero weight (scale 1 + w); randomise them so the post-MLP norm
+        # really transforms its input and a wrong hookpoint would show.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "layernorm" in name or name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.2)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def tiny_adapter(model: torch.nn.Module) -> ModelAdapter:
+    """The library's adapter for a tiny model."""
+    return adapter_for(model)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny_model(request) -> torch.nn.Module:
+    """One tiny random model per supported family (float32, eval, seeded)."""
+    model = build_tiny_model(request.param)
+    model.family_id = request.param  # the test-side family name (gemma2 vs adapter's "gemma")
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> torch.nn.Module:
+    model = build_tiny_model("llama")
+    model.family_id = "llama"
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens() -> torch.Tensor:
+    """``[6, 8]`` token ids, all distinct (so every harvested activation row is distinct)."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randperm(VOCAB, generator=gen)[:48].view(6, 8)
+
+
+def build_tiny_tokenizer():
+    """A tiny byte-level BPE tokenizer with an ``<eos>`` token, trained here (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    sentences = ["Fellow citizens of the Senate and House of Representatives.",
+                 "The quick brown fox jumps over the lazy dog.", "the state of the union is strong"]
+    tok.train_from_iterator(sentences * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run tiny-model tests on one intra-op thread: their tensors are far too small to gain from
+    more, and OpenMP spin-waiting makes them 10x slower when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,116 @@
+"""Sparse TopK encoder: a dense forward matmul, a backward that touches only active features.
+
+The forward needs every pre-activation to pick the top k, so it is one dense matmul
+``x @ W_enc.T`` ([n, d_in] x [d_in, d_sae]), run in bfloat16 where asked (about 4x the float32
+matmul rate on CPU). The backward does not: only the k selected pre-activations of each token
+(plus the AuxK ones) receive gradient, so
+
+    dL/dW_enc[i] = sum over tokens t where i is selected of  g[t, i] * x[t]
+
+is a sparse-dense product over ``n * k`` entries instead of a dense ``[d_sae, n] x [n, d_in]`` matmul
+on a mostly-zero gradient (about 70x fewer FLOPs at d_sae 9216, k 32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _SparseTopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, dead, k_aux, matmul_dtype):
+        # Select in the matmul dtype: converting [n, d_sae] pre-activations to float32 would
+        # cost as much as the top-k itself.
+        pre = F.linear(x.to(matmul_dtype), W_enc.to(matmul_dtype), b_enc.to(matmul_dtype))
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        values = values.float()
+        if dead is not None and k_aux > 0:
+            aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+            aux_values = aux_values.float()
+        else:
+            aux_values, aux_indices = values.new_empty(pre.shape[0], 0), indices.new_empty(pre.shape[0], 0)
+        ctx.save_for_backward(x, torch.cat([indices, aux_indices], 1))
+        ctx.shapes = W_enc.shape
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, g_values, _gi, g_aux, _gai):
+        x, indices = ctx.saved_tensors  # unused outputs arrive as zero gradients (materialized)
+        g = torch.cat([g_values, g_aux], 1).float()  # [n, k + k_aux]
+        n, kk = indices.shape
+        flat_idx = indices.reshape(-1)
+        tokens = torch.arange(n, device=x.device).repeat_interleave(kk)
+        # G[i, t] = g[t, i] for selected (t, i): grad_W = G @ x, a sparse [d_sae, n] x dense [n, d_in].
+        G = torch.sparse_coo_tensor(torch.stack([flat_idx, tokens]), g.reshape(-1), (ctx.shapes[0], n), check_invariants=False)
+        grad_W = torch.sparse.mm(G, x.float())
+        grad_b = torch.zeros(ctx.shapes[0], device=x.device, dtype=torch.float32).index_add_(0, flat_idx, g.reshape(-1))
+        return None, grad_W, grad_b, None, None, None, None
+
+
+def sparse_topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    *,
+    dead: torch.Tensor | None = None,
+    k_aux: int = 0,
+    matmul_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TopK pre-activations with a sparse backward.
+
+    Args:
+        x: ``[n, d_in]`` inputs (no gradient is returned for them).
+        W_enc: ``[d_sae, d_in]``; b_enc: ``[d_sae]``.
+        k: features kept per token.
+        dead: optional ``[d_sae]`` bool mask; with ``k_aux > 0`` also returns the top
+            ``k_aux`` pre-activations among dead features (for the AuxK loss).
+        matmul_dtype: dtype of the forward matmul (``torch.bfloat16`` for speed on CPU/GPU).
+
+    Returns:
+        ``(values [n, k], indices [n, k], aux_values [n, k_aux], aux_indices [n, k_aux])``;
+        values are raw pre-activations (apply ReLU outside). Gradients flow to ``W_enc`` and
+        ``b_enc`` through both value tensors, in float32.
+    """
+    return _SparseTopKEncode.apply(x, W_enc, b_enc, k, dead, k_aux, matmul_dtype)
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        n, k = indices.shape
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            # d out[t] / d values[t, j] = W_dec[indices[t, j]]: k rows per token, never all d_sae.
+            # embedding_bag's own per-sample-weight backward computes exactly these dot products
+            # without materialising the [n, k, d_out] gather.
+            with torch.enable_grad():
+                v = values.detach().requires_grad_()
+                out = F.embedding_bag(indices, W_dec.detach(), per_sample_weights=v, mode="sum")
+                (grad_values,) = torch.autograd.grad(out, v, grad_out)
+        if ctx.needs_input_grad[2]:
+            tokens = torch.arange(n, device=grad_out.device).repeat_interleave(k)
+            G = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), tokens]), values.reshape(-1),
+                                        (W_dec.shape[0], n), check_invariants=False)
+            grad_W = torch.sparse.mm(G, grad_out)
+        return grad_values, None, grad_W
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """``sum_j values[t, j] * W_dec[indices[t, j]]`` with a backward that touches only the k
+    active rows of ``W_dec`` per token.
+
+    Args:
+        values, indices: ``[n, k]``; W_dec: ``[d_sae, d_out]`` (same dtype as values).
+    Returns:
+        ``[n, d_out]`` (no bias).
+    """
+    return _SparseDecode.apply(values, indices, W_dec)

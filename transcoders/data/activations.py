@@ -1,0 +1,161 @@
+"""Harvest (MLP input, MLP output) pairs with forward hooks, and stream them shuffled.
+
+The forward pass stops right after the MLP of the last requested layer, so training a
+layer-6 transcoder of a 30-layer model pays for 7 layers, not 30.
+
+Shuffling is deterministic and position-addressable, which makes resume exact without
+saving a buffer: contexts are visited in a seeded random order (a new permutation per
+epoch); each *block* of ``block_contexts`` contexts is harvested together and its tokens are
+permuted with a generator seeded by the block index. Token ``p`` of the stream is therefore a
+pure function of ``(seed, p)``, and training step ``s`` reads stream tokens
+``[s * batch_size, (s + 1) * batch_size)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..models.adapters import ModelAdapter
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to end the forward pass early."""
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+@torch.inference_mode()
+def harvest(
+    adapter: ModelAdapter, input_ids: torch.Tensor, layers: Sequence[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the model on ``input_ids`` and capture each layer's MLP input and output.
+
+    Args:
+        adapter: the model's adapter.
+        input_ids: ``[batch, pos]`` token ids.
+        layers: layer indices to capture.
+
+    Returns:
+        ``{layer: (mlp_in, mlp_out)}``, each ``[batch, pos, d_model]`` in the model's dtype.
+
+    Raises:
+        AdapterError: a layer is out of range.
+    """
+    layers = sorted({adapter.check_layer(layer) for layer in layers})
+    if not layers:
+        raise ValueError("harvest needs at least one layer")
+    last = layers[-1]
+    captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    handles = []
+
+    def pre_hook(layer):
+        def fn(module, args, kwargs):
+            captured[layer].append(_first_input(args, kwargs))
+
+        return fn
+
+    def out_hook(layer):
+        def fn(module, args, output):
+            captured[layer].append(output[0] if isinstance(output, tuple) else output)
+            if layer == last:
+                raise _StopForward
+
+        return fn
+
+    try:
+        for layer in layers:
+            handles.append(adapter.mlp_in_module(layer).register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
+            handles.append(adapter.mlp_out_module(layer).register_forward_hook(out_hook(layer)))
+        try:
+            adapter.decoder()(input_ids.to(adapter.device), use_cache=False)
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (captured[layer][0], captured[layer][1]) for layer in layers}
+
+
+class ActivationStream:
+    """A deterministic, shuffled stream of ``(mlp_in, mlp_out)`` token batches.
+
+    Args:
+        adapter: the model's adapter (the model may be in bfloat16 for speed).
+        tokens: ``[n_ctx, ctx_len]`` training token ids.
+        layers: layers to harvest, all from one forward pass.
+        batch_size: tokens per training batch.
+        seed: shuffle seed.
+        block_contexts: contexts harvested and shuffled together (the shuffle buffer);
+            ``block_contexts * ctx_len`` tokens of every layer are held in memory at once.
+        model_batch: contexts per forward pass.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        tokens: torch.Tensor,
+        layers: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        block_contexts: int = 64,
+        model_batch: int = 16,
+    ):
+        if tokens.ndim != 2 or tokens.shape[0] == 0:
+            raise ValueError(f"tokens must be [n_ctx, ctx_len] with n_ctx > 0, got shape {tuple(tokens.shape)}")
+        self.adapter = adapter
+        self.tokens = tokens
+        self.layers = sorted(set(layers))
+        if not self.layers:
+            raise ValueError("ActivationStream needs at least one layer")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.block_contexts = block_contexts
+        self.model_batch = model_batch
+        self.block_tokens = block_contexts * tokens.shape[1]
+
+    def context_index(self, i: int) -> int:
+        """Index into ``tokens`` of the ``i``-th context of the (endless, multi-epoch) order."""
+        n = self.tokens.shape[0]
+        epoch, j = divmod(i, n)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+        return int(torch.randperm(n, generator=gen)[j])
+
+    def block(self, b: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Harvest and shuffle block ``b``: ``{layer: (x, y)}``, each ``[block_tokens, d_model]``."""
+        ids = [self.context_index(b * self.block_contexts + i) for i in range(self.block_contexts)]
+        chunks: dict[int, tuple[list, list]] = {layer: ([], []) for layer in self.layers}
+        for start in range(0, len(ids), self.model_batch):
+            acts = harvest(self.adapter, self.tokens[ids[start : start + self.model_batch]], self.layers)
+            for layer, (x, y) in acts.items():
+                chunks[layer][0].append(x.flatten(0, 1))
+                chunks[layer][1].append(y.flatten(0, 1))
+        gen = torch.Generator().manual_seed((self.seed * 7_919 + b + 1) % 2**63)
+        perm = torch.randperm(self.block_tokens, generator=gen)
+        return {layer: (torch.cat(xs)[perm], torch.cat(ys)[perm]) for layer, (xs, ys) in chunks.items()}
+
+    def batches(self, start_step: int = 0) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Yield batches ``{layer: (x [batch_size, d_model], y [batch_size, d_model])}`` forever,
+        starting at training step ``start_step``."""
+        pos = start_step * self.batch_size
+        b, offset = divmod(pos, self.block_tokens)
+        current = self.block(b)
+        while True:
+            parts: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+            need = self.batch_size
+            while need > 0:
+                take = min(need, self.block_tokens - offset)
+                parts.append({k: (x[offset : offset + take], y[offset : offset + take]) for k, (x, y) in current.items()})
+                offset += take
+                need -= take
+                if offset == self.block_tokens:
+                    b, offset = b + 1, 0
+                    current = self.block(b)
+            yield {
+                layer: (torch.cat([p[layer][0] for p in parts]), torch.cat([p[layer][1] for p in parts]))
+                for layer in self.layers
+            }

@@ -1,0 +1,199 @@
+"""Text sources: the bundled State of the Union corpus, local files and folders, HF datasets."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DataSourceError", "Document", "DEFAULT_SOURCE", "load_documents", "describe_source"]
+
+DEFAULT_SOURCE = "sotu"
+_BUNDLED_ARCHIVE = "sotu-1790-2021.tar.xz"
+_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+class DataSourceError(ValueError):
+    """A text source is missing, malformed or empty; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One text document: a stable identifier ``name`` and its ``text``."""
+
+    name: str
+    text: str
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataSourceError(
+            f"{where} is not valid UTF-8 ({e}); convert it to UTF-8, "
+            f"e.g. `iconv -f latin1 -t utf-8 IN > OUT`."
+        ) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_documents() -> tuple[Document, ...]:
+    archive = importlib.resources.files(__package__).joinpath("corpus", _BUNDLED_ARCHIVE)
+    docs = []
+    with archive.open("rb") as f, tarfile.open(fileobj=f, mode="r:xz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".txt"):
+                name = member.name.rsplit("/", 1)[-1]
+                docs.append(Document(name, _decode(tar.extractfile(member).read(), f"{_BUNDLED_ARCHIVE}:{name}")))
+    return tuple(sorted(docs, key=lambda d: d.name))
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings that can only be meant as local paths (HF names look like ``owner/name``)."""
+    return (
+        source.startswith((".", "~", "/"))
+        or "\\" in source
+        or os.path.isabs(source)
+        or source.count("/") > 1
+        or source.lower().endswith(_FILE_SUFFIXES)
+    )
+
+
+def _text_of(record: object, text_field: str, where: str) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        keys = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+        raise DataSourceError(
+            f"{where} has no field {text_field!r} (keys present: {keys}); "
+            f"pass text_field=<one of those keys>."
+        )
+    text = record[text_field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise DataSourceError(f"{where}: field {text_field!r} is a {type(text).__name__}, expected a string.")
+    return text
+
+
+def _load_jsonl(path: Path, text_field: str) -> list[Document]:
+    docs = []
+    content = _decode(path.read_bytes(), f"file {path}")
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataSourceError(
+                f"{path}, line {lineno} is not valid JSON ({e.msg}); each line of a .jsonl file "
+                f"must be one JSON object such as {{\"{text_field}\": \"...\"}}."
+            ) from None
+        docs.append(Document(f"{path.name}:{lineno}", _text_of(record, text_field, f"{path}, line {lineno}")))
+    return docs
+
+
+def _load_json(path: Path, text_field: str) -> list[Document]:
+    """A .json file: a JSON array of objects (items numbered from 1), else read as JSON lines."""
+    try:
+        records = json.loads(_decode(path.read_bytes(), f"file {path}"))
+    except json.JSONDecodeError:
+        return _load_jsonl(path, text_field)
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list):
+        raise DataSourceError(f"{path} holds a JSON {type(records).__name__}; expected an array of objects.")
+    return [Document(f"{path.name}:{i}", _text_of(r, text_field, f"{path}, item {i}")) for i, r in enumerate(records, 1)]
+
+
+def _load_folder(path: Path) -> list[Document]:
+    files = sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+    return [Document(p.relative_to(path).as_posix(), _decode(p.read_bytes(), f"file {p}")) for p in files]
+
+
+def _load_hf_dataset(name: str, text_field: str, split: str) -> list[Document]:
+    """Load ``datasets.load_dataset(name, split=split)`` and take column ``text_field``."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - anything the hub/datasets raises is reported the same way
+        raise DataSourceError(
+            f"could not load {name!r} as a Hugging Face dataset (split {split!r}): {type(e).__name__}: {e}. "
+            f"It is not an existing local path either. Check the name and split; if this machine is offline, "
+            f"pass a local .txt/.jsonl file or folder, or use the bundled corpus (source={DEFAULT_SOURCE!r})."
+        ) from e
+    if text_field not in ds.column_names:
+        raise DataSourceError(
+            f"Hugging Face dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); "
+            f"pass text_field=<one of those columns>."
+        )
+    return [Document(f"{name}:{i}", t if isinstance(t, str) else "") for i, t in enumerate(ds[text_field])]
+
+
+def load_documents(
+    source: str | os.PathLike | None = None, *, text_field: str = "text", split: str = "train"
+) -> list[Document]:
+    """Load the non-empty documents of a text source.
+
+    ``source`` is one of: ``None`` or ``"sotu"`` (the bundled 233 State of the Union addresses,
+    sorted by file name); a path to a text file (one document, named by the file name); a folder
+    (every ``*.txt`` under it, recursively, sorted and named by relative POSIX path); a ``.jsonl``
+    file (one document per non-blank line, field ``text_field``, named ``"file.jsonl:LINE"``); a
+    ``.json`` file holding an array of objects (named ``"file.json:ITEM"``, from 1); otherwise a
+    Hugging Face dataset name, loaded with ``datasets.load_dataset(source, split=split)``
+    (column ``text_field``, named ``"source:ROW"``). Documents whose text is blank are dropped.
+
+    Returns a list of :class:`Document`.
+    Raises :class:`DataSourceError` if a path-like source does not exist, a file is not UTF-8,
+    a JSON line is invalid or lacks ``text_field``, a dataset cannot be loaded, or no
+    non-empty text results.
+    """
+    if source is None or (isinstance(source, str) and source == DEFAULT_SOURCE):
+        docs = list(_bundled_documents())
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            docs = _load_folder(path)
+        elif path.is_file():
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                docs = _load_jsonl(path, text_field)
+            elif suffix == ".json":
+                docs = _load_json(path, text_field)
+            else:
+                docs = [Document(path.name, _decode(path.read_bytes(), f"file {path}"))]
+        elif isinstance(source, os.PathLike) or _looks_like_path(str(source)):
+            raise DataSourceError(
+                f"data source {str(source)!r} looks like a file path but does not exist; "
+                f"check the path, or pass a Hugging Face dataset name or {DEFAULT_SOURCE!r} for the bundled corpus."
+            )
+        else:
+            docs = _load_hf_dataset(str(source), text_field, split)
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        hint = " (a folder is searched for *.txt files only; pass a .jsonl file by its path)" if (
+            source is not None and Path(source).expanduser().is_dir()) else ""
+        raise DataSourceError(
+            f"data source {str(source)!r} yielded no non-empty text{hint}; point it at files with text in them."
+        )
+    return docs
+
+
+def describe_source(source: str | os.PathLike | None) -> str:
+    """A short human-readable description of ``source`` (as accepted by :func:`load_documents`).
+
+    Does not load or validate the source, except that the bundled corpus is counted.
+    """
+    if source is None or (isinstance(source, str) and source == DEFAULT_SOURCE):
+        return f"State of the Union corpus (bundled, {len(_bundled_documents())} documents)"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return f"folder {path} (*.txt files, recursively)"
+    if path.is_file():
+        kind = {".jsonl": "JSON lines file", ".json": "JSON file"}.get(path.suffix.lower(), "text file")
+        return f"{kind} {path}"
+    if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
+        return f"{source} (does not exist)"
+    return f"Hugging Face dataset {source}"

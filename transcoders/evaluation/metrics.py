@@ -1,0 +1,130 @@
+"""Held-out metrics of spliced coders: reconstruction, sparsity and downstream loss.
+
+For each layer: L0 (mean active features per token), FVU (``sum ||y - y_hat||^2 /
+sum ||y - mean(y)||^2`` over all eval tokens), MSE (mean squared error per element), the
+fractions of dead (never active on the eval tokens) and dense (active on more than 10% of
+them) features, and the next-token cross-entropy in nats/token of the model as it is, with
+the coder spliced in place of the MLP, with the MLP zero-ablated and mean-ablated, the
+fraction of loss recovered ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` and the mean
+KL divergence ``KL(clean || spliced)`` in nats/token (Dunefsky et al. 2024, Sec. 4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..coders.coder import SparseCoder
+from ..data.activations import harvest
+from ..models.adapters import ModelAdapter
+from .splice import coder_replacement, mean_ablation, splice_mlps, zero_ablation
+
+DENSE_THRESHOLD = 0.1
+
+
+def _next_token_stats(logits: torch.Tensor, input_ids: torch.Tensor, clean_logp: torch.Tensor | None):
+    """Summed CE (nats) over predicted positions, and summed KL(clean || this) if given."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ce = -logp.gather(-1, input_ids[:, 1:, None]).sum()
+    kl = None
+    if clean_logp is not None:
+        kl = (clean_logp.exp() * (clean_logp - logp)).sum()
+    return ce.item(), None if kl is None else kl.item(), logp
+
+
+@torch.no_grad()
+def evaluate_coders(
+    adapter: ModelAdapter,
+    coders: dict[int, SparseCoder],
+    eval_tokens: torch.Tensor,
+    *,
+    mlp_out_means: dict[int, torch.Tensor] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Evaluate coders spliced one at a time into the model on held-out tokens.
+
+    Args:
+        adapter: the model's adapter (float32 for exact CE).
+        coders: ``{layer: coder}``; a coder's d_in/d_out must equal the model's d_model.
+        eval_tokens: ``[n_ctx, ctx_len]`` token ids the coders were not trained on.
+        mlp_out_means: ``{layer: [d_model]}`` mean MLP output for mean ablation (training
+            statistics); if missing, the mean over the eval tokens is used.
+        batch_size: contexts per forward pass.
+
+    Returns:
+        ``{"layers": {"<layer>": {l0, fvu, mse, dead_fraction, dense_fraction, ce_clean,
+        ce_spliced, ce_zero_ablation, ce_mean_ablation, ce_loss_recovered, kl}},
+        "eval_tokens": n}`` and, under ``"feature_frequency"``, per-layer ``[d_sae]`` firing
+        frequencies (a tensor, for plots; not JSON).
+    """
+    layers = sorted(coders)
+    device = adapter.device
+    acc = {layer: {"sq_err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "l0": 0.0,
+                   "fires": torch.zeros(coders[layer].cfg.d_sae, dtype=torch.int64, device=device),
+                   "ce_spliced": 0.0, "ce_zero": 0.0, "ce_mean": 0.0, "kl": 0.0} for layer in layers}
+    means = dict(mlp_out_means or {})
+    if len(means) < len(layers):  # fall back to eval-token means for missing layers
+        sums = {layer: torch.zeros(adapter.d_model, dtype=torch.float64, device=device) for layer in layers}
+        count = 0
+        for start in range(0, len(eval_tokens), batch_size):
+            acts = harvest(adapter, eval_tokens[start : start + batch_size], layers)
+            for layer in layers:
+                sums[layer] += acts[layer][1].double().sum((0, 1))
+            count += acts[layers[0]][1].shape[0] * acts[layers[0]][1].shape[1]
+        means = {layer: means.get(layer, (sums[layer] / count).float()) for layer in layers}
+    ce_clean = 0.0
+    n_pred = 0
+    batches = range(0, len(eval_tokens), batch_size)
+    for start in tqdm(batches, desc="evaluate", disable=not progress):
+        ids = eval_tokens[start : start + batch_size].to(device)
+        acts = harvest(adapter, ids, layers)
+        for layer in layers:
+            a, coder = acc[layer], coders[layer]
+            x = acts[layer][0].flatten(0, 1).float()
+            y = x if coder.cfg.kind == "sae" else acts[layer][1].flatten(0, 1).float()
+            f = coder.encode(x.to(coder.W_enc.dtype))
+            y_hat = coder.decode(f, x).float()
+            active = f > 0
+            a["sq_err"] += (y - y_hat).double().pow(2).sum().item()
+            a["sum_y"] = a["sum_y"] + y.double().sum(0)
+            a["sum_y2"] += y.double().pow(2).sum().item()
+            a["n"] += y.shape[0]
+            a["l0"] += active.sum().item()
+            a["fires"] += active.sum(0)
+        ce, _, clean_logp = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, None)
+        ce_clean += ce
+        n_pred += ids.shape[0] * (ids.shape[1] - 1)
+        for layer in layers:
+            a = acc[layer]
+            for key, fn in (("ce_spliced", coder_replacement(coders[layer])), ("ce_zero", zero_ablation),
+                            ("ce_mean", mean_ablation(means[layer].to(device)))):
+                with splice_mlps(adapter, {layer: fn}):
+                    ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp if key == "ce_spliced" else None)
+                a[key] += ce
+                if kl is not None:
+                    a["kl"] += kl
+        del clean_logp
+    out: dict = {"layers": {}, "eval_tokens": int(acc[layers[0]]["n"]), "feature_frequency": {}}
+    for layer in layers:
+        a = acc[layer]
+        n, d = a["n"], coders[layer].cfg.d_out
+        total_var = a["sum_y2"] - (a["sum_y"].pow(2).sum().item() / n)
+        freq = (a["fires"].double() / n).cpu()
+        clean, spliced, zero = ce_clean / n_pred, a["ce_spliced"] / n_pred, a["ce_zero"] / n_pred
+        out["layers"][str(layer)] = {
+            "l0": a["l0"] / n,
+            "fvu": a["sq_err"] / total_var,
+            "mse": a["sq_err"] / (n * d),
+            "dead_fraction": (freq == 0).double().mean().item(),
+            "dense_fraction": (freq > DENSE_THRESHOLD).double().mean().item(),
+            "ce_clean": clean,
+            "ce_spliced": spliced,
+            "ce_zero_ablation": zero,
+            "ce_mean_ablation": a["ce_mean"] / n_pred,
+            "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+            "kl": a["kl"] / n_pred,
+        }
+        out["feature_frequency"][str(layer)] = freq
+    return out

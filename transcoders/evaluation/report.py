@@ -1,0 +1,70 @@
+"""Write an evaluation to a run folder: ``metrics.json``, ``summary.md``, ``feature_density.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..coders.io import atomic_write_bytes
+
+METRICS = "metrics.json"
+SUMMARY = "summary.md"
+DENSITY_PLOT = "feature_density.png"
+
+
+def plot_feature_density(frequencies: dict[str, torch.Tensor], path: Path) -> Path:
+    """Histogram of log10 firing frequency per feature, one panel per layer; dead features
+    (frequency 0) are counted in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(frequencies), 1, figsize=(7, 2.6 * len(frequencies)), squeeze=False)
+    for ax, (layer, freq) in zip(axes[:, 0], frequencies.items()):
+        live = freq[freq > 0]
+        if len(live):
+            ax.hist(live.log10().numpy(), bins=60, color="#3b6ea8")
+        ax.set_title(f"layer {layer}: {len(live)} live, {int((freq == 0).sum())} dead of {len(freq)} features")
+        ax.set_xlabel("log10 firing frequency on eval tokens")
+        ax.set_ylabel("features")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def summary_text(metrics: dict, header: str = "") -> str:
+    """A short human-readable table of the per-layer metrics."""
+    lines = [f"# Evaluation{(' - ' + header) if header else ''}", "",
+             f"Held-out tokens: {metrics['eval_tokens']:,}. Cross-entropy in nats/token.", "",
+             "| layer | L0 | FVU | dead | dense | CE clean | CE spliced | CE zero-abl. | CE mean-abl. | loss recovered | KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for layer, m in metrics["layers"].items():
+        lines.append(
+            f"| {layer} | {m['l0']:.1f} | {m['fvu']:.3f} | {m['dead_fraction']:.1%} | {m['dense_fraction']:.1%} | "
+            f"{m['ce_clean']:.4f} | {m['ce_spliced']:.4f} | {m['ce_zero_ablation']:.4f} | {m['ce_mean_ablation']:.4f} | "
+            f"{m['ce_loss_recovered']:.3f} | {m['kl']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path, metrics: dict, extra: dict | None = None, header: str = "") -> Path:
+    """Write ``metrics.json`` (the JSON part of ``metrics`` plus ``extra``), ``summary.md`` and
+    the density plot into ``run_dir``; return the path of ``summary.md``."""
+    run_dir = Path(run_dir)
+    data = {k: v for k, v in metrics.items() if k != "feature_frequency"}
+    data.update(extra or {})
+    atomic_write_bytes(run_dir / METRICS, json.dumps(data, indent=2).encode())
+    text = summary_text(metrics, header)
+    if "feature_frequency" in metrics:
+        plot_feature_density(metrics["feature_frequency"], run_dir / DENSITY_PLOT)
+        text += f"\n![feature density]({DENSITY_PLOT})\n"
+    if extra:
+        text += "\n```\n" + json.dumps(extra, indent=2) + "\n```\n"
+    atomic_write_bytes(run_dir / SUMMARY, text.encode())
+    return run_dir / SUMMARY

