@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import torch
+from pydantic import ValidationError
 
 from .coders.io import CoderFileError
 from .data.sources import DataSourceError
@@ -34,8 +35,25 @@ def _run(fn):
         _fail(exc, 130)
     except TrainingDiverged as exc:
         _fail(exc, 3)
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        _fail(f"invalid settings: {fields}")
     except USER_ERRORS as exc:
         _fail(exc)
+
+
+def _quiet(quiet: bool) -> None:
+    """Silence the progress bars of transformers and datasets too."""
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:
+            pass
 
 
 def _parse_layers(value: str) -> list[int] | str:
@@ -113,6 +131,7 @@ def _config(layers: str, **kw) -> TrainConfig:
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def train(run_dir: Path, resume_dir: Path | None, eval_tokens: int, quiet: bool, layers: str, **kw) -> None:
     """Train coders on MLP activations, then evaluate them on held-out text."""
+    _quiet(quiet)
     from .training.run import train_run
 
     def go():
@@ -139,6 +158,7 @@ def train(run_dir: Path, resume_dir: Path | None, eval_tokens: int, quiet: bool,
 @click.option("--quiet", is_flag=True)
 def evaluate(run_dir: Path, data: str | None, eval_tokens: int, batch_size: int, quiet: bool) -> None:
     """Evaluate the coders in RUN_DIR: L0, FVU, dead/dense features, spliced-in loss."""
+    _quiet(quiet)
     from .evaluation.run import evaluate_run
 
     def go():
@@ -156,6 +176,7 @@ def evaluate(run_dir: Path, data: str | None, eval_tokens: int, batch_size: int,
 def demo(run_dir: Path, total_tokens: int, quiet: bool) -> None:
     """The main job: a layer-6 TopK transcoder of SmolLM2-135M on the State of the Union corpus,
     trained and evaluated on held-out addresses (about 10 minutes on 2 CPU cores)."""
+    _quiet(quiet)
     from .training.run import train_run
 
     def go():

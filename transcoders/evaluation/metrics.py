@@ -98,7 +98,7 @@ def evaluate_coders(
         n_pred += ids.shape[0] * (ids.shape[1] - 1)
         for layer in layers:
             a = acc[layer]
-            for key, fn in (("ce_spliced", coder_replacement(coders[layer])), ("ce_zero", zero_ablation),
+            for key, fn in (("ce_spliced", coder_replacement(coders[layer], adapter)), ("ce_zero", zero_ablation),
                             ("ce_mean", mean_ablation(means[layer].to(device)))):
                 with splice_mlps(adapter, {layer: fn}):
                     ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp if key == "ce_spliced" else None)

@@ -68,10 +68,16 @@ def mean_ablation(mean: torch.Tensor) -> Replacement:
     return lambda x: mean.to(device=x.device, dtype=x.dtype).expand_as(x)
 
 
-def coder_replacement(coder: torch.nn.Module) -> Replacement:
-    """Replacement that runs a transcoder on the MLP input (in the coder's dtype)."""
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        dtype = next(coder.parameters()).dtype
-        return coder(x.to(dtype))
+def coder_replacement(coder: torch.nn.Module, adapter: ModelAdapter | None = None) -> Replacement:
+    """Replacement that runs a coder on the MLP input (in the coder's dtype).
 
-    return fn
+    A transcoder's output replaces the MLP output. An SAE (``coder.cfg.kind == "sae"``)
+    reconstructs the MLP *input*, so the MLP then runs on its reconstruction; that needs
+    ``adapter`` to find the MLP.
+    """
+    dtype = next(coder.parameters()).dtype
+    if getattr(coder.cfg, "kind", None) == "sae":
+        if adapter is None or coder.cfg.layer is None:
+            raise ValueError("splicing an SAE needs the adapter and the coder's layer, to run the MLP on its reconstruction")
+        return lambda x: adapter.mlp_forward(coder.cfg.layer, coder(x.to(dtype)).to(x.dtype))
+    return lambda x: coder(x.to(dtype))

@@ -56,6 +56,11 @@ class ModelAdapter:
         """Module whose output is what the MLP adds to the residual ``[batch, pos, d_model]``."""
         return self.layers()[self.check_layer(layer)].mlp
 
+    def mlp_forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Run the MLP (through to :meth:`mlp_out_module`) on ``x [..., d_model]`` without
+        triggering hooks."""
+        return self.layers()[self.check_layer(layer)].mlp.forward(x)
+
     # --- generic ---------------------------------------------------------------------------
     @property
     def config(self):
@@ -123,6 +128,12 @@ class GemmaAdapter(LlamaAdapter):
     def mlp_out_module(self, layer: int) -> nn.Module:
         block = self.layers()[self.check_layer(layer)]
         return getattr(block, "post_feedforward_layernorm", None) or block.mlp
+
+    def mlp_forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        block = self.layers()[self.check_layer(layer)]
+        out = block.mlp.forward(x)
+        post = getattr(block, "post_feedforward_layernorm", None)
+        return out if post is None else post.forward(out)
 
 
 class GPT2Adapter(ModelAdapter):

@@ -58,7 +58,7 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise CheckpointError(f"no checkpoint at {path}: nothing to resume. Start a new run without --resume.")
     try:
         with safe_open(path, framework="pt") as fh:
-            state = json.loads(fh.metadata()["state"])
+            state = json.loads((fh.metadata() or {})["state"])
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt ({exc}); it cannot be resumed. Start a new run.") from exc

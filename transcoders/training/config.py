@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..coders.config import Activation, Kind
 from ..models.loading import DEFAULT_MODEL
@@ -31,7 +31,7 @@ class TrainConfig(BaseModel):
     l1_warmup_fraction: float = Field(default=0.05, ge=0, le=1)
     auxk_coefficient: float = Field(default=1 / 32, ge=0)
     dead_tokens: int = Field(default=1_000_000, gt=0, description="a feature silent this many tokens counts as dead")
-    lr: float | None = Field(default=None, gt=0, description="None = 2e-4 * sqrt(16384 / d_sae) * 4")
+    lr: float | None = Field(default=None, gt=0, description="None = min(1e-3, 8e-4 * sqrt(16384 / d_sae))")
     warmup_steps: int = Field(default=50, ge=0)
     decay_fraction: float = Field(default=0.2, ge=0, le=1, description="final share of steps with linear LR decay to 0")
     batch_size: int = Field(default=4096, gt=0, description="tokens per step")
@@ -46,6 +46,12 @@ class TrainConfig(BaseModel):
     model_batch: int = Field(default=16, gt=0)
     checkpoint_every: int = Field(default=100, gt=0, description="steps between checkpoints")
     log_every: int = Field(default=10, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.d_sae is not None and self.activation == "topk" and self.k > self.d_sae:
+            raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}: pick k <= d_sae")
+        return self
 
     @property
     def total_steps(self) -> int:

@@ -19,7 +19,13 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this torch build sees no CUDA GPU: use --device cpu")
+    return device
 
 
 def harvest_copy(loaded: LoadedModel, dtype_name: str):
@@ -49,8 +55,11 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, pr
     loaded = loaded or load_model(cfg.model, device=device)
     for layer in [] if cfg.layers == "all" else cfg.layers:
         loaded.adapter.check_layer(layer)
+    if cfg.ctx_len > loaded.adapter.max_context:
+        raise ValueError(f"--ctx-len {cfg.ctx_len} is longer than the model's context ({loaded.adapter.max_context} tokens): "
+                         f"use --ctx-len {loaded.adapter.max_context} or less")
     split = build_token_split(cfg.data, loaded.tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
-                              max_eval_tokens=eval_tokens)
+                              max_eval_tokens=max(eval_tokens, cfg.ctx_len))
     trainer = Trainer(cfg, harvest_copy(loaded, cfg.harvest_dtype), split.train, run_dir)
     t_setup = time.perf_counter() - t0
     trainer.fit(resume=resume, progress=progress)
@@ -63,7 +72,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, pr
     }
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=2))
     result = {"run_dir": str(run_dir), "timing": timing, "metrics": None}
-    if evaluate:
+    if evaluate and eval_tokens > 0:
         from ..evaluation.run import evaluate_run
 
         result["metrics"] = evaluate_run(run_dir, loaded=loaded, eval_split=split.eval, progress=progress, extra={"training": timing})

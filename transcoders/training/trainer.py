@@ -28,7 +28,7 @@ from ..coders.kernels import sparse_topk_encode
 from ..coders.io import atomic_save_tensors, atomic_write_bytes, save_coder
 from ..data.activations import ActivationStream
 from ..models.adapters import ModelAdapter
-from .checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .config import TrainConfig
 
 STATS = "stats.safetensors"
@@ -57,8 +57,9 @@ class LayerState:
 
 
 def default_lr(d_sae: int) -> float:
-    """Adam step size scaled with width (sparsify's 2e-4 * sqrt(16384 / d_sae), x4 for short runs)."""
-    return 8e-4 / math.sqrt(d_sae / 16384)
+    """Adam step size scaled with width: sparsify's ``2e-4 * sqrt(16384 / d_sae)``, x4 because our
+    runs are short (1-2M tokens), capped at 1e-3 (narrow coders collapse to low L0 above it)."""
+    return min(1e-3, 8e-4 / math.sqrt(d_sae / 16384))
 
 
 class Trainer:
@@ -177,7 +178,7 @@ class Trainer:
         """Fix the normalisation scales and start ``b_dec`` at the mean target."""
         x, y = x.float(), y.float()
         st.scale_in = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12).item())
-        st.scale_out = math.sqrt(y.shape[1] / y.pow(2).sum(1).mean().clamp_min(1e-12).item())
+        st.scale_out = st.scale_in if self.cfg.kind == "sae" else math.sqrt(y.shape[1] / y.pow(2).sum(1).mean().clamp_min(1e-12).item())
         target = x * st.scale_in if self.cfg.kind == "sae" else y * st.scale_out
         st.coder.b_dec.copy_(target.mean(0))
 
@@ -250,7 +251,7 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=total * self.cfg.batch_size, initial=self.step * self.cfg.batch_size, unit="tok",
                    unit_scale=True, disable=not progress, desc="train")
-        log = open(self.run_dir / "train_log.jsonl", "a")
+        log = self._open_log(resume)
         try:
             batches = self.stream.batches(self.step)
             while self.step < total:
@@ -263,10 +264,12 @@ class Trainer:
                 self.timing["train_s"] += t2 - t1
                 bad = [layer for layer, m in metrics.items() if not math.isfinite(m["loss"])]
                 if bad:
+                    ckpt = self.run_dir / CHECKPOINT
+                    kept = (f"{ckpt} still holds the last good state (or --resume from it)" if ckpt.exists()
+                            else "no checkpoint had been written yet")
                     raise TrainingDiverged(
                         f"loss became {metrics[bad[0]]['loss']} at step {self.step} (layers {bad}); stopped without "
-                        f"saving, so {self.run_dir / 'checkpoint.safetensors'} still holds the last good state. "
-                        "Lower --lr (or the L1 coefficient) and start again, or --resume from that checkpoint."
+                        f"saving: {kept}. Lower --lr (or the L1 coefficient), check the data for inf/NaN, and start again."
                     )
                 self.step += 1
                 bar.update(self.cfg.batch_size)
@@ -289,6 +292,16 @@ class Trainer:
             for s, handler in old.items():
                 signal.signal(s, handler)
         return self.save_coders()
+
+    def _open_log(self, resume: bool):
+        """A fresh log, or on resume the old one cut back to the checkpoint's step (a crash may
+        have logged steps that the checkpoint does not hold)."""
+        path = self.run_dir / "train_log.jsonl"
+        kept = []
+        if resume and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        return open(path, "a")
 
     def _log(self, log, bar, metrics: dict[int, dict[str, float]]) -> None:
         seen = self.step * self.cfg.batch_size

@@ -1,0 +1,305 @@
+"""Tests for the ``transcoders`` command line (click's CliRunner) on a tiny Llama saved to disk
+with the tiny tokenizer: successful train / evaluate runs and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import N_LAYERS, build_tiny_tokenizer
+
+from transcoders.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+WORDS = ("the state of union is strong citizens senate house representatives nation people congress "
+         "law year work peace war trade people country government public new great must have will our "
+         "quick brown fox jumps over lazy dog america world freedom budget tax jobs").split()
+LAYER_KEYS = {"l0", "fvu", "mse", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation",
+              "ce_mean_ablation", "ce_loss_recovered", "kl"}
+PROGRESS = re.compile(r"\|[^|]*\| *\d+/\d+ \[")
+FAST = ["--total-tokens", "640", "--batch-size", "64", "--ctx-len", "16", "--d-sae", "64", "-k", "4",
+        "--precision", "fp32", "--harvest-dtype", "float32", "--quiet"]
+
+
+def _document(rng: random.Random, sentences: int) -> str:
+    out = []
+    for _ in range(sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
+        out.append(" ".join(words).capitalize() + ".")
+    return " ".join(out)
+
+
+def _save_llama(folder, tokenizer, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=N_LAYERS, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=48, vocab_size=len(tokenizer), max_position_embeddings=64,
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _save_gpt2(folder, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=N_LAYERS, n_embd=32, n_head=4, vocab_size=len(tokenizer), n_positions=64,
+                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Llama folder (d_model 32), another of d_model 48, a .jsonl of 12 documents for
+    training and another for evaluation."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = build_tiny_tokenizer()
+    rng = random.Random(0)
+    train = root / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": _document(rng, 8)}) for _ in range(12)) + "\n")
+    other = root / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": _document(rng, 8)}) for _ in range(4)) + "\n")
+    return {
+        "model": _save_llama(root / "tiny-llama", tok),
+        "wide_model": _save_llama(root / "tiny-llama-48", tok, hidden=48),
+        "gpt2": _save_gpt2(root / "tiny-gpt2", tok),  # learned positions: at most 64 tokens
+        "train": train,
+        "other": other,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSCODERS_CACHE", str(tmp_path / "cache"))
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def train_args(files, run_dir, *extra):
+    return ["train", "--model", files["model"], "--data", files["train"], "--run-dir", run_dir, *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(files, tmp_path_factory, single_thread):
+    run = tmp_path_factory.mktemp("run") / "run"
+    result = invoke(*train_args(files, run, "--layers", "1", "--eval-tokens", "256"))
+    return run, result
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    # ignore transformers' "Loading weights" progress bar (see test_train_cli_quiet_writes_nothing_to_stderr)
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not PROGRESS.search(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def assert_metrics_shape(data: dict, layers: set[str]) -> None:
+    assert set(data["layers"]) == layers
+    for m in data["layers"].values():
+        assert set(m) >= LAYER_KEYS
+        assert all(isinstance(v, float) for v in m.values())
+    assert isinstance(data["eval_tokens"], int) and data["eval_tokens"] > 0
+
+
+# ---------------------------------------------------------------- success
+
+
+def test_train_cli_trains_evaluates_and_writes_report(trained_run):
+    run, result = trained_run
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.stdout and "layer 1:" in result.stdout
+    data = json.loads((run / "metrics.json").read_text())
+    assert_metrics_shape(data, {"1"})
+    assert 16 <= data["eval_tokens"] <= 256 and data["eval_tokens"] % 16 == 0
+    assert (run / "summary.md").is_file() and (run / "feature_density.png").is_file()
+    assert (run / "layers.1.mlp" / "coder.safetensors").is_file()
+    assert json.loads((run / "layers.1.mlp" / "cfg.json").read_text())["layer"] == 1
+    assert json.loads((run / "timing.json").read_text())["train_tokens"] == 640
+
+
+def test_evaluate_cli_on_other_text(trained_run, files):
+    run, result = trained_run
+    assert result.exit_code == 0, result.output
+    out = invoke("evaluate", run, "--data", files["other"], "--eval-tokens", "128", "--quiet")
+    assert out.exit_code == 0, out.output
+    printed, _, report = out.stdout.rpartition("report:")
+    assert report.strip().endswith("summary.md")
+    data = json.loads(printed)
+    assert_metrics_shape(data, {"1"})
+    assert data["eval_tokens"] == 128
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["eval_tokens"] == 128 and "other.jsonl" in saved["eval_data"]
+
+
+def test_evaluate_cli_defaults_to_held_out_split(trained_run):
+    run, result = trained_run
+    assert result.exit_code == 0, result.output
+    out = invoke("evaluate", run, "--eval-tokens", "64", "--quiet")
+    assert out.exit_code == 0, out.output
+    assert json.loads((run / "metrics.json").read_text())["eval_tokens"] == 64
+
+
+def test_train_cli_layers_all_trains_every_layer(files, tmp_path):
+    run = tmp_path / "run"
+    result = invoke(*train_args(files, run, "--layers", "all", "--eval-tokens", "64", "--total-tokens", "128"))
+    assert result.exit_code == 0, result.output
+    for layer in range(N_LAYERS):
+        assert (run / f"layers.{layer}.mlp" / "coder.safetensors").is_file()
+    assert set(json.loads((run / "metrics.json").read_text())["layers"]) == {str(i) for i in range(N_LAYERS)}
+
+
+def test_train_cli_resume_of_finished_run_keeps_its_coder(trained_run, files, tmp_path):
+    import shutil
+
+    run, result = trained_run
+    assert result.exit_code == 0, result.output
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = (copy / "layers.1.mlp" / "coder.safetensors").read_bytes()
+    out = invoke("train", "--resume", copy, "--eval-tokens", "64", "--quiet")
+    assert out.exit_code == 0, out.output
+    assert (copy / "layers.1.mlp" / "coder.safetensors").read_bytes() == before
+
+
+def test_train_cli_quiet_writes_nothing_to_stderr(trained_run):
+    run, result = trained_run
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+
+
+def test_train_cli_eval_tokens_zero_skips_evaluation(files, tmp_path):
+    run = tmp_path / "run"
+    result = invoke(*train_args(files, run, "--layers", "0", "--eval-tokens", "0", "--total-tokens", "128"))
+    assert result.exit_code == 0, result.output
+    assert (run / "layers.0.mlp" / "coder.safetensors").is_file()
+    assert not (run / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_train_cli_nonexistent_model_path_is_one_line_error(files, tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = invoke("train", "--model", missing, "--data", files["train"], "--layers", "1", "--run-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, str(missing))
+
+
+def test_train_cli_layer_out_of_range_is_one_line_error(files, tmp_path):
+    result = invoke(*train_args(files, tmp_path / "run", "--layers", "99"))
+    assert_one_line_error(result, "out of range", "99")
+
+
+def test_train_cli_bad_layers_value_is_usage_error(files, tmp_path):
+    result = invoke(*train_args(files, tmp_path / "run", "--layers", "six"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "six" in result.stderr
+
+
+def test_train_cli_missing_data_file_is_one_line_error(files, tmp_path):
+    missing = tmp_path / "missing.txt"
+    result = invoke("train", "--model", files["model"], "--data", missing, "--layers", "1", "--run-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, str(missing), "does not exist")
+
+
+def test_train_cli_empty_text_file_is_one_line_error(files, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    result = invoke("train", "--model", files["model"], "--data", empty, "--layers", "1", "--run-dir", tmp_path / "run", *FAST)
+    assert_one_line_error(result, "no non-empty text")
+
+
+def test_evaluate_cli_folder_without_coders_is_one_line_error(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert_one_line_error(invoke("evaluate", tmp_path / "run", "--quiet"), "no coders")
+    assert_one_line_error(invoke("evaluate", tmp_path / "nowhere", "--quiet"), "does not exist")
+
+
+def test_evaluate_cli_coder_of_other_width_names_d_model(trained_run, files, tmp_path):
+    import shutil
+
+    run, result = trained_run
+    assert result.exit_code == 0, result.output
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    cfg_path = copy / "layers.1.mlp" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_name"] = str(files["wide_model"])
+    cfg_path.write_text(json.dumps(cfg))
+    line = assert_one_line_error(invoke("evaluate", copy, "--eval-tokens", "64", "--quiet"), "d_model")
+    assert "48" in line
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_evaluate_cli_corrupt_coder_names_the_file(trained_run, tmp_path, damage):
+    import shutil
+
+    run, result = trained_run
+    assert result.exit_code == 0, result.output
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    weights = copy / "layers.1.mlp" / "coder.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 20)
+    assert_one_line_error(invoke("evaluate", copy, "--eval-tokens", "64", "--quiet"), str(weights))
+
+
+def test_train_cli_resume_without_run_config_is_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("train", "--resume", tmp_path / "empty", "--quiet"), "train_config.json")
+
+
+def test_train_cli_resume_without_checkpoint_is_one_line_error(trained_run, tmp_path):
+    import shutil
+
+    run, result = trained_run
+    assert result.exit_code == 0, result.output
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoint.safetensors").unlink()
+    assert_one_line_error(invoke("train", "--resume", copy, "--eval-tokens", "64", "--quiet"), "no checkpoint")
+
+
+@pytest.mark.parametrize("option", [["--d-sae", "0"], ["--batch-size", "0"], ["-k", "100"]])
+def test_train_cli_invalid_option_value_is_one_line_error(files, tmp_path, option):
+    result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", *option))
+    assert_one_line_error(result)
+
+
+def test_train_cli_eval_tokens_below_ctx_len_evaluates_one_whole_context(files, tmp_path):
+    result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", "--eval-tokens", "8"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_tokens"] == 16  # rounded up to one ctx_len-token context
+
+
+def test_train_cli_ctx_len_beyond_model_context_is_one_line_error(files, tmp_path):
+    result = invoke("train", "--model", files["gpt2"], "--data", files["train"], "--layers", "1",
+                    "--run-dir", tmp_path / "run", *FAST, "--ctx-len", "128")
+    assert_one_line_error(result, "128")
+
+
+def test_train_cli_unknown_device_is_one_line_error(files, tmp_path):
+    result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", "--device", "nonsense"))
+    assert_one_line_error(result, "nonsense")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_cli_unavailable_cuda_is_one_line_error(files, tmp_path):
+    result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", "--device", "cuda"))
+    assert_one_line_error(result, "cuda")
