@@ -41,8 +41,10 @@ class SparseCoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Unit-norm random decoder rows; the encoder starts as the decoder's transpose
-        (when ``d_in == d_out``), which puts every feature in a live region at step 0."""
+        """Unit-norm random decoder rows; the encoder starts along the decoder rows (when
+        ``d_in == d_out``), which puts every feature in a live region at step 0. For TopK the
+        encoder rows start at norm 0.1, so the k initial activations add little noise to the
+        reconstruction (FVU starts near 1, not near 1.5)."""
         with torch.no_grad():
             w = torch.randn(self.cfg.d_sae, self.cfg.d_out, generator=generator)
             w /= w.norm(dim=1, keepdim=True)
@@ -54,6 +56,8 @@ class SparseCoder(nn.Module):
             else:
                 enc = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
                 enc /= enc.norm(dim=1, keepdim=True)
+            if self.cfg.activation == "topk":
+                enc *= 0.1
             self.W_enc.copy_(enc)
             self.b_enc.zero_()
             self.b_dec.zero_()

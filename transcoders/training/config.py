@@ -31,7 +31,7 @@ class TrainConfig(BaseModel):
     l1_warmup_fraction: float = Field(default=0.05, ge=0, le=1)
     auxk_coefficient: float = Field(default=1 / 32, ge=0)
     dead_tokens: int = Field(default=1_000_000, gt=0, description="a feature silent this many tokens counts as dead")
-    lr: float | None = Field(default=None, gt=0, description="None = min(1e-3, 8e-4 * sqrt(16384 / d_sae))")
+    lr: float | None = Field(default=None, gt=0, description="None = min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))")
     warmup_steps: int = Field(default=50, ge=0)
     decay_fraction: float = Field(default=0.2, ge=0, le=1, description="final share of steps with linear LR decay to 0")
     batch_size: int = Field(default=4096, gt=0, description="tokens per step")

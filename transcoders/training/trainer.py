@@ -57,9 +57,11 @@ class LayerState:
 
 
 def default_lr(d_sae: int) -> float:
-    """Adam step size scaled with width: sparsify's ``2e-4 * sqrt(16384 / d_sae)``, x4 because our
-    runs are short (1-2M tokens), capped at 1e-3 (narrow coders collapse to low L0 above it)."""
-    return min(1e-3, 8e-4 / math.sqrt(d_sae / 16384))
+    """Adam step size scaled with width like sparsify's ``2e-4 * sqrt(16384 / d_sae)``, but 15x
+    larger: with encoder rows initialised at norm 0.1 our runs of 0.4-2M tokens reach lower FVU
+    this way (layer-6 SmolLM2 sweep, 400k tokens, d_sae 9216: held-out FVU 0.61 at 5e-4, 0.50 at
+    1e-3, 0.41 at 2e-3, 0.37 at 4e-3). Capped at 1.2e-2."""
+    return min(1.2e-2, 3e-3 / math.sqrt(d_sae / 16384))
 
 
 class Trainer:
