@@ -85,7 +85,7 @@ def test_config_unknown_kind_or_activation_rejected():
     with pytest.raises(ValidationError):
         make_cfg(kind="crosscoder")
     with pytest.raises(ValidationError):
-        make_cfg(activation="jumprelu")
+        make_cfg(activation="gelu")
 
 
 # ---------------------------------------------------------------- SparseCoder

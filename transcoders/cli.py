@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from .coders.io import CoderFileError
+from .data.cache import ActivationCacheError
 from .data.sources import DataSourceError
 from .models.adapters import AdapterError
 from .models.loading import DEFAULT_MODEL, ModelLoadError
@@ -18,7 +19,7 @@ from .training.checkpoint import CheckpointError
 from .training.config import TrainConfig
 from .training.trainer import TrainingDiverged, TrainingInterrupted
 
-USER_ERRORS = (ModelLoadError, DataSourceError, AdapterError, CoderFileError, CheckpointError, ValueError)
+USER_ERRORS = (ActivationCacheError, ModelLoadError, DataSourceError, AdapterError, CoderFileError, CheckpointError, ValueError)
 DEMO_TOKENS = 1_228_800
 
 
@@ -65,6 +66,10 @@ def _parse_layers(value: str) -> list[int] | str:
         raise click.BadParameter(f"{value!r}: give layer numbers separated by commas (e.g. 6 or 4,6,8) or 'all'") from None
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _print_report(result: dict) -> None:
     timing = result["timing"]
     click.echo(
@@ -77,7 +82,7 @@ def _print_report(result: dict) -> None:
             click.echo(
                 f"layer {layer}: L0 {m['l0']:.1f}, FVU {m['fvu']:.3f}, CE clean {m['ce_clean']:.4f} / spliced "
                 f"{m['ce_spliced']:.4f} / zero-ablated {m['ce_zero_ablation']:.4f} nats/token, "
-                f"loss recovered {m['ce_loss_recovered']:.3f}, KL {m['kl']:.4f}"
+                f"loss recovered {_fmt(m['ce_loss_recovered'])}, KL {m['kl']:.4f}"
             )
         click.echo(f"report: {metrics['summary_path']}")
 
@@ -95,11 +100,13 @@ _train_options = [
     click.option("--data", default=None, help="text file, folder of .txt, .jsonl, or dataset name [default: bundled State of the Union corpus]"),
     click.option("--layers", default="6", show_default=True, help="comma-separated layers, or 'all'"),
     click.option("--kind", type=click.Choice(["transcoder", "skip_transcoder", "sae"]), default="transcoder", show_default=True),
-    click.option("--activation", type=click.Choice(["topk", "relu"]), default="topk", show_default=True),
+    click.option("--activation", type=click.Choice(["topk", "batchtopk", "jumprelu", "relu"]), default="topk", show_default=True,
+                 help="batchtopk is saved as jumprelu with its fitted threshold"),
     click.option("--expansion-factor", type=int, default=16, show_default=True, help="d_sae = factor * d_model"),
     click.option("--d-sae", type=int, default=None, help="number of features (overrides --expansion-factor)"),
     click.option("-k", "--k", "k", type=int, default=32, show_default=True, help="active features per token (topk)"),
     click.option("--l1-coefficient", type=float, default=1.0, show_default=True, help="L1 weight (relu)"),
+    click.option("--l0-coefficient", type=float, default=2e-3, show_default=True, help="L0 weight (jumprelu)"),
     click.option("--lr", type=float, default=None, help="Adam learning rate [default: scaled with d_sae]"),
     click.option("--batch-size", type=int, default=4096, show_default=True, help="tokens per step"),
     click.option("--total-tokens", type=int, default=2_000_000, show_default=True),
@@ -108,6 +115,9 @@ _train_options = [
     click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="coder matmul precision"),
     click.option("--harvest-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True),
     click.option("--device", default="auto", show_default=True),
+    click.option("--activation-cache", default=None, help="on-disk activation cache folder to train from (built first if absent)"),
+    click.option("--sweep", "sweep", default=None,
+                 help='JSON list of variants trained side by side, e.g. \'[{"k": 16}, {"k": 64}]\''),
     click.option("--checkpoint-every", type=int, default=100, show_default=True, help="steps between checkpoints"),
 ]
 
@@ -118,8 +128,12 @@ def train_options(fn):
     return fn
 
 
-def _config(layers: str, **kw) -> TrainConfig:
-    return TrainConfig(layers=_parse_layers(layers), **kw)
+def _config(layers: str, sweep: str | None = None, **kw) -> TrainConfig:
+    try:
+        variants = json.loads(sweep) if sweep else []
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"--sweep is not valid JSON ({exc}); example: '[{{\"k\": 16}}, {{\"k\": 64}}]'") from None
+    return TrainConfig(layers=_parse_layers(layers), sweep=variants, **kw)
 
 
 @main.command()

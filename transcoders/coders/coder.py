@@ -6,8 +6,11 @@
 A transcoder (Dunefsky, Chlenski & Nanda 2024, arXiv 2406.11944) is trained so that ``y_hat``
 predicts the MLP's output from its input; a skip transcoder adds the affine ``W_skip`` path
 (Paulo, Shabalin & Belrose 2025); an SAE predicts its own input. TopK keeps the k largest
-pre-activations of each token (Gao et al. 2024); ReLU is trained with an L1 penalty weighted by
-decoder row norms (Dunefsky et al. 2024, following Anthropic's April 2024 update).
+pre-activations of each token (Gao et al. 2024); BatchTopK keeps the ``k * n`` largest of a batch
+of n tokens and runs as JumpReLU at inference (Bussmann et al. 2024); JumpReLU zeroes
+pre-activations below a learned per-feature ``threshold`` (Rajamanoharan et al. 2024); ReLU is
+trained with an L1 penalty weighted by decoder row norms (Dunefsky et al. 2024, following
+Anthropic's April 2024 update).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from torch import nn
 
 from .config import CoderConfig
 from .kernels import sparse_decode
+
+JUMPRELU_INIT_THRESHOLD = 0.5  # in pre-activation units of normalised data (pre-acts start ~N(0, 1))
 
 
 class SparseCoder(nn.Module):
@@ -38,6 +43,8 @@ class SparseCoder(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_out, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, **kw))
         self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out, **kw)) if cfg.kind == "skip_transcoder" else None
+        # JumpReLU threshold [d_sae]; BatchTopK fits one at the end of training and is saved as JumpReLU.
+        self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, **kw)) if cfg.activation in ("jumprelu", "batchtopk") else None
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -56,13 +63,15 @@ class SparseCoder(nn.Module):
             else:
                 enc = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
                 enc /= enc.norm(dim=1, keepdim=True)
-            if self.cfg.activation == "topk":
+            if self.cfg.activation in ("topk", "batchtopk"):
                 enc *= 0.1
             self.W_enc.copy_(enc)
             self.b_enc.zero_()
             self.b_dec.zero_()
             if self.W_skip is not None:
                 self.W_skip.zero_()
+            if self.threshold is not None:
+                self.threshold.fill_(JUMPRELU_INIT_THRESHOLD if self.cfg.activation == "jumprelu" else 0.0)
 
     # ------------------------------------------------------------------ encoding
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,9 +90,15 @@ class SparseCoder(nn.Module):
         return F.relu(values), indices, pre
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense feature activations ``f``: ``[..., d_in] -> [..., d_sae]``."""
+        """Dense feature activations ``f``: ``[..., d_in] -> [..., d_sae]``.
+
+        BatchTopK coders (while training) encode per token as TopK here; saved ones are JumpReLU.
+        """
         if self.cfg.activation == "relu":
             return F.relu(self.pre_acts(x))
+        if self.cfg.activation == "jumprelu":
+            pre = self.pre_acts(x)
+            return pre * (pre > self.threshold)
         values, indices, pre = self.encode_topk(x)
         return torch.zeros_like(pre).scatter_(-1, indices, values)
 
@@ -108,7 +123,7 @@ class SparseCoder(nn.Module):
         """Reconstruct: ``[..., d_in] -> [..., d_out]`` (the MLP output, for a transcoder)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.cfg.activation == "topk":
+        if self.cfg.activation in ("topk", "batchtopk"):
             values, indices, _ = self.encode_topk(x)
             y = self.decode_sparse(values, indices, x)
         else:

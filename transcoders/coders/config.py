@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Kind = Literal["transcoder", "skip_transcoder", "sae"]
-Activation = Literal["relu", "topk"]
+Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
 
 
 class CoderConfig(BaseModel):
@@ -35,7 +35,7 @@ class CoderConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "CoderConfig":
-        if self.activation == "topk" and (self.k is None or self.k > self.d_sae):
+        if self.activation in ("topk", "batchtopk") and (self.k is None or self.k > self.d_sae):
             raise ValueError(f"topk needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
         if self.kind == "sae" and self.d_in != self.d_out:
             raise ValueError(f"an SAE reconstructs its input, so d_in must equal d_out (got {self.d_in}, {self.d_out})")

@@ -5,7 +5,8 @@ sum ||y - mean(y)||^2`` over all eval tokens), MSE (mean squared error per eleme
 fractions of dead (never active on the eval tokens) and dense (active on more than 10% of
 them) features, and the next-token cross-entropy in nats/token of the model as it is, with
 the coder spliced in place of the MLP, with the MLP zero-ablated and mean-ablated, the
-fraction of loss recovered ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` and the mean
+fraction of loss recovered ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` (None when zero
+ablation does not change the loss) and the mean
 KL divergence ``KL(clean || spliced)`` in nats/token (Dunefsky et al. 2024, Sec. 4).
 """
 
@@ -47,25 +48,28 @@ def evaluate_coders(
 
     Args:
         adapter: the model's adapter (float32 for exact CE).
-        coders: ``{layer: coder}``; a coder's d_in/d_out must equal the model's d_model.
+        coders: ``{key: coder}``, keyed by layer (or by any name, e.g. ``"6/k64"`` for sweep
+            variants: the splice layer is ``coder.cfg.layer``); d_in/d_out must equal d_model.
         eval_tokens: ``[n_ctx, ctx_len]`` token ids the coders were not trained on.
         mlp_out_means: ``{layer: [d_model]}`` mean MLP output for mean ablation (training
             statistics); if missing, the mean over the eval tokens is used.
         batch_size: contexts per forward pass.
 
     Returns:
-        ``{"layers": {"<layer>": {l0, fvu, mse, dead_fraction, dense_fraction, ce_clean,
+        ``{"layers": {"<key>": {l0, fvu, mse, dead_fraction, dense_fraction, ce_clean,
         ce_spliced, ce_zero_ablation, ce_mean_ablation, ce_loss_recovered, kl}},
         "eval_tokens": n}`` and, under ``"feature_frequency"``, per-layer ``[d_sae]`` firing
         frequencies (a tensor, for plots; not JSON).
     """
-    layers = sorted(coders)
+    keys = list(coders)
+    layer_of = {key: coders[key].cfg.layer if coders[key].cfg.layer is not None else int(key) for key in keys}
+    layers = sorted(set(layer_of.values()))
     device = adapter.device
-    acc = {layer: {"sq_err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "l0": 0.0,
-                   "fires": torch.zeros(coders[layer].cfg.d_sae, dtype=torch.int64, device=device),
-                   "ce_spliced": 0.0, "ce_zero": 0.0, "ce_mean": 0.0, "kl": 0.0} for layer in layers}
+    acc = {key: {"sq_err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "l0": 0.0,
+                 "fires": torch.zeros(coders[key].cfg.d_sae, dtype=torch.int64, device=device),
+                 "ce_spliced": 0.0, "ce_zero": 0.0, "ce_mean": 0.0, "kl": 0.0} for key in keys}
     means = dict(mlp_out_means or {})
-    if len(means) < len(layers):  # fall back to eval-token means for missing layers
+    if any(layer not in means for layer in layers):  # fall back to eval-token means for missing layers
         sums = {layer: torch.zeros(adapter.d_model, dtype=torch.float64, device=device) for layer in layers}
         count = 0
         for start in range(0, len(eval_tokens), batch_size):
@@ -76,14 +80,16 @@ def evaluate_coders(
         means = {layer: means.get(layer, (sums[layer] / count).float()) for layer in layers}
     ce_clean = 0.0
     n_pred = 0
+    ce_zero: dict[int, float] = {layer: 0.0 for layer in layers}
+    ce_mean: dict[int, float] = {layer: 0.0 for layer in layers}
     batches = range(0, len(eval_tokens), batch_size)
     for start in tqdm(batches, desc="evaluate", disable=not progress):
         ids = eval_tokens[start : start + batch_size].to(device)
         acts = harvest(adapter, ids, layers)
-        for layer in layers:
-            a, coder = acc[layer], coders[layer]
-            x = acts[layer][0].flatten(0, 1).float()
-            y = x if coder.cfg.kind == "sae" else acts[layer][1].flatten(0, 1).float()
+        for key in keys:
+            a, coder = acc[key], coders[key]
+            x = acts[layer_of[key]][0].flatten(0, 1).float()
+            y = x if coder.cfg.kind == "sae" else acts[layer_of[key]][1].flatten(0, 1).float()
             f = coder.encode(x.to(coder.W_enc.dtype))
             y_hat = coder.decode(f, x).float()
             active = f > 0
@@ -96,24 +102,24 @@ def evaluate_coders(
         ce, _, clean_logp = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, None)
         ce_clean += ce
         n_pred += ids.shape[0] * (ids.shape[1] - 1)
-        for layer in layers:
-            a = acc[layer]
-            for key, fn in (("ce_spliced", coder_replacement(coders[layer], adapter)), ("ce_zero", zero_ablation),
-                            ("ce_mean", mean_ablation(means[layer].to(device)))):
+        for layer in layers:  # ablations depend on the layer only, not on the coder
+            for store, fn in ((ce_zero, zero_ablation), (ce_mean, mean_ablation(means[layer].to(device)))):
                 with splice_mlps(adapter, {layer: fn}):
-                    ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp if key == "ce_spliced" else None)
-                a[key] += ce
-                if kl is not None:
-                    a["kl"] += kl
+                    store[layer] += _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, None)[0]
+        for key in keys:
+            with splice_mlps(adapter, {layer_of[key]: coder_replacement(coders[key], adapter)}):
+                ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp)
+            acc[key]["ce_spliced"] += ce
+            acc[key]["kl"] += kl
         del clean_logp
-    out: dict = {"layers": {}, "eval_tokens": int(acc[layers[0]]["n"]), "feature_frequency": {}}
-    for layer in layers:
-        a = acc[layer]
-        n, d = a["n"], coders[layer].cfg.d_out
+    out: dict = {"layers": {}, "eval_tokens": int(acc[keys[0]]["n"]), "feature_frequency": {}}
+    for key in keys:
+        a, layer = acc[key], layer_of[key]
+        n, d = a["n"], coders[key].cfg.d_out
         total_var = a["sum_y2"] - (a["sum_y"].pow(2).sum().item() / n)
         freq = (a["fires"].double() / n).cpu()
-        clean, spliced, zero = ce_clean / n_pred, a["ce_spliced"] / n_pred, a["ce_zero"] / n_pred
-        out["layers"][str(layer)] = {
+        clean, spliced, zero = ce_clean / n_pred, a["ce_spliced"] / n_pred, ce_zero[layer] / n_pred
+        out["layers"][str(key)] = {
             "l0": a["l0"] / n,
             "fvu": a["sq_err"] / total_var,
             "mse": a["sq_err"] / (n * d),
@@ -122,9 +128,9 @@ def evaluate_coders(
             "ce_clean": clean,
             "ce_spliced": spliced,
             "ce_zero_ablation": zero,
-            "ce_mean_ablation": a["ce_mean"] / n_pred,
-            "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+            "ce_mean_ablation": ce_mean[layer] / n_pred,
+            "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else None,
             "kl": a["kl"] / n_pred,
         }
-        out["feature_frequency"][str(layer)] = freq
+        out["feature_frequency"][str(key)] = freq
     return out

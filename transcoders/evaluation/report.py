@@ -48,7 +48,7 @@ def summary_text(metrics: dict, header: str = "") -> str:
         lines.append(
             f"| {layer} | {m['l0']:.1f} | {m['fvu']:.3f} | {m['dead_fraction']:.1%} | {m['dense_fraction']:.1%} | "
             f"{m['ce_clean']:.4f} | {m['ce_spliced']:.4f} | {m['ce_zero_ablation']:.4f} | {m['ce_mean_ablation']:.4f} | "
-            f"{m['ce_loss_recovered']:.3f} | {m['kl']:.4f} |"
+            f"{'n/a' if m['ce_loss_recovered'] is None else format(m['ce_loss_recovered'], '.3f')} | {m['kl']:.4f} |"
         )
     return "\n".join(lines) + "\n"
 

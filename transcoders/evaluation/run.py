@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -16,32 +17,28 @@ from .metrics import evaluate_coders
 from .report import write_report
 
 
-def find_coders(run_dir: Path) -> dict[int, Path]:
-    """``{layer: folder}`` for every coder folder (holding ``cfg.json``) under ``run_dir``.
+def find_coders(run_dir: Path) -> dict[str, Path]:
+    """``{key: folder}`` for every coder folder under ``run_dir``: key ``"6"`` for
+    ``layers.6.mlp/``, ``"6/k64"`` for a sweep variant ``layers.6.mlp/k64/``.
 
     Raises:
-        CoderFileError: the folder does not exist or holds no coder.
+        CoderFileError: the folder does not exist, holds no coder, or a coder names no layer.
     """
     if not run_dir.is_dir():
         raise CoderFileError(f"run folder {run_dir} does not exist: pass the folder `transcoders train` wrote.")
     found = {}
-    for cfg in sorted(run_dir.glob("*/cfg.json")):
-        found[load_coder_layer(cfg.parent)] = cfg.parent
+    for cfg_path in sorted(run_dir.rglob("cfg.json")):
+        try:
+            layer = json.loads(cfg_path.read_text()).get("layer")
+        except (OSError, ValueError) as exc:
+            raise CoderFileError(f"{cfg_path} is unreadable: {exc}") from exc
+        if not isinstance(layer, int):
+            raise CoderFileError(f"{cfg_path} names no layer; cannot tell where to splice this coder.")
+        variant = cfg_path.parent.relative_to(run_dir).parts[1:]
+        found["/".join([str(layer), *variant])] = cfg_path.parent
     if not found:
         raise CoderFileError(f"no coders in {run_dir} (expected <hookpoint>/cfg.json + coder.safetensors); did training finish?")
     return found
-
-
-def load_coder_layer(folder: Path) -> int:
-    import json
-
-    try:
-        layer = json.loads((folder / "cfg.json").read_text()).get("layer")
-    except (OSError, ValueError) as exc:
-        raise CoderFileError(f"{folder / 'cfg.json'} is unreadable: {exc}") from exc
-    if not isinstance(layer, int):
-        raise CoderFileError(f"{folder / 'cfg.json'} names no layer; cannot tell where to splice this coder.")
-    return layer
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, eval_tokens: int = 8192, batch_size: int = 8,
@@ -59,11 +56,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, eval_tokens: i
         CoderFileError: missing/corrupt coders, or coders that do not fit the model.
         DataSourceError: an empty or unreadable text source.
     """
-    import json
-
     run_dir = Path(run_dir)
     coder_dirs = find_coders(run_dir)
-    coders = {layer: load_coder(folder) for layer, folder in coder_dirs.items()}
+    coders = {key: load_coder(folder) for key, folder in coder_dirs.items()}
     cfg_path = run_dir / "train_config.json"
     train_cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     model_name = next(iter(coders.values())).cfg.model_name
@@ -84,9 +79,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, eval_tokens: i
         source = f"held-out split of {describe_source(train_cfg.get('data'))}"
     tokens = tokens[: max(1, eval_tokens // tokens.shape[1])]
     means = {}
-    for layer, folder in coder_dirs.items():
+    for key, folder in coder_dirs.items():
         if (folder / "stats.safetensors").exists():
-            means[layer] = load_file(folder / "stats.safetensors")["mlp_out_mean"]
+            means[coders[key].cfg.layer] = load_file(folder / "stats.safetensors")["mlp_out_mean"]
     t0 = time.perf_counter()
     metrics = evaluate_coders(loaded.adapter, coders, tokens, mlp_out_means=means, batch_size=batch_size, progress=progress)
     info = {"model": model_name, "eval_data": source, "eval_seconds": time.perf_counter() - t0, **(extra or {})}

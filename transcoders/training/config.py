@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..coders.config import Activation, Kind
 from ..models.loading import DEFAULT_MODEL
+
+
+SWEEPABLE = {"activation", "kind", "k", "d_sae", "expansion_factor", "l1_coefficient", "l0_coefficient", "lr", "auxk_coefficient"}
 
 
 class TrainConfig(BaseModel):
@@ -28,7 +31,9 @@ class TrainConfig(BaseModel):
     d_sae: int | None = Field(default=None, gt=0, description="overrides expansion_factor * d_model")
     k: int = Field(default=32, gt=0)
     l1_coefficient: float = Field(default=1.0, ge=0)
-    l1_warmup_fraction: float = Field(default=0.05, ge=0, le=1)
+    l1_warmup_fraction: float = Field(default=0.05, ge=0, le=1, description="share of steps over which L1/L0 coefficients ramp up")
+    l0_coefficient: float = Field(default=2e-3, ge=0, description="L0 penalty weight (jumprelu)")
+    jumprelu_bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width for JumpReLU thresholds")
     auxk_coefficient: float = Field(default=1 / 32, ge=0)
     dead_tokens: int = Field(default=1_000_000, gt=0, description="a feature silent this many tokens counts as dead")
     lr: float | None = Field(default=None, gt=0, description="None = min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))")
@@ -44,14 +49,38 @@ class TrainConfig(BaseModel):
     harvest_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     block_contexts: int = Field(default=64, gt=0, description="contexts shuffled together (shuffle buffer)")
     model_batch: int = Field(default=16, gt=0)
+    activation_cache: str | None = Field(default=None, description="folder of an on-disk activation cache to read (built first if absent)")
+    cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     checkpoint_every: int = Field(default=100, gt=0, description="steps between checkpoints")
     log_every: int = Field(default=10, gt=0)
+    sweep: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="variants trained side by side from the same activations, each a dict overriding "
+        f"some of {sorted(SWEEPABLE)}, e.g. [{{'k': 16}}, {{'k': 64}}]",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.d_sae is not None and self.activation == "topk" and self.k > self.d_sae:
+        if self.d_sae is not None and self.activation in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}: pick k <= d_sae")
+        for variant in self.sweep:
+            unknown = set(variant) - SWEEPABLE
+            if unknown:
+                raise ValueError(f"sweep variant {variant} sets {sorted(unknown)}; only {sorted(SWEEPABLE)} can vary in a sweep")
         return self
+
+    def variants(self) -> list[tuple[str, "TrainConfig"]]:
+        """``[(suffix, settings)]``: one entry with suffix ``""`` without a sweep, else one per
+        variant, suffixed like ``k64`` or ``activation-relu_l1_coefficient0.5``."""
+        if not self.sweep:
+            return [("", self)]
+        out = []
+        for variant in self.sweep:
+            suffix = "_".join(f"{k}{v}" if isinstance(v, (int, float)) else f"{k}-{v}" for k, v in sorted(variant.items()))
+            out.append((suffix, TrainConfig.model_validate({**self.model_dump(), **variant, "sweep": []})))
+        if len({s for s, _ in out}) != len(out):
+            raise ValueError(f"sweep variants must differ: {self.sweep}")
+        return out
 
     @property
     def total_steps(self) -> int:

@@ -37,6 +37,31 @@ def harvest_copy(loaded: LoadedModel, dtype_name: str):
     return adapter_for(copy.deepcopy(loaded.model).to(getattr(torch, dtype_name)))
 
 
+def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor, progress: bool = True):
+    """Open ``cfg.activation_cache``, building it from the live model first if it does not exist.
+
+    Raises:
+        ActivationCacheError: the cache was built for another model, text, context length or layers.
+    """
+    from ..data.activations import ActivationStream
+    from ..data.cache import ActivationCacheError, CachedStream, build_cache
+
+    folder = Path(cfg.activation_cache)
+    layers = list(range(adapter.n_layers)) if cfg.layers == "all" else sorted(set(cfg.layers))
+    identity = {"model": cfg.model, "data": cfg.data, "ctx_len": cfg.ctx_len, "eval_fraction": cfg.eval_fraction,
+                "harvest_dtype": cfg.harvest_dtype}
+    if not (folder / "meta.json").exists():
+        stream = ActivationStream(adapter, train_tokens, layers, cfg.batch_size, seed=cfg.seed,
+                                  block_contexts=cfg.block_contexts, model_batch=cfg.model_batch)
+        build_cache(stream, folder, cfg.total_tokens, dtype=cfg.cache_dtype, meta=identity, progress=progress)
+    cached = CachedStream(folder, cfg.batch_size, layers)
+    differs = {k: (cached.meta.get(k), v) for k, v in identity.items() if cached.meta.get(k) != v}
+    if differs:
+        raise ActivationCacheError(f"activation cache {folder} was built with other settings (cache, run): {differs}; "
+                                   "use another --activation-cache folder or delete this one.")
+    return cached
+
+
 def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
               loaded: LoadedModel | None = None, evaluate: bool = True, eval_tokens: int = 8192) -> dict:
     """Train coders for ``cfg.layers`` and (optionally) evaluate them on held-out text.
@@ -60,12 +85,18 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, pr
                          f"use --ctx-len {loaded.adapter.max_context} or less")
     split = build_token_split(cfg.data, loaded.tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
                               max_eval_tokens=max(eval_tokens, cfg.ctx_len))
-    trainer = Trainer(cfg, harvest_copy(loaded, cfg.harvest_dtype), split.train, run_dir)
+    adapter = harvest_copy(loaded, cfg.harvest_dtype)
     t_setup = time.perf_counter() - t0
+    stream, t_cache = None, 0.0
+    if cfg.activation_cache:
+        t1 = time.perf_counter()
+        stream = open_cache(cfg, adapter, split.train, progress)
+        t_cache = time.perf_counter() - t1
+    trainer = Trainer(cfg, adapter, split.train, run_dir, stream=stream)
     trainer.fit(resume=resume, progress=progress)
     tokens = trainer.step * cfg.batch_size
     timing = {
-        "setup_s": t_setup, **trainer.timing, "train_tokens": tokens,
+        "setup_s": t_setup, "cache_build_s": t_cache, **trainer.timing, "train_tokens": tokens,
         "tokens_per_s": tokens / max(1e-9, trainer.timing["harvest_s"] + trainer.timing["train_s"]),
         "harvest_tokens_per_s": tokens / max(1e-9, trainer.timing["harvest_s"]),
         "coder_tokens_per_s": tokens / max(1e-9, trainer.timing["train_s"]),

@@ -1,12 +1,8 @@
-"""Train one coder per requested layer from a single activation stream.
+"""Train coders for every requested layer, and every sweep variant, from one activation stream.
 
-Objective per layer (data normalised so that E||x||^2 = d_in and E||y||^2 = d_out):
-- TopK:  FVU + auxk_coefficient * AuxK, where AuxK reconstructs the residual error with the
-  top ``d_out / 2`` dead features (Gao et al. 2024), and decoder rows are kept unit-norm.
-- ReLU:  FVU + lambda * mean_t sum_i f_i ||W_dec_i|| / sqrt(d_out), lambda warmed up linearly
-  (the decoder-norm-weighted L1 of Dunefsky et al. 2024 / Anthropic, April 2024).
-
-FVU is ``sum ||y - y_hat||^2 / sum ||y - mean(y)||^2`` over the batch.
+One forward pass of the model (stopped after the last requested layer) feeds every coder; the
+objectives are in :mod:`.losses`. Data are normalised to ``E||x||^2 = d_in``, ``E||y||^2 = d_out``
+with scales fixed on the first batch and folded into the weights at save time.
 """
 
 from __future__ import annotations
@@ -19,17 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..coders.coder import SparseCoder
 from ..coders.config import CoderConfig
-from ..coders.kernels import sparse_topk_encode
 from ..coders.io import atomic_save_tensors, atomic_write_bytes, save_coder
 from ..data.activations import ActivationStream
 from ..models.adapters import ModelAdapter
-from .checkpoint import CHECKPOINT, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
+from .checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .config import TrainConfig
+from .losses import LOSSES
 
 STATS = "stats.safetensors"
 
@@ -43,17 +38,22 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class LayerState:
-    """Everything that evolves for one layer's coder."""
+class CoderState:
+    """Everything that evolves for one coder (one layer, one sweep variant)."""
 
+    name: str  # "6", or "6/k64" for a sweep variant
+    layer: int
+    cfg: TrainConfig  # the run's settings with this variant's overrides
     coder: SparseCoder
     optimizer: torch.optim.Adam
+    lr: float
     tokens_since_fired: torch.Tensor  # [d_sae] int64
     fire_count: torch.Tensor  # [d_sae] int64, over all training tokens
     in_sum: torch.Tensor  # [d_in] float64, raw units
     out_sum: torch.Tensor  # [d_out] float64, raw units
     scale_in: float = 1.0
     scale_out: float = 1.0
+    threshold_ema: float = 0.0  # BatchTopK: running mean of the batch threshold
 
 
 def default_lr(d_sae: int) -> float:
@@ -75,130 +75,117 @@ class Trainer:
             folder per hookpoint with the final coder.
     """
 
-    def __init__(self, cfg: TrainConfig, adapter: ModelAdapter, train_tokens: torch.Tensor, run_dir: str | Path):
+    def __init__(self, cfg: TrainConfig, adapter: ModelAdapter, train_tokens: torch.Tensor | None, run_dir: str | Path,
+                 *, stream=None):
         self.cfg = cfg
         self.adapter = adapter
         self.run_dir = Path(run_dir)
         self.device = adapter.device
         wanted = range(adapter.n_layers) if cfg.layers == "all" else cfg.layers
         self.layers = sorted({adapter.check_layer(layer) for layer in wanted})
-        self.stream = ActivationStream(
+        self.stream = stream or ActivationStream(
             adapter, train_tokens, self.layers, cfg.batch_size,
             seed=cfg.seed, block_contexts=cfg.block_contexts, model_batch=cfg.model_batch,
         )
-        self.d_sae = cfg.d_sae or cfg.expansion_factor * adapter.d_model
-        self.lr = cfg.lr or default_lr(self.d_sae)
-        self.states = {layer: self._new_state(layer) for layer in self.layers}
+        self.states: dict[str, CoderState] = {}
+        for layer in self.layers:
+            for suffix, variant in cfg.variants():
+                name = f"{layer}/{suffix}" if suffix else str(layer)
+                self.states[name] = self._new_state(name, layer, variant)
         self.step = 0
         self.timing = {"harvest_s": 0.0, "train_s": 0.0}
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ setup
-    def _new_state(self, layer: int) -> LayerState:
-        cfg, d = self.cfg, self.adapter.d_model
+    def _new_state(self, name: str, layer: int, cfg: TrainConfig) -> CoderState:
+        d = self.adapter.d_model
+        d_sae = cfg.d_sae or cfg.expansion_factor * d
+        hook = self.adapter.hookpoint(layer)
         coder_cfg = CoderConfig(
-            kind=cfg.kind, activation=cfg.activation, d_in=d, d_out=d, d_sae=self.d_sae,
-            k=cfg.k if cfg.activation == "topk" else None,
+            kind=cfg.kind, activation=cfg.activation, d_in=d, d_out=d, d_sae=d_sae,
+            k=cfg.k if cfg.activation in ("topk", "batchtopk") else None,
             model_name=cfg.model, layer=layer,
-            hookpoint_in=f"{self.adapter.hookpoint(layer)}.input",
-            hookpoint_out=f"{self.adapter.hookpoint(layer)}.output" if cfg.kind != "sae" else f"{self.adapter.hookpoint(layer)}.input",
+            hookpoint_in=f"{hook}.input", hookpoint_out=f"{hook}.output" if cfg.kind != "sae" else f"{hook}.input",
             training=cfg.model_dump(mode="json"),
         )
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + layer)
         coder = SparseCoder(coder_cfg)
         coder.reset_parameters(gen)
         coder.to(self.device)
-        opt = torch.optim.Adam(coder.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        lr = cfg.lr or default_lr(d_sae)
+        opt = torch.optim.Adam(coder.parameters(), lr=lr, betas=(0.9, 0.999))
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
-        return LayerState(coder, opt, zeros(self.d_sae, torch.int64), zeros(self.d_sae, torch.int64), zeros(d, torch.float64), zeros(d, torch.float64))
+        return CoderState(name, layer, cfg, coder, opt, lr, zeros(d_sae, torch.int64), zeros(d_sae, torch.int64),
+                          zeros(d, torch.float64), zeros(d, torch.float64))
 
-    def lr_at(self, step: int) -> float:
+    @property
+    def lr(self) -> float:
+        """Peak learning rate of the first coder."""
+        return next(iter(self.states.values())).lr
+
+    def lr_at(self, step: int, peak: float | None = None) -> float:
         """Linear warm-up over ``warmup_steps``, constant, then linear decay to 0 over the
         final ``decay_fraction`` of steps."""
         total = self.cfg.total_steps
         warm = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
         decay_start = total * (1 - self.cfg.decay_fraction)
         decay = 1.0 if step < decay_start else max(0.0, (total - step) / max(1.0, total - decay_start))
-        return self.lr * warm * decay
+        return (self.lr if peak is None else peak) * warm * decay
 
     # ------------------------------------------------------------------ one step
-    def _train_layer(self, st: LayerState, x_raw: torch.Tensor, y_raw: torch.Tensor) -> dict[str, float]:
-        cfg, coder = self.cfg, st.coder
+    def _train_one(self, st: CoderState, x_raw: torch.Tensor, y_raw: torch.Tensor) -> dict[str, float]:
+        cfg, coder = st.cfg, st.coder
         if self.step == 0:
             self._init_from_data(st, x_raw, y_raw)
         st.in_sum += x_raw.double().sum(0)
         st.out_sum += y_raw.double().sum(0)
         x = x_raw.float() * st.scale_in
         y = x if cfg.kind == "sae" else y_raw.float() * st.scale_out
-        n = x.shape[0]
-        matmul_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         dead = st.tokens_since_fired >= cfg.dead_tokens
-        k_aux = 0
-        if cfg.activation == "topk":
-            if cfg.auxk_coefficient > 0 and bool(dead.any()):
-                k_aux = min(coder.cfg.d_out // 2, int(dead.sum()))
-            values, indices, aux_values, aux_indices = sparse_topk_encode(
-                x, coder.W_enc, coder.b_enc, coder.cfg.k, dead=dead if k_aux else None, k_aux=k_aux, matmul_dtype=matmul_dtype)
-            values = F.relu(values)
-            y_hat = coder.decode_sparse(values, indices, x)
-            active = indices[values > 0]
-            l0 = (values > 0).sum() / n
-        else:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                pre = coder.pre_acts(x)
-            f = F.relu(pre.float())
-            y_hat = coder.decode(f, x)
-            active = (f > 0).any(0).nonzero().squeeze(1)
-            l0 = (f > 0).sum() / n
-        err = y - y_hat
-        total_var = (y - y.mean(0)).pow(2).sum()
-        fvu = err.pow(2).sum() / total_var
-        loss = fvu
-        if k_aux:
-            err_hat = F.embedding_bag(aux_indices, coder.W_dec, per_sample_weights=F.relu(aux_values), mode="sum")
-            loss = loss + cfg.auxk_coefficient * (err.detach() - err_hat).pow(2).sum() / total_var
-        if cfg.activation == "relu":
-            lam = cfg.l1_coefficient * min(1.0, (self.step + 1) / max(1.0, cfg.l1_warmup_fraction * cfg.total_steps))
-            l1 = (f * coder.W_dec.norm(dim=1)).sum() / (n * math.sqrt(coder.cfg.d_out))
-            loss = loss + lam * l1
-        loss.backward()
+        result = LOSSES[cfg.activation](cfg, coder, x, y, dead, self.step)
+        result.loss.backward()
         for group in st.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step, st.lr)
         st.optimizer.step()
         st.optimizer.zero_grad(set_to_none=True)
-        if cfg.activation == "topk":
-            coder.normalize_decoder()
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[active] = True
-        st.fire_count += torch.bincount(active, minlength=self.d_sae) if cfg.activation == "topk" else (f > 0).sum(0)
-        st.tokens_since_fired += n
-        st.tokens_since_fired[fired] = 0
-        return {"loss": loss.item(), "fvu": fvu.item(), "l0": l0.item(), "dead_fraction": dead.float().mean().item()}
+        if cfg.activation != "relu":
+            coder.normalize_decoder()  # scale lives in the activations (and thresholds)
+        if coder.threshold is not None and cfg.activation == "jumprelu":
+            with torch.no_grad():
+                coder.threshold.clamp_(min=1e-4)
+        if result.threshold is not None:
+            st.threshold_ema = result.threshold if self.step == 0 else 0.99 * st.threshold_ema + 0.01 * result.threshold
+        st.fire_count += result.counts
+        st.tokens_since_fired += x.shape[0]
+        st.tokens_since_fired[result.counts > 0] = 0
+        return {"loss": result.loss.item(), "fvu": result.fvu.item(), "l0": result.l0.item(),
+                "dead_fraction": dead.float().mean().item()}
 
     @torch.no_grad()
-    def _init_from_data(self, st: LayerState, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _init_from_data(self, st: CoderState, x: torch.Tensor, y: torch.Tensor) -> None:
         """Fix the normalisation scales and start ``b_dec`` at the mean target."""
         x, y = x.float(), y.float()
+        sae = st.cfg.kind == "sae"
         st.scale_in = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12).item())
-        st.scale_out = st.scale_in if self.cfg.kind == "sae" else math.sqrt(y.shape[1] / y.pow(2).sum(1).mean().clamp_min(1e-12).item())
-        target = x * st.scale_in if self.cfg.kind == "sae" else y * st.scale_out
+        st.scale_out = st.scale_in if sae else math.sqrt(y.shape[1] / y.pow(2).sum(1).mean().clamp_min(1e-12).item())
+        target = x * st.scale_in if sae else y * st.scale_out
         st.coder.b_dec.copy_(target.mean(0))
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
         """Write the full training state atomically (see :mod:`.checkpoint`)."""
         tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-        state = {"step": self.step, "config": self.cfg.model_dump(mode="json"), "timing": self.timing, "layers": {}}
-        for layer, st in self.states.items():
+        state = {"step": self.step, "config": self.cfg.model_dump(mode="json"), "timing": self.timing, "coders": {}}
+        for key, st in self.states.items():
             for name, p in st.coder.named_parameters():
                 if not torch.isfinite(p).all():
-                    raise TrainingDiverged(f"layer {layer} parameter {name} is not finite at step {self.step}")
-                tensors[f"{layer}.coder.{name}"] = p
-            opt_t, opt_meta = optimizer_tensors(st.optimizer, f"{layer}.opt")
+                    raise TrainingDiverged(f"coder {key} parameter {name} is not finite at step {self.step}")
+                tensors[f"{key}.coder.{name}"] = p
+            opt_t, opt_meta = optimizer_tensors(st.optimizer, f"{key}.opt")
             tensors.update(opt_t)
-            tensors.update({f"{layer}.tokens_since_fired": st.tokens_since_fired, f"{layer}.fire_count": st.fire_count,
-                            f"{layer}.in_sum": st.in_sum, f"{layer}.out_sum": st.out_sum})
-            state["layers"][str(layer)] = {"optimizer": opt_meta, "scale_in": st.scale_in, "scale_out": st.scale_out}
+            tensors.update({f"{key}.{attr}": getattr(st, attr) for attr in _COUNTERS})
+            state["coders"][key] = {"optimizer": opt_meta, "scale_in": st.scale_in, "scale_out": st.scale_out,
+                                    "threshold_ema": st.threshold_ema}
         return save_checkpoint(self.run_dir, tensors, state)
 
     def restore(self) -> None:
@@ -207,25 +194,26 @@ class Trainer:
         Raises:
             CheckpointError: no checkpoint, a corrupt one, or one from a different config.
         """
-        from .checkpoint import CheckpointError
-
         tensors, state = load_checkpoint(self.run_dir)
-        saved = TrainConfig.model_validate(state["config"])
+        try:
+            saved = TrainConfig.model_validate(state["config"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint in {self.run_dir} has no valid config ({exc}); start a new run.") from exc
         if saved != self.cfg:
             diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.model_dump().items() if getattr(self.cfg, k) != v}
             raise CheckpointError(f"checkpoint in {self.run_dir} was made with different settings {diff}; resume with the same settings.")
         self.step = state["step"]
         self.timing = state["timing"]
         torch.set_rng_state(tensors["rng.torch"])
-        for layer, st in self.states.items():
-            meta = state["layers"][str(layer)]
+        for key, st in self.states.items():
+            meta = state["coders"][key]
             with torch.no_grad():
                 for name, p in st.coder.named_parameters():
-                    p.copy_(tensors[f"{layer}.coder.{name}"])
-            restore_optimizer(st.optimizer, tensors, meta["optimizer"], f"{layer}.opt")
-            for attr in ("tokens_since_fired", "fire_count", "in_sum", "out_sum"):
-                getattr(st, attr).copy_(tensors[f"{layer}.{attr}"])
-            st.scale_in, st.scale_out = meta["scale_in"], meta["scale_out"]
+                    p.copy_(tensors[f"{key}.coder.{name}"])
+            restore_optimizer(st.optimizer, tensors, meta["optimizer"], f"{key}.opt")
+            for attr in _COUNTERS:
+                getattr(st, attr).copy_(tensors[f"{key}.{attr}"])
+            st.scale_in, st.scale_out, st.threshold_ema = meta["scale_in"], meta["scale_out"], meta["threshold_ema"]
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
@@ -260,17 +248,17 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t1 = time.perf_counter()
-                metrics = {layer: self._train_layer(self.states[layer], *batch[layer]) for layer in self.layers}
+                metrics = {key: self._train_one(st, *batch[st.layer]) for key, st in self.states.items()}
                 t2 = time.perf_counter()
                 self.timing["harvest_s"] += t1 - t0
                 self.timing["train_s"] += t2 - t1
-                bad = [layer for layer, m in metrics.items() if not math.isfinite(m["loss"])]
+                bad = [key for key, m in metrics.items() if not math.isfinite(m["loss"])]
                 if bad:
                     ckpt = self.run_dir / CHECKPOINT
                     kept = (f"{ckpt} still holds the last good state (or --resume from it)" if ckpt.exists()
                             else "no checkpoint had been written yet")
                     raise TrainingDiverged(
-                        f"loss became {metrics[bad[0]]['loss']} at step {self.step} (layers {bad}); stopped without "
+                        f"loss became {metrics[bad[0]]['loss']} at step {self.step} (coders {bad}); stopped without "
                         f"saving: {kept}. Lower --lr (or the L1 coefficient), check the data for inf/NaN, and start again."
                     )
                 self.step += 1
@@ -305,30 +293,44 @@ class Trainer:
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
         return open(path, "a")
 
-    def _log(self, log, bar, metrics: dict[int, dict[str, float]]) -> None:
+    def _log(self, log, bar, metrics: dict[str, dict[str, float]]) -> None:
         seen = self.step * self.cfg.batch_size
         wall = self.timing["harvest_s"] + self.timing["train_s"]
         record = {"step": self.step, "tokens": seen, "lr": self.lr_at(self.step - 1), "tokens_per_s": seen / max(wall, 1e-9),
-                  "layers": {str(k): v for k, v in metrics.items()}}
+                  "layers": metrics}
         log.write(json.dumps(record) + "\n")
         log.flush()
-        first = metrics[self.layers[0]]
+        first = next(iter(metrics.values()))
         bar.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", dead=f"{first['dead_fraction']:.1%}")
 
-    def save_coders(self) -> dict[int, SparseCoder]:
+    def save_coders(self) -> dict[str, SparseCoder]:
         """Fold normalisation into copies of the coders and save each to ``run_dir/<hookpoint>/``
-        with ``stats.safetensors`` (mean MLP input/output in raw units, firing counts)."""
+        (``run_dir/<hookpoint>/<variant>/`` in a sweep) with ``stats.safetensors`` (mean MLP
+        input/output in raw units, firing counts). BatchTopK coders are saved as JumpReLU with
+        their fitted threshold."""
         out = {}
         tokens = max(1, self.step * self.cfg.batch_size)
-        for layer, st in self.states.items():
-            coder = SparseCoder(st.coder.cfg, device=self.device)
+        for key, st in self.states.items():
+            cfg = st.coder.cfg
+            if cfg.activation == "batchtopk":
+                cfg = cfg.model_copy(update={"activation": "jumprelu"})
+            coder = SparseCoder(cfg, device=self.device)
             coder.load_state_dict(st.coder.state_dict())
+            if st.cfg.activation == "batchtopk":
+                with torch.no_grad():
+                    coder.threshold.fill_(st.threshold_ema)
             coder.fold_scales(st.scale_in, st.scale_out)
-            folder = save_coder(coder, self.run_dir / self.adapter.hookpoint(layer))
+            folder = self.run_dir / self.adapter.hookpoint(st.layer)
+            if "/" in key:
+                folder = folder / key.split("/", 1)[1]
+            save_coder(coder, folder)
             atomic_save_tensors(
                 {"mlp_in_mean": (st.in_sum / tokens).float(), "mlp_out_mean": (st.out_sum / tokens).float(),
                  "fire_count": st.fire_count, "tokens": torch.tensor(tokens)},
                 folder / STATS,
             )
-            out[layer] = coder
+            out[key] = coder
         return out
+
+
+_COUNTERS = ("tokens_since_fired", "fire_count", "in_sum", "out_sum")

@@ -1,0 +1,143 @@
+"""Training objectives, one function per activation. All take normalised data
+(``E||x||^2 = d_in``, ``E||y||^2 = d_out``) and return a :class:`StepResult`.
+
+Reconstruction is measured as FVU, ``sum ||y - y_hat||^2 / sum ||y - mean(y)||^2`` over the batch,
+which is scale-free, so coefficients mean the same thing at every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..coders.coder import SparseCoder
+from ..coders.kernels import sparse_decode, sparse_topk_encode
+from .config import TrainConfig
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # scalar, differentiable
+    fvu: torch.Tensor  # scalar
+    l0: torch.Tensor  # scalar, mean active features per token
+    counts: torch.Tensor  # [d_sae] int64, tokens on which each feature was active
+    threshold: float | None = None  # BatchTopK: this batch's smallest kept activation
+
+
+def _fvu(y: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    err = y - y_hat
+    total_var = (y - y.mean(0)).pow(2).sum()
+    return err.pow(2).sum() / total_var, err, total_var
+
+
+def _auxk(coder: SparseCoder, err: torch.Tensor, total_var: torch.Tensor, aux_values, aux_indices) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): dead features reconstruct the residual error."""
+    err_hat = sparse_decode(F.relu(aux_values), aux_indices, coder.W_dec)
+    return (err.detach() - err_hat).pow(2).sum() / total_var
+
+
+def _matmul_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
+def topk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int) -> StepResult:
+    """TopK (Gao et al. 2024) with AuxK; encoder and decoder backward touch only active features."""
+    k_aux = min(coder.cfg.d_out // 2, int(dead.sum())) if cfg.auxk_coefficient > 0 else 0
+    values, indices, aux_values, aux_indices = sparse_topk_encode(
+        x, coder.W_enc, coder.b_enc, coder.cfg.k, dead=dead if k_aux else None, k_aux=k_aux, matmul_dtype=_matmul_dtype(cfg))
+    values = F.relu(values)
+    fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x))
+    loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu
+    active = values > 0
+    counts = torch.bincount(indices[active], minlength=coder.cfg.d_sae)
+    return StepResult(loss, fvu, active.sum() / x.shape[0], counts)
+
+
+def batchtopk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int) -> StepResult:
+    """BatchTopK (Bussmann, Leask & Nanda 2024): keep the ``k * n`` largest activations of the
+    whole batch, so tokens may use more or fewer than k features. Candidates are each token's
+    top ``4k`` (a token can use at most 4k features), which keeps the work sparse."""
+    k_row = min(coder.cfg.d_sae, 4 * coder.cfg.k)
+    k_aux = min(coder.cfg.d_out // 2, int(dead.sum())) if cfg.auxk_coefficient > 0 else 0
+    values, indices, aux_values, aux_indices = sparse_topk_encode(
+        x, coder.W_enc, coder.b_enc, k_row, dead=dead if k_aux else None, k_aux=k_aux, matmul_dtype=_matmul_dtype(cfg))
+    values = F.relu(values)
+    n_keep = coder.cfg.k * x.shape[0]
+    kth = values.detach().flatten().topk(n_keep, sorted=False).values.min()
+    keep = (values >= kth) & (values > 0)
+    values = values * keep
+    fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x))
+    loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu
+    counts = torch.bincount(indices[keep], minlength=coder.cfg.d_sae)
+    return StepResult(loss, fvu, keep.sum() / x.shape[0], counts, threshold=float(kth))
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre * H(pre - theta)`` with the straight-through pseudo-derivative of Rajamanoharan et al.
+    (2024) for theta: ``-(theta / eps) * K((pre - theta) / eps)``, K the unit rectangle."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.eps
+        window = ((pre - theta).abs() < eps / 2).to(grad.dtype)
+        return grad * (pre > theta), (-(theta / eps) * window * grad).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre - theta)`` (counts toward L0); pseudo-derivative ``-(1 / eps) K((pre - theta) / eps)``
+    for theta, none for pre."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        window = ((pre - theta).abs() < ctx.eps / 2).to(grad.dtype)
+        return None, (-(1.0 / ctx.eps) * window * grad).sum(0), None
+
+
+def jumprelu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int) -> StepResult:
+    """JumpReLU trained directly: FVU + lambda * L0, with straight-through estimates for the
+    thresholds (Rajamanoharan et al. 2024, "Jumping Ahead"); lambda warms up like the L1."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        pre = coder.pre_acts(x)
+    pre = pre.float()
+    f = _JumpReLU.apply(pre, coder.threshold, cfg.jumprelu_bandwidth)
+    l0 = _Step.apply(pre, coder.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
+    fvu, _, _ = _fvu(y, coder.decode(f, x))
+    lam = cfg.l0_coefficient * _warmup(cfg, step)
+    counts = (f > 0).sum(0)
+    return StepResult(fvu + lam * l0, fvu, l0.detach(), counts)
+
+
+def relu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int) -> StepResult:
+    """ReLU + L1 weighted by decoder row norms (Dunefsky et al. 2024; Anthropic, April 2024):
+    FVU + lambda * mean_t sum_i f_i ||W_dec_i|| / sqrt(d_out)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        pre = coder.pre_acts(x)
+    f = F.relu(pre.float())
+    fvu, _, _ = _fvu(y, coder.decode(f, x))
+    l1 = (f * coder.W_dec.norm(dim=1)).sum() / (x.shape[0] * math.sqrt(coder.cfg.d_out))
+    active = f > 0
+    return StepResult(fvu + cfg.l1_coefficient * _warmup(cfg, step) * l1, fvu, active.sum() / x.shape[0], active.sum(0))
+
+
+def _warmup(cfg: TrainConfig, step: int) -> float:
+    return min(1.0, (step + 1) / max(1.0, cfg.l1_warmup_fraction * cfg.total_steps))
+
+
+LOSSES = {"topk": topk_loss, "batchtopk": batchtopk_loss, "jumprelu": jumprelu_loss, "relu": relu_loss}
