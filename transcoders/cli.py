@@ -184,6 +184,30 @@ def evaluate(run_dir: Path, data: str | None, eval_tokens: int, batch_size: int,
 
 
 @main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--to", "to_format", type=click.Choice(["transcoders", "sparsify", "saelens", "circuit-tracer", "dunefsky"]),
+              required=True, help="format to write")
+@click.option("--from", "from_format", default=None, help="format of SOURCE [default: detected]")
+def convert(source: Path, dest: Path, to_format: str, from_format: str | None) -> None:
+    """Convert coders between formats: ours, sparsify, SAELens, circuit-tracer, Dunefsky et al. (.pt,
+    read without executing pickled code)."""
+    from .coders.formats import read_coder, write_coder
+
+    def go():
+        coders = read_coder(source, from_format)
+        if to_format == "circuit-tracer" and not isinstance(coders, dict):
+            coders = {coders.cfg.layer or 0: coders}
+        if to_format != "circuit-tracer" and isinstance(coders, dict):
+            if len(coders) != 1:
+                raise ValueError(f"{source} holds {len(coders)} coders; {to_format} holds one per folder")
+            coders = next(iter(coders.values()))
+        click.echo(f"wrote {write_coder(coders, dest, to_format)}")
+
+    _run(go)
+
+
+@main.command()
 @click.option("--run-dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--total-tokens", type=int, default=DEMO_TOKENS, show_default=True)
 @click.option("--quiet", is_flag=True)

@@ -192,7 +192,20 @@ def _check_shape(path: Path, name: str, t: torch.Tensor, shape: tuple[int, ...])
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
+    """A vector (bias, threshold) in float64 for exact-as-possible folding."""
     return t.detach().to("cpu", torch.float64)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """A matrix in float32, our parameters' dtype (no copy when it already is)."""
+    return t.detach().to("cpu", torch.float32)
+
+
+def _matvec(W: torch.Tensor, v: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """``W [m, n] @ v [n]`` accumulated in float64, a block of rows at a time (no float64 copy
+    of a large ``W``)."""
+    v = v.to(torch.float64)
+    return torch.cat([W[i : i + rows].to(torch.float64) @ v for i in range(0, W.shape[0], rows)])
 
 
 def _jsonable(value: Any) -> Any:
@@ -242,7 +255,7 @@ def _build(
             src = values[name]
             if src is None:
                 raise CoderFileError(f"{path}: a {kind} with {activation} activation needs {name!r}, which the file lacks.")
-            p.copy_(src.to(torch.float64))
+            p.copy_(src)
     return coder
 
 
@@ -336,21 +349,23 @@ def read_sparsify(path: PathLike, *, kind: str | None = None, device: str | torc
     skip = bool(raw.get("skip_connection", False))
     if skip:
         _require(tensors, ("W_skip",), w_path)
-    W_enc, b_enc = _f64(tensors["encoder.weight"]), _f64(tensors["encoder.bias"])
-    W_dec, b_dec = _f64(tensors["W_dec"]), _f64(tensors["b_dec"])
+    W_enc, b_enc = _f32(tensors["encoder.weight"]), _f64(tensors["encoder.bias"])
+    W_dec, b_dec = _f32(tensors["W_dec"]), _f64(tensors["b_dec"])
     _check_shape(w_path, "encoder.weight", W_enc, (d_sae, d_in))
     _check_shape(w_path, "W_dec", W_dec, (d_sae, d_in))
     _check_shape(w_path, "b_dec", b_dec, (d_in,))
     _check_shape(w_path, "encoder.bias", b_enc, (d_sae,))
     if not transcode:
-        b_enc = b_enc - W_enc @ b_dec
+        b_enc = b_enc - _matvec(W_enc, b_dec)
     W_skip = None
     if skip:
-        W_skip = _f64(tensors["W_skip"])
+        W_skip = _f32(tensors["W_skip"])
         _check_shape(w_path, "W_skip", W_skip, (d_in, d_in))
         W_skip = W_skip.T
     if kind is None:
         kind = "skip_transcoder" if skip else ("transcoder" if transcode else "sae")
+    elif kind not in ("transcoder", "skip_transcoder", "sae"):
+        raise ValueError(f"kind must be transcoder, skip_transcoder or sae, got {kind!r}.")
     elif (kind == "skip_transcoder") != skip:
         raise ValueError(f"kind={kind!r} does not match {cfg_path} (skip_connection={skip}).")
     hook = folder.resolve().name
@@ -376,13 +391,13 @@ def write_sparsify(coder: SparseCoder, path: PathLike) -> Path:
     if cfg.d_in != cfg.d_out:
         raise ValueError(f"sparsify coders map d_in to d_in, but this one maps {cfg.d_in} to {cfg.d_out}.")
     folder = Path(path)
-    W_enc, b_enc, b_dec = _f64(coder.W_enc), _f64(coder.b_enc), _f64(coder.b_dec)
+    W_enc, b_enc, b_dec = _f32(coder.W_enc), _f64(coder.b_enc), _f64(coder.b_dec)
     transcode = cfg.kind != "sae"
     if not transcode:
-        b_enc = b_enc + W_enc @ b_dec
-    tensors = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": _f64(coder.W_dec), "b_dec": b_dec}
+        b_enc = b_enc + _matvec(W_enc, b_dec)
+    tensors = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": _f32(coder.W_dec), "b_dec": b_dec}
     if coder.W_skip is not None:
-        tensors["W_skip"] = _f64(coder.W_skip).T
+        tensors["W_skip"] = _f32(coder.W_skip).T
     raw = {
         "activation": "topk",
         "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
@@ -461,7 +476,8 @@ def read_saelens(path: PathLike, *, device: str | torch.device = "cpu") -> Spars
         raise ValueError(f"{cfg_path}: normalize_activations={norm!r} rescales every token at run time, which a linear coder cannot express.")
 
     _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), w_path)
-    W_enc_t, b_enc, W_dec, b_dec = (_f64(tensors[n]) for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    W_enc_t, W_dec = _f32(tensors["W_enc"]), _f32(tensors["W_dec"])
+    b_enc, b_dec = _f64(tensors["b_enc"]), _f64(tensors["b_dec"])
     if W_enc_t.ndim != 2 or W_dec.ndim != 2:
         raise CoderFileError(f"{w_path}: W_enc and W_dec should be matrices, found shapes {tuple(W_enc_t.shape)} and {tuple(W_dec.shape)}.")
     d_in, d_sae = int(raw.get("d_in", W_enc_t.shape[0])), int(raw.get("d_sae", W_enc_t.shape[1]))
@@ -477,7 +493,7 @@ def read_saelens(path: PathLike, *, device: str | torch.device = "cpu") -> Spars
         if not raw.get("finetuning_scaling_factor", "finetuning_scaling_factor" in tensors):
             raise CoderFileError(f"{w_path} has a scaling_factor but {cfg_path} says finetuning_scaling_factor is false (SAELens refuses this too).")
         _check_shape(w_path, "scaling_factor", scale, (d_sae,))
-        W_dec = W_dec * _f64(scale)[:, None]
+        W_dec = W_dec * _f32(scale)[:, None]
 
     threshold = None
     if activation == "jumprelu":
@@ -497,15 +513,15 @@ def read_saelens(path: PathLike, *, device: str | torch.device = "cpu") -> Spars
             raise CoderFileError(f"{cfg_path}: a topk SAE needs 'k' (or activation_fn_kwargs.k).")
         if raw.get("rescale_acts_by_decoder_norm", False):
             norms = W_dec.norm(dim=1)
-            W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+            W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms.double(), W_dec / norms[:, None]
 
     if kind == "sae" and raw.get("apply_b_dec_to_input", True):
-        b_enc = b_enc - W_enc @ b_dec
+        b_enc = b_enc - _matvec(W_enc, b_dec)
 
     W_skip = None
     if kind == "skip_transcoder":
         _require(tensors, ("W_skip",), w_path)
-        W_skip = _f64(tensors["W_skip"])
+        W_skip = _f32(tensors["W_skip"])
         _check_shape(w_path, "W_skip", W_skip, (d_out, d_in))
         W_skip = W_skip.T
 
@@ -540,11 +556,11 @@ def write_saelens(coder: SparseCoder, path: PathLike, *, hook_name: str | None =
         arch = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[cfg.activation]
     else:
         arch = {"skip_transcoder": "skip_transcoder", "transcoder": "transcoder" if cfg.activation == "relu" else "jumprelu_transcoder"}[cfg.kind]
-    tensors = {"W_enc": _f64(coder.W_enc).T, "b_enc": _f64(coder.b_enc), "W_dec": _f64(coder.W_dec), "b_dec": _f64(coder.b_dec)}
+    tensors = {"W_enc": _f32(coder.W_enc).T, "b_enc": _f32(coder.b_enc), "W_dec": _f32(coder.W_dec), "b_dec": _f32(coder.b_dec)}
     if coder.threshold is not None:
-        tensors["threshold"] = _f64(coder.threshold)
+        tensors["threshold"] = _f32(coder.threshold)
     if coder.W_skip is not None:
-        tensors["W_skip"] = _f64(coder.W_skip).T
+        tensors["W_skip"] = _f32(coder.W_skip).T
     hook_in = hook_name if hook_name is not None else _hook_to_tl(cfg.hookpoint_in)
     metadata: dict[str, Any] = {
         "sae_lens_version": SAELENS_VERSION_WRITTEN,
@@ -620,7 +636,7 @@ def read_circuit_tracer(path: PathLike, *, allow_topk: bool = False, device: str
     folder = cfg_path.parent
     try:
         raw = _yaml().safe_load(cfg_path.read_text())
-    except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError
+    except (_yaml().YAMLError, UnicodeDecodeError) as exc:
         raise CoderFileError(f"{cfg_path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise CoderFileError(f"{cfg_path} should hold a YAML mapping, found {type(raw).__name__}.")
@@ -657,20 +673,20 @@ def read_circuit_tracer(path: PathLike, *, allow_topk: bool = False, device: str
             raise ValueError(f"{file}: Gemma Scope .npz transcoders are not supported; convert them to safetensors first.")
         t = _read_safetensors(file)
         _require(t, ("W_enc", "W_dec", "b_enc", "b_dec"), file)
-        W_enc, W_dec, b_enc, b_dec = (_f64(t[n]) for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+        W_enc, W_dec, b_enc, b_dec = _f32(t["W_enc"]), _f32(t["W_dec"]), _f32(t["b_enc"]), _f32(t["b_dec"])
         d_sae, d_model = b_enc.shape[0], b_dec.shape[0]
         _check_shape(file, "W_enc", W_enc, (d_sae, d_model))
         _check_shape(file, "W_dec", W_dec, (d_sae, d_model))
         W_skip = None
         if "W_skip" in t:
-            W_skip = _f64(t["W_skip"])
+            W_skip = _f32(t["W_skip"])
             _check_shape(file, "W_skip", W_skip, (d_model, d_model))
             W_skip = W_skip.T
         threshold = None
         if activation == "topk":
             act = "topk"
         elif activation != "relu" and "activation_function.threshold" in t:
-            act, threshold = "jumprelu", _f64(t["activation_function.threshold"])
+            act, threshold = "jumprelu", _f32(t["activation_function.threshold"])
         else:
             act = "relu"
         coders[layer] = _build(
@@ -735,11 +751,11 @@ def write_circuit_tracer(
     names = []
     for layer in layers:
         coder = coders[layer]
-        tensors = {"W_enc": _f64(coder.W_enc), "W_dec": _f64(coder.W_dec), "b_enc": _f64(coder.b_enc), "b_dec": _f64(coder.b_dec)}
+        tensors = {"W_enc": _f32(coder.W_enc), "W_dec": _f32(coder.W_dec), "b_enc": _f32(coder.b_enc), "b_dec": _f32(coder.b_dec)}
         if coder.threshold is not None:
-            tensors["activation_function.threshold"] = _f64(coder.threshold)
+            tensors["activation_function.threshold"] = _f32(coder.threshold)
         if coder.W_skip is not None:
-            tensors["W_skip"] = _f64(coder.W_skip).T
+            tensors["W_skip"] = _f32(coder.W_skip).T
         file = folder / f"layer_{layer}.safetensors"
         atomic_save_tensors({n: t.float().contiguous() for n, t in tensors.items()}, file)
         names.append(str(file.resolve()) if absolute_paths else file.name)
@@ -771,15 +787,14 @@ _DUNEFSKY_CONFIG_CLASSES = ("sae_training.config.LanguageModelSAERunnerConfig",)
 def _torch_load_weights_only(path: Path) -> Any:
     """``torch.load(weights_only=True)``, with the Dunefsky config class read as an inert
     attribute bag. Any other non-tensor object makes it fail."""
-    try:
-        allowed = [(_InertConfig, name) for name in _DUNEFSKY_CONFIG_CLASSES]
-        ctx = torch.serialization.safe_globals(allowed)
-    except (AttributeError, TypeError):  # torch without (class, name) allowlists: refuse the config too
-        ctx = None
-    if ctx is None:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    with ctx:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is not None:
+        try:
+            with safe_globals([(_InertConfig, name) for name in _DUNEFSKY_CONFIG_CLASSES]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except (TypeError, AttributeError):
+            pass  # a torch without (class, name) allowlists: the config is refused like any other object
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _unsafe_globals(path: Path) -> list[str] | None:
@@ -789,7 +804,7 @@ def _unsafe_globals(path: Path) -> list[str] | None:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:
         return None
-    return [name for name in found if name not in _DUNEFSKY_CONFIG_CLASSES]
+    return list(found)
 
 
 def read_dunefsky(path: PathLike, *, device: str | torch.device = "cpu") -> SparseCoder:
@@ -848,7 +863,8 @@ def read_dunefsky(path: PathLike, *, device: str | torch.device = "cpu") -> Spar
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CoderFileError(f"{path} should hold a dict of tensors (or {{'cfg', 'state_dict'}}), found {type(state).__name__}.")
     _require(state, ("W_enc", "b_enc", "W_dec", "b_dec"), path)
-    W_enc_t, b_enc, W_dec, b_dec_in = (_f64(state[n]) for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    W_enc_t, W_dec = _f32(state["W_enc"]), _f32(state["W_dec"])
+    b_enc, b_dec_in = _f64(state["b_enc"]), _f64(state["b_dec"])
     if W_enc_t.ndim != 2 or W_dec.ndim != 2:
         raise CoderFileError(f"{path}: W_enc and W_dec should be matrices, found shapes {tuple(W_enc_t.shape)} and {tuple(W_dec.shape)}.")
     d_in, d_sae = W_enc_t.shape
@@ -860,7 +876,7 @@ def read_dunefsky(path: PathLike, *, device: str | torch.device = "cpu") -> Spar
     if cfg.get("is_transcoder") and not transcoder:
         raise CoderFileError(f"{path}: its config says is_transcoder but it has no 'b_dec_out'.")
     b_out = _f64(state["b_dec_out"]) if transcoder else b_dec_in
-    b_enc = b_enc - b_dec_in @ W_enc_t
+    b_enc = b_enc - _matvec(W_enc_t.T, b_dec_in)
     hook_in = cfg.get("hook_point") or ""
     hook_out = cfg.get("out_hook_point") or (hook_in if not transcoder else "")
     layer = cfg.get("hook_point_layer")
@@ -883,11 +899,11 @@ def write_dunefsky(coder: SparseCoder, path: PathLike) -> Path:
     ``SparseAutoencoder`` (``is_transcoder`` set for transcoders) with ``load_state_dict``.
     """
     _check_writable(coder, "Dunefsky et al.", {"transcoder": ("relu",), "sae": ("relu",)})
-    W_enc, b_enc, b_dec = _f64(coder.W_enc), _f64(coder.b_enc), _f64(coder.b_dec)
+    W_enc, b_enc, b_dec = _f32(coder.W_enc), _f64(coder.b_enc), _f64(coder.b_dec)
     if coder.cfg.kind == "sae":
-        state = {"W_enc": W_enc.T, "b_enc": b_enc + W_enc @ b_dec, "W_dec": _f64(coder.W_dec), "b_dec": b_dec}
+        state = {"W_enc": W_enc.T, "b_enc": b_enc + _matvec(W_enc, b_dec), "W_dec": _f32(coder.W_dec), "b_dec": b_dec}
     else:
-        state = {"W_enc": W_enc.T, "b_enc": b_enc, "W_dec": _f64(coder.W_dec), "b_dec": torch.zeros(coder.cfg.d_in, dtype=torch.float64), "b_dec_out": b_dec}
+        state = {"W_enc": W_enc.T, "b_enc": b_enc, "W_dec": _f32(coder.W_dec), "b_dec": torch.zeros(coder.cfg.d_in), "b_dec_out": b_dec}
     buf = _io.BytesIO()
     torch.save({n: t.float().contiguous() for n, t in state.items()}, buf)
     path = Path(path)

@@ -159,3 +159,33 @@ class ActivationStream:
                 layer: (torch.cat([p[layer][0] for p in parts]), torch.cat([p[layer][1] for p in parts]))
                 for layer in self.layers
             }
+
+
+class MergedStream:
+    """Concatenates, step by step, the batches of several streams: the global batch that
+    data-parallel ranks (one stream each) train on together, as a single process sees it."""
+
+    def __init__(self, streams: Sequence[ActivationStream]):
+        self.streams = list(streams)
+        self.layers = self.streams[0].layers
+        self.batch_size = sum(s.batch_size for s in self.streams)
+
+    def batches(self, start_step: int = 0) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        for parts in zip(*(s.batches(start_step) for s in self.streams)):
+            yield {layer: (torch.cat([p[layer][0] for p in parts]), torch.cat([p[layer][1] for p in parts]))
+                   for layer in self.layers}
+
+
+def rank_stream(adapter: ModelAdapter, tokens: torch.Tensor, layers: Sequence[int], batch_size: int, *, seed: int,
+                rank: int, world: int, block_contexts: int = 64, model_batch: int = 16) -> ActivationStream:
+    """Rank ``rank``'s share of a data-parallel stream: contexts ``rank::world``, its own shuffle
+    seed, ``batch_size / world`` tokens per step. With ``world == 1`` it is the plain stream.
+
+    Raises:
+        ValueError: ``batch_size`` not divisible by ``world``.
+    """
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {world} processes: pick a multiple of {world}")
+    rank_seed = seed if world == 1 else seed * 65_537 + rank
+    return ActivationStream(adapter, tokens[rank::world], layers, batch_size // world, seed=rank_seed,
+                            block_contexts=block_contexts, model_batch=model_batch)

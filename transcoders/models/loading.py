@@ -72,9 +72,14 @@ def resolve_gguf(name: str) -> Path | None:
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "models" / f"{gguf.stem}-{key}"
+    """Cache folder keyed by the file's content (size and its first and last MiB), so every
+    virtual environment holding the same GGUF shares one dequantized copy."""
+    h = hashlib.sha256(str(gguf.stat().st_size).encode())
+    with open(gguf, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, gguf.stat().st_size - (1 << 20)))
+        h.update(fh.read())
+    return cache_root() / "models" / f"{gguf.stem}-{h.hexdigest()[:12]}"
 
 
 def dequantize_gguf(gguf: Path) -> Path:

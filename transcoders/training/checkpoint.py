@@ -40,20 +40,20 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Atomically write ``run_dir/checkpoint.safetensors``."""
-    path = Path(run_dir) / CHECKPOINT
+def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], name: str = CHECKPOINT) -> Path:
+    """Atomically write ``run_dir/<name>`` (``checkpoint.safetensors``; one per rank when sharding)."""
+    path = Path(run_dir) / name
     atomic_save_tensors(tensors, path, metadata={"state": json.dumps(state)})
     return path
 
 
-def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read ``run_dir/checkpoint.safetensors``: ``(tensors, state)``.
+def load_checkpoint(run_dir: Path, name: str = CHECKPOINT) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read ``run_dir/<name>``: ``(tensors, state)``.
 
     Raises:
         CheckpointError: missing or unreadable file.
     """
-    path = Path(run_dir) / CHECKPOINT
+    path = Path(run_dir) / name
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: nothing to resume. Start a new run without --resume.")
     try:

@@ -49,6 +49,7 @@ class TrainConfig(BaseModel):
     harvest_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     block_contexts: int = Field(default=64, gt=0, description="contexts shuffled together (shuffle buffer)")
     model_batch: int = Field(default=16, gt=0)
+    shard_layers: bool = Field(default=False, description="under torchrun: each rank trains a share of the coders on the full stream (no gradient sync)")
     activation_cache: str | None = Field(default=None, description="folder of an on-disk activation cache to read (built first if absent)")
     cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     checkpoint_every: int = Field(default=100, gt=0, description="steps between checkpoints")

@@ -2,7 +2,9 @@
 (``E||x||^2 = d_in``, ``E||y||^2 = d_out``) and return a :class:`StepResult`.
 
 Reconstruction is measured as FVU, ``sum ||y - y_hat||^2 / sum ||y - mean(y)||^2`` over the batch,
-which is scale-free, so coefficients mean the same thing at every layer.
+which is scale-free, so coefficients mean the same thing at every layer. Under data-parallel
+training the denominator and token counts are those of the global batch (``red``), so each
+rank's loss is its share of the global loss and summed gradients are the global gradient.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from ..coders.coder import SparseCoder
 from ..coders.kernels import sparse_decode, sparse_topk_encode
 from .config import TrainConfig
+from .distributed import Reducer
+
+_SINGLE = Reducer()
 
 
 @dataclass
@@ -27,9 +32,10 @@ class StepResult:
     threshold: float | None = None  # BatchTopK: this batch's smallest kept activation
 
 
-def _fvu(y: torch.Tensor, y_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fvu(y: torch.Tensor, y_hat: torch.Tensor, red: Reducer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This shard's share of the global batch's FVU (sums to the FVU across ranks)."""
     err = y - y_hat
-    total_var = (y - y.mean(0)).pow(2).sum()
+    total_var = red.total_var(y)
     return err.pow(2).sum() / total_var, err, total_var
 
 
@@ -43,20 +49,20 @@ def _matmul_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def topk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int) -> StepResult:
+def topk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
     """TopK (Gao et al. 2024) with AuxK; encoder and decoder backward touch only active features."""
     k_aux = min(coder.cfg.d_out // 2, int(dead.sum())) if cfg.auxk_coefficient > 0 else 0
     values, indices, aux_values, aux_indices = sparse_topk_encode(
         x, coder.W_enc, coder.b_enc, coder.cfg.k, dead=dead if k_aux else None, k_aux=k_aux, matmul_dtype=_matmul_dtype(cfg))
     values = F.relu(values)
-    fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x))
+    fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x), red)
     loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu
     active = values > 0
     counts = torch.bincount(indices[active], minlength=coder.cfg.d_sae)
     return StepResult(loss, fvu, active.sum() / x.shape[0], counts)
 
 
-def batchtopk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int) -> StepResult:
+def batchtopk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
     """BatchTopK (Bussmann, Leask & Nanda 2024): keep the ``k * n`` largest activations of the
     whole batch, so tokens may use more or fewer than k features. Candidates are each token's
     top ``4k`` (a token can use at most 4k features), which keeps the work sparse."""
@@ -69,7 +75,7 @@ def batchtopk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tenso
     kth = values.detach().flatten().topk(n_keep, sorted=False).values.min()
     keep = (values >= kth) & (values > 0)
     values = values * keep
-    fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x))
+    fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x), red)
     loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu
     counts = torch.bincount(indices[keep], minlength=coder.cfg.d_sae)
     return StepResult(loss, fvu, keep.sum() / x.shape[0], counts, threshold=float(kth))
@@ -110,28 +116,28 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / ctx.eps) * window * grad).sum(0), None
 
 
-def jumprelu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int) -> StepResult:
+def jumprelu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
     """JumpReLU trained directly: FVU + lambda * L0, with straight-through estimates for the
     thresholds (Rajamanoharan et al. 2024, "Jumping Ahead"); lambda warms up like the L1."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         pre = coder.pre_acts(x)
     pre = pre.float()
     f = _JumpReLU.apply(pre, coder.threshold, cfg.jumprelu_bandwidth)
-    l0 = _Step.apply(pre, coder.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
-    fvu, _, _ = _fvu(y, coder.decode(f, x))
+    l0 = _Step.apply(pre, coder.threshold, cfg.jumprelu_bandwidth).sum() / red.n(x.shape[0])
+    fvu, _, _ = _fvu(y, coder.decode(f, x), red)
     lam = cfg.l0_coefficient * _warmup(cfg, step)
     counts = (f > 0).sum(0)
     return StepResult(fvu + lam * l0, fvu, l0.detach(), counts)
 
 
-def relu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int) -> StepResult:
+def relu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
     """ReLU + L1 weighted by decoder row norms (Dunefsky et al. 2024; Anthropic, April 2024):
     FVU + lambda * mean_t sum_i f_i ||W_dec_i|| / sqrt(d_out)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         pre = coder.pre_acts(x)
     f = F.relu(pre.float())
-    fvu, _, _ = _fvu(y, coder.decode(f, x))
-    l1 = (f * coder.W_dec.norm(dim=1)).sum() / (x.shape[0] * math.sqrt(coder.cfg.d_out))
+    fvu, _, _ = _fvu(y, coder.decode(f, x), red)
+    l1 = (f * coder.W_dec.norm(dim=1)).sum() / (red.n(x.shape[0]) * math.sqrt(coder.cfg.d_out))
     active = f > 0
     return StepResult(fvu + cfg.l1_coefficient * _warmup(cfg, step) * l1, fvu, active.sum() / x.shape[0], active.sum(0))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ from tqdm.auto import tqdm
 from ..coders.coder import SparseCoder
 from ..coders.config import CoderConfig
 from ..coders.io import atomic_save_tensors, atomic_write_bytes, save_coder
-from ..data.activations import ActivationStream
+from ..data.activations import rank_stream
 from ..models.adapters import ModelAdapter
 from .checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .config import TrainConfig
+from .distributed import Reducer, barrier, init_from_env, is_main
 from .losses import LOSSES
 
 STATS = "stats.safetensors"
@@ -83,15 +85,22 @@ class Trainer:
         self.device = adapter.device
         wanted = range(adapter.n_layers) if cfg.layers == "all" else cfg.layers
         self.layers = sorted({adapter.check_layer(layer) for layer in wanted})
-        self.stream = stream or ActivationStream(
-            adapter, train_tokens, self.layers, cfg.batch_size,
-            seed=cfg.seed, block_contexts=cfg.block_contexts, model_batch=cfg.model_batch,
+        self.rank, self.world = init_from_env(self.device)
+        data_parallel = self.world > 1 and not cfg.shard_layers
+        self.reducer = Reducer(self.world, self.rank, active=data_parallel)
+        self.stream = stream or rank_stream(
+            adapter, train_tokens, self.layers, cfg.batch_size, seed=cfg.seed,
+            rank=self.rank if data_parallel else 0, world=self.world if data_parallel else 1,
+            block_contexts=cfg.block_contexts, model_batch=cfg.model_batch,
         )
+        names = [(layer, suffix, variant) for layer in self.layers for suffix, variant in cfg.variants()]
+        if cfg.shard_layers and self.world > 1:
+            names = names[self.rank :: self.world]  # round-robin: this rank's coders only
         self.states: dict[str, CoderState] = {}
-        for layer in self.layers:
-            for suffix, variant in cfg.variants():
-                name = f"{layer}/{suffix}" if suffix else str(layer)
-                self.states[name] = self._new_state(name, layer, variant)
+        for layer, suffix, variant in names:
+            name = f"{layer}/{suffix}" if suffix else str(layer)
+            self.states[name] = self._new_state(name, layer, variant)
+        self.ckpt_name = f"checkpoint.rank{self.rank}.safetensors" if cfg.shard_layers and self.world > 1 else CHECKPOINT
         self.step = 0
         self.timing = {"harvest_s": 0.0, "train_s": 0.0}
         self._stop_signal: int | None = None
@@ -142,8 +151,10 @@ class Trainer:
         x = x_raw.float() * st.scale_in
         y = x if cfg.kind == "sae" else y_raw.float() * st.scale_out
         dead = st.tokens_since_fired >= cfg.dead_tokens
-        result = LOSSES[cfg.activation](cfg, coder, x, y, dead, self.step)
+        red = self.reducer
+        result = LOSSES[cfg.activation](cfg, coder, x, y, dead, self.step, red)
         result.loss.backward()
+        red.grads_(coder.parameters())
         for group in st.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step, st.lr)
         st.optimizer.step()
@@ -155,21 +166,25 @@ class Trainer:
                 coder.threshold.clamp_(min=1e-4)
         if result.threshold is not None:
             st.threshold_ema = result.threshold if self.step == 0 else 0.99 * st.threshold_ema + 0.01 * result.threshold
-        st.fire_count += result.counts
-        st.tokens_since_fired += x.shape[0]
-        st.tokens_since_fired[result.counts > 0] = 0
-        return {"loss": result.loss.item(), "fvu": result.fvu.item(), "l0": result.l0.item(),
+        counts = red.sum_(result.counts)
+        st.fire_count += counts
+        st.tokens_since_fired += red.n(x.shape[0])
+        st.tokens_since_fired[counts > 0] = 0
+        # loss and FVU are per-rank shares of global values; L0 is a per-token mean
+        stats = red.sum_(torch.stack([result.loss.detach(), result.fvu.detach(), result.l0 * x.shape[0]]).double())
+        return {"loss": stats[0].item(), "fvu": stats[1].item(), "l0": stats[2].item() / red.n(x.shape[0]),
                 "dead_fraction": dead.float().mean().item()}
 
     @torch.no_grad()
     def _init_from_data(self, st: CoderState, x: torch.Tensor, y: torch.Tensor) -> None:
         """Fix the normalisation scales and start ``b_dec`` at the mean target."""
         x, y = x.float(), y.float()
-        sae = st.cfg.kind == "sae"
-        st.scale_in = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().clamp_min(1e-12).item())
-        st.scale_out = st.scale_in if sae else math.sqrt(y.shape[1] / y.pow(2).sum(1).mean().clamp_min(1e-12).item())
+        sae, red = st.cfg.kind == "sae", self.reducer
+        norms = red.sum_(torch.stack([x.pow(2).sum(), y.pow(2).sum()]).double()) / red.n(x.shape[0])
+        st.scale_in = math.sqrt(x.shape[1] / max(norms[0].item(), 1e-12))
+        st.scale_out = st.scale_in if sae else math.sqrt(y.shape[1] / max(norms[1].item(), 1e-12))
         target = x * st.scale_in if sae else y * st.scale_out
-        st.coder.b_dec.copy_(target.mean(0))
+        st.coder.b_dec.copy_(red.sum_(target.double().sum(0)).float() / red.n(x.shape[0]))
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
@@ -186,7 +201,14 @@ class Trainer:
             tensors.update({f"{key}.{attr}": getattr(st, attr) for attr in _COUNTERS})
             state["coders"][key] = {"optimizer": opt_meta, "scale_in": st.scale_in, "scale_out": st.scale_out,
                                     "threshold_ema": st.threshold_ema}
-        return save_checkpoint(self.run_dir, tensors, state)
+        path = self.run_dir / self.ckpt_name
+        if self.reducer.active:
+            # data parallel: ranks hold identical state except the in/out sums, which are summed at save
+            if is_main():
+                save_checkpoint(self.run_dir, tensors, state, name=self.ckpt_name)
+            barrier()
+            return path
+        return save_checkpoint(self.run_dir, tensors, state, name=self.ckpt_name)
 
     def restore(self) -> None:
         """Load ``checkpoint.safetensors`` from the run folder into this trainer.
@@ -194,7 +216,7 @@ class Trainer:
         Raises:
             CheckpointError: no checkpoint, a corrupt one, or one from a different config.
         """
-        tensors, state = load_checkpoint(self.run_dir)
+        tensors, state = load_checkpoint(self.run_dir, name=self.ckpt_name)
         try:
             saved = TrainConfig.model_validate(state["config"])
         except (KeyError, ValueError) as exc:
@@ -235,12 +257,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.restore()
-        else:
+        elif is_main():
             atomic_write_bytes(self.run_dir / "train_config.json", self.cfg.model_dump_json(indent=2).encode())
         total = self.cfg.total_steps
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=total * self.cfg.batch_size, initial=self.step * self.cfg.batch_size, unit="tok",
-                   unit_scale=True, disable=not progress, desc="train")
+                   unit_scale=True, disable=not (progress and is_main()), desc="train")
         log = self._open_log(resume)
         try:
             batches = self.stream.batches(self.step)
@@ -253,12 +275,13 @@ class Trainer:
                 self.timing["harvest_s"] += t1 - t0
                 self.timing["train_s"] += t2 - t1
                 bad = [key for key, m in metrics.items() if not math.isfinite(m["loss"])]
-                if bad:
-                    ckpt = self.run_dir / CHECKPOINT
+                if self.reducer.any_(bool(bad)):
+                    bad = bad or ["(another rank)"]
+                    ckpt = self.run_dir / self.ckpt_name
                     kept = (f"{ckpt} still holds the last good state (or --resume from it)" if ckpt.exists()
                             else "no checkpoint had been written yet")
                     raise TrainingDiverged(
-                        f"loss became {metrics[bad[0]]['loss']} at step {self.step} (coders {bad}); stopped without "
+                        f"loss became {metrics[bad[0]]['loss'] if bad[0] in metrics else 'NaN'} at step {self.step} (coders {bad}); stopped without "
                         f"saving: {kept}. Lower --lr (or the L1 coefficient), check the data for inf/NaN, and start again."
                     )
                 self.step += 1
@@ -267,7 +290,8 @@ class Trainer:
                     self._log(log, bar, metrics)
                 if on_step is not None:
                     on_step(self, metrics)
-                if self._stop_signal is not None:
+                if self.reducer.any_(self._stop_signal is not None):
+                    self._stop_signal = self._stop_signal or signal.SIGTERM
                     self.checkpoint()
                     raise TrainingInterrupted(
                         f"stopped by signal {signal.Signals(self._stop_signal).name} at step {self.step}/{total}; "
@@ -286,7 +310,9 @@ class Trainer:
     def _open_log(self, resume: bool):
         """A fresh log, or on resume the old one cut back to the checkpoint's step (a crash may
         have logged steps that the checkpoint does not hold)."""
-        path = self.run_dir / "train_log.jsonl"
+        path = self.run_dir / ("train_log.jsonl" if self.ckpt_name == CHECKPOINT else f"train_log.rank{self.rank}.jsonl")
+        if self.reducer.active and not is_main():
+            return open(os.devnull, "w")  # data parallel: rank 0 logs the (global) metrics
         kept = []
         if resume and path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
@@ -310,6 +336,12 @@ class Trainer:
         their fitted threshold."""
         out = {}
         tokens = max(1, self.step * self.cfg.batch_size)
+        for st in self.states.values():  # every rank joins the collectives, then rank 0 writes
+            self.reducer.sum_(st.in_sum)
+            self.reducer.sum_(st.out_sum)
+        if self.reducer.active and not is_main():
+            barrier()
+            return {key: st.coder for key, st in self.states.items()}
         for key, st in self.states.items():
             cfg = st.coder.cfg
             if cfg.activation == "batchtopk":
@@ -330,6 +362,8 @@ class Trainer:
                 folder / STATS,
             )
             out[key] = coder
+        if self.reducer.active:
+            barrier()
         return out
 
 
