@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import D_MODEL, VOCAB, tiny_adapter
 
+import transcoders.training.losses as losses_mod
 from transcoders.coders.coder import SparseCoder
 from transcoders.coders.config import CoderConfig
 from transcoders.coders.io import load_coder, save_coder
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 BATCH = 64
 STEPS = 30
+BTK_STEPS = 150
 K = 4
 BASE = dict(
     model="tiny-llama", layers=[1], batch_size=BATCH, total_tokens=BATCH * STEPS, ctx_len=16, block_contexts=4,
@@ -63,9 +65,11 @@ def _log(run_dir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def batchtopk_run(tmp_path_factory, llama_adapter, train_tokens, single_thread):
-    """A 30-step BatchTopK run whose decoder inputs (the kept activations) are recorded."""
+    """A BatchTopK run whose decoder inputs (the kept activations) are recorded. 150 steps, so
+    that the threshold EMA (decay 0.95, started at the first batch's much smaller threshold) has
+    caught up enough for the saved JumpReLU coder to have an L0 near k."""
     run_dir = tmp_path_factory.mktemp("batchtopk")
-    trainer = Trainer(make_cfg(activation="batchtopk"), llama_adapter, train_tokens, run_dir)
+    trainer = Trainer(make_cfg(activation="batchtopk", total_tokens=BATCH * BTK_STEPS), llama_adapter, train_tokens, run_dir)
     coder = trainer.states["1"].coder
     recorded = []
     real = coder.decode_sparse
@@ -82,14 +86,14 @@ def batchtopk_run(tmp_path_factory, llama_adapter, train_tokens, single_thread):
 def test_batchtopk_training_reduces_fvu(batchtopk_run):
     _, _, _, run_dir = batchtopk_run
     log = _log(run_dir)
-    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in log] == list(range(1, BTK_STEPS + 1))
     first, last = log[0]["layers"]["1"], log[-1]["layers"]["1"]
     assert last["fvu"] < 0.9 * first["fvu"], (first, last)
 
 
 def test_batchtopk_keeps_k_per_token_on_average_but_not_per_token(batchtopk_run):
     _, _, recorded, run_dir = batchtopk_run
-    assert len(recorded) == STEPS
+    assert len(recorded) == BTK_STEPS
     per_token = []
     for values in recorded:
         assert values.shape == (BATCH, 4 * K)  # candidates: each token's top 4k
@@ -110,7 +114,7 @@ def test_batchtopk_threshold_ema_follows_smallest_kept_activation(batchtopk_run)
     ema = None
     for step, values in enumerate(recorded):
         kth = float(values[values > 0].min())
-        ema = kth if step == 0 else 0.99 * ema + 0.01 * kth
+        ema = kth if step == 0 else 0.95 * ema + 0.05 * kth
     assert trainer.states["1"].threshold_ema == pytest.approx(ema, rel=1e-12)
     assert trainer.states["1"].threshold_ema > 0
 
@@ -120,7 +124,7 @@ def test_batchtopk_is_saved_as_jumprelu_with_the_fitted_threshold(batchtopk_run)
     st = trainer.states["1"]
     saved = load_coder(run_dir / "layers.1.mlp")
     assert saved.cfg.activation == "jumprelu"
-    assert saved.cfg.k == K and saved.cfg.d_sae == 64
+    assert saved.cfg.d_sae == 64
     assert saved.threshold is not None and saved.threshold.shape == (64,)
     assert st.threshold_ema > 0
     assert torch.equal(saved.threshold, torch.full((64,), st.threshold_ema, dtype=torch.float32))
@@ -140,13 +144,69 @@ def test_saved_batchtopk_coder_evaluates_with_l0_near_k(batchtopk_run, llama_ada
     assert m["fvu"] < 1.0, m
 
 
+def _batchtopk_coder(bias=None) -> SparseCoder:
+    coder = SparseCoder(CoderConfig(activation="batchtopk", d_in=8, d_out=8, d_sae=16, k=2))
+    coder.reset_parameters(torch.Generator().manual_seed(0))
+    if bias is not None:
+        with torch.no_grad():
+            coder.b_enc.copy_(bias)
+    return coder
+
+
+def _batchtopk_step(coder, x):
+    cfg = TrainConfig(activation="batchtopk", d_sae=16, k=2, precision="fp32", device="cpu", auxk_coefficient=0)
+    kept = []
+    real = coder.decode_sparse
+    coder.decode_sparse = lambda values, indices, x=None: (kept.append((values.detach(), indices)), real(values, indices, x))[1]
+    result = losses_mod.batchtopk_loss(cfg, coder, x, x, torch.zeros(16, dtype=torch.bool), 0)
+    return result, *kept[0]
+
+
+def test_batchtopk_loss_keeps_the_k_times_n_largest_activations_of_the_batch():
+    coder = _batchtopk_coder(bias=torch.linspace(0.5, 2.0, 16))  # every pre-activation positive
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
+    result, values, indices = _batchtopk_step(coder, x)
+    pre = coder.pre_acts(x).detach()
+    top = pre.flatten().topk(2 * 10).values
+    kept = values[values > 0]
+    assert kept.numel() == 20 and result.l0.item() == 2.0
+    assert torch.equal(kept.sort().values, top.sort().values)  # the batch's 20 largest, wherever they are
+    assert result.threshold == float(top.min())
+    per_token = (values > 0).sum(1)
+    assert int(per_token.sum()) == 20
+    assert torch.equal(result.counts, torch.bincount(indices[values > 0], minlength=16))
+
+
+def test_batchtopk_loss_keeps_only_positive_activations_when_too_few_are_positive():
+    bias = torch.full((16,), -100.0)
+    bias[0], bias[1] = 100.0, 0.0  # feature 0 always fires, feature 1 on about half the tokens
+    coder = _batchtopk_coder(bias)
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
+    result, values, _ = _batchtopk_step(coder, x)
+    positive = int((coder.pre_acts(x) > 0).sum())
+    assert 10 < positive < 20  # fewer than k * n
+    assert int((values > 0).sum()) == positive
+    assert result.l0.item() == pytest.approx(positive / 10)
+    assert result.counts[0] == 10 and result.counts[2:].sum() == 0
+
+
+def test_batchtopk_threshold_is_the_smallest_kept_activation_when_too_few_are_positive():
+    bias = torch.full((16,), -100.0)
+    bias[0], bias[1] = 100.0, 0.0
+    coder = _batchtopk_coder(bias)
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
+    result, values, _ = _batchtopk_step(coder, x)
+    assert result.threshold == float(values[values > 0].min())
+    assert result.threshold > 0
+
+
 # ---------------------------------------------------------------- JumpReLU training
 
 
 def _jumprelu_run(tmp_path, adapter, tokens, l0_coefficient: float):
     trainer = Trainer(make_cfg(activation="jumprelu", l0_coefficient=l0_coefficient), adapter, tokens, tmp_path)
     minima = []
-    trainer.fit(progress=False, on_step=lambda t, m: minima.append(float(t.states["1"].coder.threshold.min())))
+    trainer.fit(progress=False, on_step=lambda t, m: minima.append(float(t.states["1"].coder.threshold.detach().min())))
     return trainer, _log(tmp_path), minima
 
 
@@ -166,7 +226,7 @@ def test_jumprelu_training_reduces_fvu_keeps_thresholds_positive_and_l0_penalty_
     assert strong_l0 < weak_l0, (strong_l0, weak_l0)
 
     saved = load_coder(tmp_path / "strong" / "layers.1.mlp")
-    assert saved.cfg.activation == "jumprelu" and saved.cfg.k is None
+    assert saved.cfg.activation == "jumprelu"
     assert torch.equal(saved.threshold, strong.states["1"].coder.threshold.detach())  # thresholds are not rescaled
     assert (saved.threshold >= 1e-4).all()
 

@@ -72,6 +72,8 @@ def _fmt(value: float | None) -> str:
 
 def _print_report(result: dict) -> None:
     timing = result["timing"]
+    if not timing:  # a non-zero torchrun rank: rank 0 reports
+        return
     click.echo(
         f"trained {timing['train_tokens']:,} tokens: {timing['tokens_per_s']:.0f} tokens/s end to end "
         f"(harvest {timing['harvest_tokens_per_s']:.0f} tokens/s, coder {timing['coder_tokens_per_s']:.0f} tokens/s)"
@@ -115,6 +117,7 @@ _train_options = [
     click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="coder matmul precision"),
     click.option("--harvest-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True),
     click.option("--device", default="auto", show_default=True),
+    click.option("--shard-layers", is_flag=True, help="under torchrun: split the coders across ranks instead of the data"),
     click.option("--activation-cache", default=None, help="on-disk activation cache folder to train from (built first if absent)"),
     click.option("--sweep", "sweep", default=None,
                  help='JSON list of variants trained side by side, e.g. \'[{"k": 16}, {"k": 64}]\''),

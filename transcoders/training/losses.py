@@ -78,7 +78,8 @@ def batchtopk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tenso
     fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x), red)
     loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu
     counts = torch.bincount(indices[keep], minlength=coder.cfg.d_sae)
-    return StepResult(loss, fvu, keep.sum() / x.shape[0], counts, threshold=float(kth))
+    threshold = float(values.detach()[keep].min()) if bool(keep.any()) else None
+    return StepResult(loss, fvu, keep.sum() / x.shape[0], counts, threshold=threshold)
 
 
 class _JumpReLU(torch.autograd.Function):

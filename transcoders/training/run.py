@@ -12,6 +12,7 @@ import torch
 from ..data.tokens import build_token_split
 from ..models.loading import LoadedModel, load_model
 from .config import TrainConfig
+from .distributed import is_main
 from .trainer import Trainer
 
 
@@ -49,7 +50,7 @@ def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor, progress: 
     folder = Path(cfg.activation_cache)
     layers = list(range(adapter.n_layers)) if cfg.layers == "all" else sorted(set(cfg.layers))
     identity = {"model": cfg.model, "data": cfg.data, "ctx_len": cfg.ctx_len, "eval_fraction": cfg.eval_fraction,
-                "harvest_dtype": cfg.harvest_dtype}
+                "harvest_dtype": cfg.harvest_dtype, "dtype": cfg.cache_dtype}
     if not (folder / "meta.json").exists():
         stream = ActivationStream(adapter, train_tokens, layers, cfg.batch_size, seed=cfg.seed,
                                   block_contexts=cfg.block_contexts, model_batch=cfg.model_batch)
@@ -95,6 +96,8 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, pr
     trainer = Trainer(cfg, adapter, split.train, run_dir, stream=stream)
     trainer.fit(resume=resume, progress=progress)
     tokens = trainer.step * cfg.batch_size
+    if not is_main():  # other torchrun ranks are done once the coders are saved
+        return {"run_dir": str(run_dir), "timing": {}, "metrics": None}
     timing = {
         "setup_s": t_setup, "cache_build_s": t_cache, **trainer.timing, "train_tokens": tokens,
         "tokens_per_s": tokens / max(1e-9, trainer.timing["harvest_s"] + trainer.timing["train_s"]),

@@ -165,7 +165,9 @@ class Trainer:
             with torch.no_grad():
                 coder.threshold.clamp_(min=1e-4)
         if result.threshold is not None:
-            st.threshold_ema = result.threshold if self.step == 0 else 0.99 * st.threshold_ema + 0.01 * result.threshold
+            # a short memory (~20 steps): thresholds rise fast early in training, and the saved
+            # value should be the one of the final weights
+            st.threshold_ema = result.threshold if st.threshold_ema == 0 else 0.95 * st.threshold_ema + 0.05 * result.threshold
         counts = red.sum_(result.counts)
         st.fire_count += counts
         st.tokens_since_fired += red.n(x.shape[0])
