@@ -35,7 +35,9 @@ class TrainConfig(BaseModel):
     l0_coefficient: float = Field(default=2e-3, ge=0, description="L0 penalty weight (jumprelu)")
     jumprelu_bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width for JumpReLU thresholds")
     auxk_coefficient: float = Field(default=1 / 32, ge=0)
-    dead_tokens: int = Field(default=1_000_000, gt=0, description="a feature silent this many tokens counts as dead")
+    # Gao et al. use 10M tokens for long runs; our default runs are ~1M tokens, and at 1M a
+    # demo run ended with 43% of features silent and AuxK never having acted.
+    dead_tokens: int = Field(default=250_000, gt=0, description="a feature silent this many tokens counts as dead (AuxK revives it)")
     lr: float | None = Field(default=None, gt=0, description="None = min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))")
     warmup_steps: int = Field(default=50, ge=0)
     decay_fraction: float = Field(default=0.2, ge=0, le=1, description="final share of steps with linear LR decay to 0")
