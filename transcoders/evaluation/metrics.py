@@ -61,8 +61,8 @@ def evaluate_coders(
         "eval_tokens": n}`` and, under ``"feature_frequency"``, per-layer ``[d_sae]`` firing
         frequencies (a tensor, for plots; not JSON).
     """
-    keys = list(coders)
-    layer_of = {key: coders[key].cfg.layer if coders[key].cfg.layer is not None else int(key) for key in keys}
+    layer_of = {key: coders[key].cfg.layer if coders[key].cfg.layer is not None else int(key) for key in coders}
+    keys = sorted(coders, key=lambda key: (layer_of[key], str(key)))
     layers = sorted(set(layer_of.values()))
     device = adapter.device
     acc = {key: {"sq_err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "l0": 0.0,

@@ -27,6 +27,7 @@ class Reducer:
     world: int = 1
     rank: int = 0
     active: bool = False  # True only for data-parallel training with world > 1
+    device: torch.device = torch.device("cpu")  # NCCL reduces CUDA tensors only
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce ``t`` in place (sum) across ranks; returns it."""
@@ -59,7 +60,7 @@ class Reducer:
         """True on every rank if ``flag`` is True on any rank (keeps ranks in lockstep)."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

@@ -87,7 +87,7 @@ class Trainer:
         self.layers = sorted({adapter.check_layer(layer) for layer in wanted})
         self.rank, self.world = init_from_env(self.device)
         data_parallel = self.world > 1 and not cfg.shard_layers
-        self.reducer = Reducer(self.world, self.rank, active=data_parallel)
+        self.reducer = Reducer(self.world, self.rank, active=data_parallel, device=self.device)
         self.stream = stream or rank_stream(
             adapter, train_tokens, self.layers, cfg.batch_size, seed=cfg.seed,
             rank=self.rank if data_parallel else 0, world=self.world if data_parallel else 1,
@@ -144,6 +144,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _train_one(self, st: CoderState, x_raw: torch.Tensor, y_raw: torch.Tensor) -> dict[str, float]:
         cfg, coder = st.cfg, st.coder
+        x_raw, y_raw = x_raw.to(self.device, non_blocking=True), y_raw.to(self.device, non_blocking=True)  # a cache lives on CPU
         if self.step == 0:
             self._init_from_data(st, x_raw, y_raw)
         st.in_sum += x_raw.double().sum(0)
