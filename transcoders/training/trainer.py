@@ -122,7 +122,7 @@ class Trainer:
         coder.reset_parameters(gen)
         coder.to(self.device)
         lr = cfg.lr or default_lr(d_sae)
-        opt = torch.optim.Adam(coder.parameters(), lr=lr, betas=(0.9, 0.999))
+        opt = torch.optim.Adam(coder.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)  # fused: ~3x faster step
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
         return CoderState(name, layer, cfg, coder, opt, lr, zeros(d_sae, torch.int64), zeros(d_sae, torch.int64),
                           zeros(d, torch.float64), zeros(d, torch.float64))
