@@ -6,6 +6,7 @@ and the tokenizer is trained on a few sentences. Every build is seeded and takes
 
 from __future__ import annotations
 
+import json
 import os
 
 # Never reach the Hugging Face hub from the test suite (must be set before huggingface_hub loads).
@@ -141,3 +142,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- shared by the training tests -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_adapter(tiny_llama):
+    """Adapter of the tiny Llama."""
+    return tiny_adapter(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def train_tokens() -> torch.Tensor:
+    """``[12, 16]`` random token ids."""
+    return torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
+
+
+def read_log(run_dir) -> list[dict]:
+    """The records of ``run_dir/train_log.jsonl``."""
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 import torch
-from conftest import D_MODEL, VOCAB, tiny_adapter
+from conftest import read_log as _log, D_MODEL, VOCAB, tiny_adapter
 
 import transcoders.training.losses as losses_mod
 from transcoders.coders.coder import SparseCoder
@@ -45,19 +45,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSCODERS_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def llama_adapter(tiny_llama):
-    return tiny_adapter(tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def train_tokens() -> torch.Tensor:
-    """``[12, 16]`` random token ids."""
-    return torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
-
-
-def _log(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------- BatchTopK

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import D_MODEL, N_LAYERS, VOCAB, build_tiny_tokenizer, tiny_adapter
+from conftest import read_log as _log, D_MODEL, N_LAYERS, VOCAB, build_tiny_tokenizer, tiny_adapter
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -44,19 +44,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSCODERS_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def llama_adapter(tiny_llama):
-    return tiny_adapter(tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def train_tokens() -> torch.Tensor:
-    """``[12, 16]`` random token ids."""
-    return torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
-
-
-def _log(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
 def _stream(adapter, tokens, layers=(1,), **kw) -> ActivationStream:
