@@ -93,10 +93,11 @@ def encoder_matmul_s(prof, n: int, d_in: int, d_sae: int) -> float | None:
     total, count = 0.0, 0
     for e in prof.key_averages(group_by_input_shape=True):
         mats = [list(s) for s in e.input_shapes if len(s) == 2][-2:]  # (mat1, mat2) of addmm / mm
-        if e.key in ("aten::addmm", "aten::mm") and mats == [[n, d_in], [d_in, d_sae]]:
+        # any row count: our encoder runs the matmul in token chunks (CHUNK rows at a time)
+        if e.key in ("aten::addmm", "aten::mm") and len(mats) == 2 and mats[0][1:] == [d_in] and mats[1] == [d_in, d_sae]:
             total += e.cpu_time_total / 1e6
-            count += e.count
-    return total / count if count else None
+            count += e.count * mats[0][0]  # rows multiplied
+    return total * n / count if count else None  # time per n-row matmul
 
 
 class FixedStream:
