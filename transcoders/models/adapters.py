@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,6 +26,99 @@ from torch import nn
 
 class AdapterError(ValueError):
     """The model is not of a supported family, or a layer index is out of range."""
+
+
+@dataclass
+class NormSpec:
+    """A pre-norm as circuit analysis sees it: ``y = center?(x) / denom(x) * weight + bias``.
+
+    ``kind`` is ``layernorm`` (centres, ``denom = sqrt(var(x) + eps)``) or ``rmsnorm``
+    (``denom = sqrt(mean(x^2) + eps)``). ``weight`` is the effective gain ``[d_model]``
+    (Gemma's ``1 + w`` already applied); ``bias`` is ``[d_model]`` or None. Freezing ``denom``
+    at its value on a prompt makes the norm linear (Ameisen et al. 2025, "Circuit Tracing").
+    """
+
+    module: nn.Module
+    kind: Literal["layernorm", "rmsnorm"]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    def denom(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position denominator ``[...]`` of input ``x [..., d_model]``."""
+        if self.kind == "layernorm":
+            return (x.var(-1, unbiased=False) + self.eps).sqrt()
+        return (x.pow(2).mean(-1) + self.eps).sqrt()
+
+
+@dataclass
+class AttentionOV:
+    """One layer's attention value/output weights, split by head.
+
+    ``W_V [n_kv_heads, d_model, d_head]``, ``b_V [n_kv_heads, d_head]`` or None,
+    ``W_O [n_heads, d_head, d_model]``, ``b_O [d_model]`` or None. Query head ``h`` reads
+    key/value head ``h // (n_heads // n_kv_heads)`` (grouped-query attention). Head ``h``'s
+    OV circuit is ``W_V[kv(h)] @ W_O[h]`` ``[d_model, d_model]``.
+    """
+
+    W_V: torch.Tensor
+    b_V: torch.Tensor | None
+    W_O: torch.Tensor
+    b_O: torch.Tensor | None
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_O.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.W_V.shape[0]
+
+    @property
+    def d_head(self) -> int:
+        return self.W_O.shape[1]
+
+    def kv_head(self, head: int) -> int:
+        return head // (self.n_heads // self.n_kv_heads)
+
+
+def norm_spec(module: nn.Module) -> NormSpec:
+    """Describe a LayerNorm or RMSNorm module as a :class:`NormSpec`.
+
+    Raises:
+        AdapterError: the module is neither (add its rule here).
+    """
+    if isinstance(module, nn.LayerNorm):
+        d = module.normalized_shape[-1]
+        w = module.weight.detach() if module.weight is not None else torch.ones(d)
+        b = module.bias.detach() if module.bias is not None else None
+        return NormSpec(module, "layernorm", w, b, float(module.eps))
+    name = type(module).__name__
+    if "RMSNorm" in name and hasattr(module, "weight"):
+        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
+        w = module.weight.detach()
+        if name.startswith("Gemma"):  # Gemma scales by (1 + w)
+            w = 1.0 + w
+        return NormSpec(module, "rmsnorm", w, None, float(eps))
+    raise AdapterError(f"norm module {name} is not a LayerNorm or RMSNorm; describe it in norm_spec()")
+
+
+@dataclass
+class BlockInternals:
+    """What attribution needs of one transformer block.
+
+    ``ln_attn`` feeds attention; ``ln_mlp`` feeds the MLP (its output is the hookpoint input);
+    ``attn_out_norm`` (Gemma 2/3 ``post_attention_layernorm``) normalises the attention output
+    before it joins the residual; ``parallel`` means attention and MLP both read the block input
+    (GPT-NeoX ``use_parallel_residual``).
+    """
+
+    ln_attn: NormSpec
+    ln_mlp: NormSpec
+    attn_out_norm: NormSpec | None
+    ov: AttentionOV
+    attention: nn.Module
+    parallel: bool
 
 
 @dataclass
@@ -107,6 +201,32 @@ class ModelAdapter:
             )
         return layer
 
+    # --- circuit-analysis internals (overridden per family) ----------------------------------
+    def block_internals(self, layer: int) -> BlockInternals:
+        """Norms, attention OV weights and residual layout of block ``layer``."""
+        raise NotImplementedError
+
+    def final_norm(self) -> NormSpec:
+        """The norm before the unembedding."""
+        raise NotImplementedError
+
+    def embed_module(self) -> nn.Module:
+        """Token embedding module; its output (times any family scale) enters layer 0."""
+        raise NotImplementedError
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """``W_E [vocab, d_model]``: each token's embedding as layer 0 sees it (Gemma's
+        sqrt(d_model) scale included; GPT-2's position embeddings excluded)."""
+        with torch.no_grad():
+            ids = torch.arange(self.vocab_size, device=self.device)
+            return self.embed_module()(ids).detach()
+
+    def unembed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W_U [d_model, vocab], b_U [vocab] or None)``: logits are ``norm(x) @ W_U + b_U``
+        (before any final logit soft-capping, which attribution leaves out)."""
+        head = self.model.get_output_embeddings()
+        return head.weight.detach().T, (head.bias.detach() if getattr(head, "bias", None) is not None else None)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -116,12 +236,44 @@ class ModelAdapter:
         return next(self.model.parameters()).dtype
 
 
+def _heads(config) -> tuple[int, int, int]:
+    n_heads = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+    d_head = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+    return n_heads, n_kv, d_head
+
+
+def _bias(linear) -> torch.Tensor | None:
+    return linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+
+
 class LlamaAdapter(ModelAdapter):
     def decoder(self) -> nn.Module:
         return self.model.model
 
     def layers(self) -> nn.ModuleList:
         return self.model.model.layers
+
+    def embed_module(self) -> nn.Module:
+        return self.model.model.embed_tokens
+
+    def final_norm(self) -> NormSpec:
+        return norm_spec(self.model.model.norm)
+
+    def block_internals(self, layer: int) -> BlockInternals:
+        block = self.layers()[self.check_layer(layer)]
+        attn = block.self_attn
+        n_heads, n_kv, d_head = _heads(self.config)
+        d = self.d_model
+        W_V = attn.v_proj.weight.detach().view(n_kv, d_head, d).transpose(1, 2)
+        b_V = _bias(attn.v_proj)
+        W_O = attn.o_proj.weight.detach().view(d, n_heads, d_head).permute(1, 2, 0)
+        ov = AttentionOV(W_V, None if b_V is None else b_V.view(n_kv, d_head), W_O, _bias(attn.o_proj))
+        if hasattr(block, "pre_feedforward_layernorm"):  # Gemma 2/3 sandwich norms
+            ln_mlp, attn_out = block.pre_feedforward_layernorm, norm_spec(block.post_attention_layernorm)
+        else:
+            ln_mlp, attn_out = block.post_attention_layernorm, None
+        return BlockInternals(norm_spec(block.input_layernorm), norm_spec(ln_mlp), attn_out, ov, attn, False)
 
 
 class GemmaAdapter(LlamaAdapter):
@@ -147,6 +299,24 @@ class GPT2Adapter(ModelAdapter):
     def d_mlp(self) -> int:
         return int(self.config.n_inner or 4 * self.config.n_embd)
 
+    def embed_module(self) -> nn.Module:
+        return self.model.transformer.wte
+
+    def final_norm(self) -> NormSpec:
+        return norm_spec(self.model.transformer.ln_f)
+
+    def block_internals(self, layer: int) -> BlockInternals:
+        block = self.layers()[self.check_layer(layer)]
+        attn = block.attn
+        d, n_heads = self.d_model, int(self.config.n_head)
+        d_head = d // n_heads
+        W = attn.c_attn.weight.detach()  # Conv1D: x @ W + b, W [d, 3d] = [q | k | v]
+        W_V = W[:, 2 * d :].view(d, n_heads, d_head).permute(1, 0, 2)
+        b_V = attn.c_attn.bias.detach()[2 * d :].view(n_heads, d_head)
+        W_O = attn.c_proj.weight.detach().view(n_heads, d_head, d)
+        ov = AttentionOV(W_V, b_V, W_O, attn.c_proj.bias.detach())
+        return BlockInternals(norm_spec(block.ln_1), norm_spec(block.ln_2), None, ov, attn, False)
+
 
 class NeoXAdapter(ModelAdapter):
     def decoder(self) -> nn.Module:
@@ -154,6 +324,29 @@ class NeoXAdapter(ModelAdapter):
 
     def layers(self) -> nn.ModuleList:
         return self.model.gpt_neox.layers
+
+    def embed_module(self) -> nn.Module:
+        return self.model.gpt_neox.embed_in
+
+    def final_norm(self) -> NormSpec:
+        return norm_spec(self.model.gpt_neox.final_layer_norm)
+
+    def block_internals(self, layer: int) -> BlockInternals:
+        block = self.layers()[self.check_layer(layer)]
+        attn = block.attention
+        d, n_heads = self.d_model, int(self.config.num_attention_heads)
+        d_head = d // n_heads
+        # query_key_value rows are laid out per head as [q | k | v] of d_head each.
+        W = attn.query_key_value.weight.detach().view(n_heads, 3, d_head, d)
+        W_V = W[:, 2].transpose(1, 2)
+        b = _bias(attn.query_key_value)
+        b_V = None if b is None else b.view(n_heads, 3, d_head)[:, 2]
+        W_O = attn.dense.weight.detach().view(d, n_heads, d_head).permute(1, 2, 0)
+        ov = AttentionOV(W_V, b_V, W_O, _bias(attn.dense))
+        parallel = bool(getattr(self.config, "use_parallel_residual", False))
+        return BlockInternals(
+            norm_spec(block.input_layernorm), norm_spec(block.post_attention_layernorm), None, ov, attn, parallel
+        )
 
 
 _FAMILIES: dict[str, tuple[str, type[ModelAdapter]]] = {

@@ -1,0 +1,320 @@
+"""Attribution graphs: exact direct effects between nodes of the local replacement model.
+
+The edge from source ``s`` (writing vector ``w_s`` into the residual stream at layer ``l``,
+position ``q``) to a row node ``t`` (reading the residual stream through a frozen norm along
+``r_t``) is ``w_s . G_t[l, q]``, where ``G_t`` is the gradient of ``t`` with respect to the
+residual stream in the frozen linear model (Ameisen et al. 2025). For a feature source the
+write is ``a_s W_dec[s]``, so the edge factors into the activation ``a_s`` (input-dependent)
+and the virtual weight ``W_dec[s] . G_t`` (input-invariant given the frozen patterns; at the
+same position with no attention in between it is ``W_dec[s] . (norm^T W_enc[t])``,
+Dunefsky et al. 2024).
+
+``G_t`` for a batch of rows comes from one *explicit* backward sweep over the layers (no
+autograd): at each block, the transposed frozen attention (per head, grouped-query aware)
+and the transposed ``W_skip`` path; features and error nodes do not pass gradient (they are
+held). Cost per row is ``O(layers x T x d x (d + d_kv))``; memory is ``O(batch x T x d)`` plus
+the sparse rows.
+
+With a node budget, rows are computed for the targets first, then for features in order of
+their current influence on the targets (circuit-tracer's scheme), so the budget goes to the
+features that matter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .graph import BIAS, EMBEDDING, ERROR, FEATURE, TARGET, Graph
+from .replacement import LocalReplacement
+from .targets import Target, TargetError
+
+
+@dataclass
+class Read:
+    """How a row node reads the model: gradient ``grad [T, d]`` injected at ``site``.
+
+    ``site``: ``("post", l)`` = ``resid_post[l]`` (l = -1: the embeddings; final logits read
+    ``resid_post[n_layers - 1]``), or ``("mlp", l)``: the transcoder input of layer ``l``, already
+    transposed through its frozen norm (so it is a gradient on the stream the norm reads).
+    """
+
+    site: tuple[str, int]
+    grad: torch.Tensor
+    value: float
+    const: float
+
+
+class SourceIndex:
+    """Column layout of attribution rows: embeddings ``[T]``, bias nodes ``[L*T]``, error nodes
+    ``[L*T]``, then every layer's active features in order."""
+
+    def __init__(self, rep: LocalReplacement):
+        T, L = rep.n_pos, rep.n_layers
+        self.n_pos, self.n_layers = T, L
+        self.bias0, self.error0, self.feature0 = T, T + L * T, T + 2 * L * T
+        sizes = torch.tensor([len(fl.features) for fl in rep.layers])
+        self.layer_offset = [self.feature0 + int(x) for x in torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])]
+        self.n_cols = self.layer_offset[-1]
+        self.n_features = int(sizes.sum())
+
+    def features(self, layer: int) -> slice:
+        return slice(self.layer_offset[layer], self.layer_offset[layer + 1])
+
+    def feature_layer(self, col: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(col, torch.tensor(self.layer_offset[1:]), right=True)
+
+
+def target_read(rep: LocalReplacement, t: Target) -> Read:
+    """The :class:`Read` of a target (or of a feature row when ``t.kind == 'feature'``)."""
+    T, d = rep.n_pos, rep.d_model
+    g = torch.zeros(T, d, dtype=rep.dtype, device=rep.device)
+    if t.kind in ("logit", "logit_diff"):
+        u = rep.W_U[:, t.token] - (rep.W_U[:, t.token_b] if t.kind == "logit_diff" else 0)
+        g[t.pos] = u
+        const = 0.0
+        if rep.b_U is not None:
+            const += float(rep.b_U[t.token] - (rep.b_U[t.token_b] if t.kind == "logit_diff" else 0))
+        if rep.final_norm.bias is not None:
+            const += float(rep.final_norm.bias @ u)
+        value = float(rep.logits[t.pos, t.token] - (rep.logits[t.pos, t.token_b] if t.kind == "logit_diff" else 0))
+        return Read(("post", rep.n_layers - 1), rep.final_norm.transpose(g), value, const)
+    if t.kind == "feature":
+        fl = rep.layers[t.layer]
+        w = rep.coders[t.layer].W_enc[t.feature].detach().to(rep.device, rep.dtype)
+        b = float(rep.coders[t.layer].b_enc.detach()[t.feature])
+        g[t.pos] = w
+        const = b + (float(fl.ln_mlp.bias @ w) if fl.ln_mlp.bias is not None else 0.0)
+        return Read(("mlp", t.layer), fl.ln_mlp.transpose(g), float(fl.mlp_in[t.pos] @ w) + b, const)
+    if t.kind == "direction":
+        v = t.direction.to(rep.device, rep.dtype)
+        g[t.pos] = v
+        return Read(("post", t.layer - 1), g, float(rep.resid_pre[t.layer][t.pos] @ v), 0.0)
+    raise TargetError(f"unknown target kind {t.kind!r}")
+
+
+@torch.no_grad()
+def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceIndex) -> torch.Tensor:
+    """Exact direct effects of every source on a batch of row nodes.
+
+    Args:
+        reads: ``B`` row reads.
+    Returns:
+        ``[B, index.n_cols]`` edge weights in ``rep.dtype`` (zeros where no path exists).
+    """
+    B, T, d = len(reads), rep.n_pos, rep.d_model
+    rows = torch.zeros(B, index.n_cols, dtype=rep.dtype, device=rep.device)
+    inject: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
+    for b, r in enumerate(reads):
+        inject.setdefault(r.site, []).append((b, r.grad))
+    top = max(r.site[1] for r in reads)
+    G = torch.zeros(B, T, d, dtype=rep.dtype, device=rep.device)
+    for layer in range(top, -1, -1):
+        fl = rep.layers[layer]
+        for b, g in inject.get(("post", layer), ()):
+            G[b] += g
+        # Sources writing resid_post[layer]: features, error nodes, the transcoder's constant.
+        f = fl.features
+        if len(f):
+            W_dec = rep.coder_weight(layer, "W_dec")[f.feature]
+            rows[:, index.features(layer)] = f.activation * torch.einsum("bnd,nd->bn", G[:, f.pos], W_dec)
+        err = slice(index.error0 + layer * T, index.error0 + (layer + 1) * T)
+        rows[:, err] = torch.einsum("btd,td->bt", G, fl.error)
+        bias = G @ fl.mlp_const
+        # What the MLP reads (the skip path and feature rows of this layer).
+        G_mlp = None
+        if fl.W_skip is not None:
+            G_mlp = fl.ln_mlp.transpose(G @ fl.W_skip.T)
+        for b, g in inject.get(("mlp", layer), ()):
+            G_mlp = torch.zeros_like(G) if G_mlp is None else G_mlp
+            G_mlp[b] += g
+        if fl.parallel:
+            bias += torch.einsum("btd,td->bt", G, fl.attn_const)
+            G = G + fl.attention_transpose(G) + (0 if G_mlp is None else G_mlp)
+        else:
+            G_mid = G if G_mlp is None else G + G_mlp
+            bias += torch.einsum("btd,td->bt", G_mid, fl.attn_const)
+            G = G_mid + fl.attention_transpose(G_mid)
+        rows[:, index.bias0 + layer * T : index.bias0 + (layer + 1) * T] = bias
+    for b, g in inject.get(("post", -1), ()):
+        G[b] += g
+    rows[:, :T] = torch.einsum("btd,td->bt", G, rep.resid0)
+    return rows
+
+
+def feature_read(rep: LocalReplacement, layer: int, j: int) -> Read:
+    """The read of the ``j``-th active feature of ``layer`` (its pre-activation)."""
+    f = rep.layers[layer].features
+    return target_read(rep, Target("feature", int(f.pos[j]), layer=layer, feature=int(f.feature[j])))
+
+
+def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: torch.Tensor, weights: torch.Tensor,
+               index: SourceIndex, n_layers: int) -> torch.Tensor:
+    """Influence of every column on the weighted targets through the rows computed so far,
+    on the row-normalised absolute adjacency (circuit-tracer's measure).
+
+    ``rows``: column -> sparse row ``(indices, values)``.
+    """
+    t = target_rows.abs().double()
+    total = torch.zeros(index.n_cols, dtype=torch.float64)
+    cur = weights.double() @ (t / t.sum(-1, keepdim=True).clamp_min(1e-30))
+    if not rows:
+        return cur
+    cols = torch.tensor(sorted(rows), dtype=torch.long)
+    r_idx = torch.cat([torch.full((rows[int(c)][0].numel(),), i, dtype=torch.long) for i, c in enumerate(cols)])
+    c_idx = torch.cat([rows[int(c)][0] for c in cols])
+    vals = torch.cat([rows[int(c)][1] for c in cols]).abs().double()
+    sums = torch.zeros(len(cols), dtype=torch.float64).index_add_(0, r_idx, vals)
+    vals = vals / sums[r_idx].clamp_min(1e-30)
+    mat = torch.sparse_coo_tensor(torch.stack([c_idx, r_idx]), vals, (index.n_cols, len(cols))).coalesce()
+    for _ in range(n_layers + 2):
+        total += cur
+        cur = torch.sparse.mm(mat, cur[cols][:, None]).flatten()
+        if float(cur.sum()) < 1e-12:
+            break
+    return total
+
+
+def attribute(
+    rep: LocalReplacement,
+    targets: list[Target],
+    *,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Graph:
+    """Compute the attribution graph of ``targets`` on the prompt of ``rep``.
+
+    Args:
+        rep: the local replacement model of the prompt.
+        targets: what to explain; positions may be negative.
+        max_feature_nodes: feature budget (None: every active feature). Features are chosen by
+            influence on the targets, recomputed after each round of rows.
+        batch_size: rows per backward sweep.
+
+    Returns:
+        a :class:`Graph` with exact edges among its nodes; ``meta`` holds timings (s), the
+        number of active features and rows computed.
+
+    Raises:
+        TargetError: a target is out of range.
+    """
+    t0 = time.perf_counter()
+    targets = [t.resolved(rep.n_pos) for t in targets]
+    if not targets:
+        raise TargetError("no targets: give at least one")
+    index = SourceIndex(rep)
+    t_reads = [target_read(rep, t) for t in targets]
+    target_rows = torch.cat([attribution_rows(rep, t_reads[i : i + batch_size], index)
+                             for i in range(0, len(t_reads), batch_size)])
+    weights = torch.tensor([t.weight for t in targets], dtype=torch.float64)
+    weights = weights / weights.sum()
+
+    # Feature columns -> (layer, j).
+    layer_of = torch.cat([torch.full((len(fl.features),), layer) for layer, fl in enumerate(rep.layers)]).long()
+    j_of = torch.cat([torch.arange(len(fl.features)) for fl in rep.layers]).long()
+    budget = index.n_features if max_feature_nodes is None else min(max_feature_nodes, index.n_features)
+    feat_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # column -> sparse row (indices, values)
+    reads_meta: dict[int, Read] = {}
+    round_size = max(batch_size, 4 * batch_size if budget < index.n_features else index.n_features)
+    while len(feat_rows) < budget:
+        if budget == index.n_features:
+            order = torch.arange(index.n_features)
+        else:
+            infl = _influence(feat_rows, target_rows, weights, index, rep.n_layers)[index.feature0 :]
+            order = infl.argsort(descending=True)
+            order = order[infl[order] > 0]
+        todo = [int(c) for c in order if index.feature0 + int(c) not in feat_rows][: min(round_size, budget - len(feat_rows))]
+        if not todo:
+            break
+        todo.sort(key=lambda c: int(layer_of[c]))  # similar layers share a sweep's depth
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            reads = [feature_read(rep, int(layer_of[c]), int(j_of[c])) for c in chunk]
+            rows = attribution_rows(rep, reads, index)
+            for c, r, row in zip(chunk, reads, rows):
+                nz = row.nonzero().flatten()
+                feat_rows[index.feature0 + c] = (nz, row[nz])
+                reads_meta[index.feature0 + c] = r
+    t_rows = time.perf_counter()
+    graph = _assemble(rep, targets, t_reads, target_rows, feat_rows, reads_meta, index, layer_of, j_of)
+    graph.meta.update(
+        n_active_features=index.n_features, feature_rows=len(feat_rows), max_feature_nodes=max_feature_nodes,
+        seconds_rows=t_rows - t0, seconds_total=time.perf_counter() - t0, dtype=str(rep.dtype).replace("torch.", ""),
+    )
+    return graph
+
+
+def _assemble(rep, targets, t_reads, target_rows, feat_rows, reads_meta, index, layer_of, j_of) -> Graph:
+    T, L = rep.n_pos, rep.n_layers
+    feat_cols = sorted(feat_rows)
+    # Graph node order: embeddings, biases, errors, chosen features, targets.
+    src_cols = list(range(index.feature0)) + feat_cols
+    col_to_node = torch.full((index.n_cols,), -1, dtype=torch.long)
+    col_to_node[torch.tensor(src_cols, dtype=torch.long)] = torch.arange(len(src_cols))
+    n_src, n_t = len(src_cols), len(targets)
+    N = n_src + n_t
+
+    kind = torch.empty(N, dtype=torch.long)
+    layer = torch.empty(N, dtype=torch.long)
+    pos = torch.empty(N, dtype=torch.long)
+    feature = torch.full((N,), -1, dtype=torch.long)
+    activation = torch.zeros(N, dtype=torch.float64)
+    ar = torch.arange(T)
+    kind[:T], layer[:T], pos[:T] = EMBEDDING, -1, ar
+    activation[:T] = rep.resid0.norm(dim=-1).double().cpu()
+    for k0, code in ((index.bias0, BIAS), (index.error0, ERROR)):
+        kind[k0 : k0 + L * T] = code
+        layer[k0 : k0 + L * T] = torch.arange(L).repeat_interleave(T)
+        pos[k0 : k0 + L * T] = ar.repeat(L)
+    for l_, fl in enumerate(rep.layers):
+        activation[index.error0 + l_ * T : index.error0 + (l_ + 1) * T] = fl.error.norm(dim=-1).double().cpu()
+        bias_vec = fl.mlp_const + fl.attn_const
+        activation[index.bias0 + l_ * T : index.bias0 + (l_ + 1) * T] = bias_vec.norm(dim=-1).double().cpu()
+    for n_i, c in enumerate(feat_cols, start=index.feature0):
+        fi = c - index.feature0
+        l_, j = int(layer_of[fi]), int(j_of[fi])
+        f = rep.layers[l_].features
+        kind[n_i], layer[n_i], pos[n_i], feature[n_i] = FEATURE, l_, int(f.pos[j]), int(f.feature[j])
+        activation[n_i] = float(f.activation[j])
+    tnodes = torch.arange(n_src, N)
+    for i, t in enumerate(targets):
+        kind[n_src + i], pos[n_src + i] = TARGET, t.pos
+        layer[n_src + i] = t.layer if t.kind in ("feature", "direction") else L
+        feature[n_src + i] = t.feature if t.kind == "feature" else -1
+        activation[n_src + i] = t_reads[i].value
+
+    value = torch.full((N,), float("nan"), dtype=torch.float64)
+    const = torch.full((N,), float("nan"), dtype=torch.float64)
+    dropped = torch.full((N,), float("nan"), dtype=torch.float64)
+    srcs, dsts, ws = [], [], []
+    keep = col_to_node >= 0
+    row_items = []
+    for i in range(n_t):
+        nz = target_rows[i].nonzero().flatten()
+        row_items.append((n_src + i, nz, target_rows[i][nz], t_reads[i]))
+    row_items += [(int(col_to_node[c]), *feat_rows[c], reads_meta[c]) for c in feat_cols]
+    for node, nz, vals, read in row_items:
+        inside = keep[nz]
+        srcs.append(col_to_node[nz[inside]])
+        dsts.append(torch.full((int(inside.sum()),), node, dtype=torch.long))
+        ws.append(vals[inside])
+        value[node], const[node] = read.value, read.const
+        dropped[node] = float(vals[~inside].double().sum())
+    return Graph(
+        tokens=[int(x) for x in rep.tokens], token_strs=_token_strs(rep), n_layers=L,
+        kind=kind, layer=layer, pos=pos, feature=feature, activation=activation,
+        value=value, const=const, dropped=dropped,
+        edge_src=torch.cat(srcs), edge_dst=torch.cat(dsts), edge_weight=torch.cat(ws),
+        targets=targets, target_nodes=tnodes,
+        meta={"model": getattr(rep.adapter.model.config, "_name_or_path", ""), "n_layers": L, "d_model": rep.d_model},
+    )
+
+
+def _token_strs(rep: LocalReplacement) -> list[str]:
+    tok = getattr(rep, "tokenizer", None)
+    if tok is None:
+        return [f"#{int(t)}" for t in rep.tokens]
+    return [tok.decode([int(t)]) for t in rep.tokens]

@@ -1,0 +1,416 @@
+"""The local replacement model of one prompt.
+
+Following Ameisen et al. (2025, "Circuit Tracing: Revealing Computational Graphs in Language
+Models") and Dunefsky, Chlenski & Nanda (2024, arXiv 2406.11944): every MLP is replaced by its
+transcoder plus an *error node* ``MLP output - transcoder output`` per layer and position;
+attention patterns and norm denominators are frozen at their values on the prompt. Holding
+feature activations and error nodes fixed, the residual stream is then a *linear* function of
+whatever is written into it, so the direct effect of any source on any target is exact and
+computable by one linear backward sweep (see :mod:`.attribution`).
+
+Conventions (``T`` prompt positions, ``d`` = d_model, ``L`` layers):
+
+- ``resid_pre[l]``: block ``l``'s input; ``resid_pre[0]`` is the embedding output (token plus
+  position embeddings, Gemma's scale included); ``resid_post[l] = resid_pre[l + 1]``.
+- Attention of block ``l`` writes into ``resid_mid[l]`` (or straight into ``resid_post[l]`` for
+  GPT-NeoX's parallel blocks, whose MLP reads ``resid_pre[l]``).
+- Features, error nodes and the transcoder's constant (``b_dec``) of layer ``l`` write into
+  ``resid_post[l]``. A skip transcoder's ``W_skip`` path is linear and is *not* a node: effects
+  flow through it.
+
+Everything is computed in ``dtype`` (float64 for exact checks, float32 for speed).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..coders.coder import SparseCoder
+from ..models.adapters import BlockInternals, ModelAdapter, NormSpec
+
+
+class ReplacementError(ValueError):
+    """The coders do not fit the model, or the prompt does not fit the context."""
+
+
+@dataclass
+class FrozenNorm:
+    """A norm with its denominator frozen on the prompt: ``y = P(x) / denom * weight (+ bias)``."""
+
+    kind: str
+    weight: torch.Tensor  # [d]
+    bias: torch.Tensor | None  # [d]
+    denom: torch.Tensor  # [T]
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear part ``[..., T, d] -> [..., T, d]`` (no bias)."""
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return x / self.denom[:, None] * self.weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y if self.bias is None else y + self.bias
+
+    def transpose(self, g: torch.Tensor) -> torch.Tensor:
+        """Adjoint of :meth:`linear`: maps a gradient on the output to one on the input."""
+        g = g * self.weight / self.denom[:, None]
+        if self.kind == "layernorm":  # the centring projection is symmetric
+            g = g - g.mean(-1, keepdim=True)
+        return g
+
+
+@dataclass
+class ActiveFeatures:
+    """The active features of one layer: ``pos [n]``, ``feature [n]``, ``activation [n]`` and
+    ``pre_act [n]`` (pre-activations, in the coder's input units)."""
+
+    pos: torch.Tensor
+    feature: torch.Tensor
+    activation: torch.Tensor
+    pre_act: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.pos.numel())
+
+
+@dataclass
+class FrozenLayer:
+    """One block of the local replacement model, frozen on the prompt."""
+
+    ln_attn: FrozenNorm
+    ln_mlp: FrozenNorm
+    attn_out_norm: FrozenNorm | None
+    W_V: torch.Tensor  # [n_kv, d, d_head]
+    b_V: torch.Tensor | None  # [n_kv, d_head]
+    W_O: torch.Tensor  # [H, d_head, d]
+    b_O: torch.Tensor | None  # [d]
+    pattern: torch.Tensor  # [H, T, T], rows = destination positions
+    parallel: bool
+    coder: SparseCoder
+    W_skip: torch.Tensor | None  # [d, d] in dtype
+    mlp_out: torch.Tensor  # [T, d]: the real MLP's write into the residual
+    mlp_in: torch.Tensor = None  # [T, d]: recomputed input of the transcoder
+    features: ActiveFeatures = None
+    error: torch.Tensor = None  # [T, d]
+    attn_const: torch.Tensor = None  # [T, d]: what attention writes with a zero input
+    mlp_const: torch.Tensor = None  # [d]: b_dec (+ ln bias @ W_skip)
+
+    @property
+    def group(self) -> int:
+        return self.W_O.shape[0] // self.W_V.shape[0]
+
+    def attention(self, x_normed: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """Frozen attention ``[..., T, d] -> [..., T, d]`` on an already-normalised input."""
+        v = torch.einsum("...td,gde->...gte", x_normed, self.W_V)
+        if with_bias and self.b_V is not None:
+            v = v + self.b_V[:, None, :]
+        v = v.repeat_interleave(self.group, dim=-3)  # [..., H, T, d_head]
+        z = torch.einsum("hts,...hse->...hte", self.pattern, v)
+        out = torch.einsum("...hte,hed->...td", z, self.W_O)
+        if with_bias and self.b_O is not None:
+            out = out + self.b_O
+        if self.attn_out_norm is not None:
+            out = self.attn_out_norm(out) if with_bias else self.attn_out_norm.linear(out)
+        return out
+
+    def attention_transpose(self, g: torch.Tensor) -> torch.Tensor:
+        """Adjoint of ``x -> attention(ln_attn.linear(x))`` for gradients ``g [B, T, d]``."""
+        if self.attn_out_norm is not None:
+            g = self.attn_out_norm.transpose(g)
+        gz = torch.einsum("btd,hed->bhte", g, self.W_O)
+        gv = torch.einsum("hts,bhte->bhse", self.pattern, gz)
+        B, H, T, E = gv.shape
+        gv = gv.view(B, H // self.group, self.group, T, E).sum(2)
+        return self.ln_attn.transpose(torch.einsum("bgse,gde->bsd", gv, self.W_V))
+
+    def skip(self, x_normed: torch.Tensor) -> torch.Tensor | None:
+        return None if self.W_skip is None else x_normed @ self.W_skip
+
+
+@contextmanager
+def _eager_attention(model: torch.nn.Module):
+    """Run attention eagerly so attention modules return their patterns."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous == "eager" or previous is None:
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _first_tensor(args, kwargs):
+    if args:
+        return args[0]
+    return kwargs.get("hidden_states", next(iter(kwargs.values())))
+
+
+@torch.no_grad()
+def _capture(adapter: ModelAdapter, tokens: torch.Tensor, internals: list[BlockInternals]) -> dict:
+    """One forward pass of the real model, recording what the replacement model freezes."""
+    rec: dict = {"norm_in": {}, "pattern": {}, "mlp_out": {}}
+    handles = []
+
+    def pre(key):
+        def fn(module, args, kwargs):
+            rec["norm_in"][key] = _first_tensor(args, kwargs)[0]
+
+        return fn
+
+    def attn_hook(layer):
+        def fn(module, args, output):
+            if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+                raise ReplacementError("the attention module returned no pattern; eager attention is required")
+            rec["pattern"][layer] = output[1][0]
+
+        return fn
+
+    def out_hook(layer):
+        def fn(module, args, output):
+            rec["mlp_out"][layer] = (output[0] if isinstance(output, tuple) else output)[0]
+
+        return fn
+
+    def resid0(module, args, kwargs):
+        rec["resid0"] = _first_tensor(args, kwargs)[0]
+
+    try:
+        handles.append(adapter.layers()[0].register_forward_pre_hook(resid0, with_kwargs=True))
+        for layer, bi in enumerate(internals):
+            handles.append(bi.ln_attn.module.register_forward_pre_hook(pre(("attn", layer)), with_kwargs=True))
+            handles.append(bi.ln_mlp.module.register_forward_pre_hook(pre(("mlp", layer)), with_kwargs=True))
+            if bi.attn_out_norm is not None:
+                handles.append(
+                    bi.attn_out_norm.module.register_forward_pre_hook(pre(("attn_out", layer)), with_kwargs=True)
+                )
+            handles.append(bi.attention.register_forward_hook(attn_hook(layer)))
+            handles.append(adapter.mlp_out_module(layer).register_forward_hook(out_hook(layer)))
+        final = adapter.final_norm()
+        handles.append(final.module.register_forward_pre_hook(pre(("final", 0)), with_kwargs=True))
+        with _eager_attention(adapter.model):
+            out = adapter.model(input_ids=tokens[None].to(adapter.device), output_attentions=True)
+        rec["logits"] = out.logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return rec
+
+
+class LocalReplacement:
+    """The local replacement model of ``model`` on one prompt (see the module docstring).
+
+    Args:
+        adapter: the model's adapter.
+        coders: ``{layer: transcoder}`` for *every* layer (transcoders or skip transcoders,
+            any activation); the features of all layers become graph nodes.
+        tokens: ``[T]`` prompt token ids (include BOS yourself if the model wants one).
+        dtype: compute dtype; float64 makes every identity exact to ~1e-12.
+
+    Attributes:
+        tokens ``[T]``; ``resid0 [T, d]`` (embedding nodes' writes); ``layers`` (one
+        :class:`FrozenLayer` each); ``final_norm``; ``W_U [d, vocab]``, ``b_U``;
+        ``model_logits [T, vocab]`` (the real model's, float32) and ``logits`` (recomputed).
+
+    Raises:
+        ReplacementError: a layer has no coder, a coder is an SAE or does not match d_model,
+            or the prompt is empty or longer than the model's context.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        coders: dict[int, SparseCoder],
+        tokens: torch.Tensor,
+        *,
+        dtype: torch.dtype = torch.float32,
+        tokenizer=None,
+    ):
+        tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+        if tokens.numel() == 0:
+            raise ReplacementError("the prompt is empty; pass at least one token")
+        if tokens.numel() > adapter.max_context:
+            raise ReplacementError(
+                f"the prompt has {tokens.numel()} tokens but the model's context is {adapter.max_context}; "
+                "shorten the prompt"
+            )
+        n = adapter.n_layers
+        missing = [layer for layer in range(n) if layer not in coders]
+        if missing:
+            raise ReplacementError(
+                f"attribution needs a transcoder for every layer; missing layers {missing}. "
+                "Train them with `transcoders train --layers all`."
+            )
+        for layer, coder in coders.items():
+            if coder.cfg.kind == "sae":
+                raise ReplacementError(f"layer {layer}'s coder is an SAE; attribution needs transcoders")
+            if coder.cfg.d_in != adapter.d_model or coder.cfg.d_out != adapter.d_model:
+                raise ReplacementError(
+                    f"layer {layer}'s coder maps {coder.cfg.d_in} -> {coder.cfg.d_out} but the model's d_model is "
+                    f"{adapter.d_model}; these coders belong to another model"
+                )
+        self.adapter, self.coders, self.dtype, self.tokens = adapter, coders, dtype, tokens
+        self.tokenizer = tokenizer
+        self.device = adapter.device
+        internals = [adapter.block_internals(layer) for layer in range(n)]
+        rec = _capture(adapter, tokens, internals)
+        cast = lambda t: None if t is None else t.to(device=self.device, dtype=dtype)  # noqa: E731
+
+        def frozen(spec: NormSpec, key) -> FrozenNorm:
+            return FrozenNorm(spec.kind, cast(spec.weight), cast(spec.bias), spec.denom(cast(rec["norm_in"][key])))
+
+        self.resid0 = cast(rec["resid0"])
+        self.model_logits = rec["logits"].float()
+        self.layers: list[FrozenLayer] = []
+        for layer, bi in enumerate(internals):
+            coder = coders[layer]
+            self.layers.append(
+                FrozenLayer(
+                    ln_attn=frozen(bi.ln_attn, ("attn", layer)),
+                    ln_mlp=frozen(bi.ln_mlp, ("mlp", layer)),
+                    attn_out_norm=None if bi.attn_out_norm is None else frozen(bi.attn_out_norm, ("attn_out", layer)),
+                    W_V=cast(bi.ov.W_V), b_V=cast(bi.ov.b_V), W_O=cast(bi.ov.W_O), b_O=cast(bi.ov.b_O),
+                    pattern=cast(rec["pattern"][layer]), parallel=bi.parallel, coder=coder,
+                    W_skip=cast(coder.W_skip.detach()) if coder.W_skip is not None else None,
+                    mlp_out=cast(rec["mlp_out"][layer]),
+                )
+            )
+        self.final_norm = frozen(adapter.final_norm(), ("final", 0))
+        W_U, b_U = adapter.unembed()
+        self.W_U, self.b_U = cast(W_U), cast(b_U)
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def d_model(self) -> int:
+        return int(self.resid0.shape[-1])
+
+    def coder_weight(self, layer: int, name: str) -> torch.Tensor:
+        return getattr(self.coders[layer], name).detach().to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def _encode(self, layer: int, x: torch.Tensor) -> ActiveFeatures:
+        coder = self.coders[layer]
+        pre = x @ self.coder_weight(layer, "W_enc").T + self.coder_weight(layer, "b_enc")
+        act = coder.encode(x.to(coder.W_enc.dtype)).to(self.dtype)
+        # Activations of active features equal their pre-activations for every supported
+        # activation (ReLU, TopK, JumpReLU); take them from ``pre`` so the identity
+        # ``write = act * W_dec`` holds in ``dtype``.
+        pos, feat = (act != 0).nonzero(as_tuple=True)
+        return ActiveFeatures(pos, feat, pre[pos, feat], pre[pos, feat])
+
+    @torch.no_grad()
+    def _build(self) -> None:
+        resid = self.resid0
+        zeros = torch.zeros_like(resid)
+        self.resid_pre = []
+        for layer, fl in enumerate(self.layers):
+            self.resid_pre.append(resid)
+            attn_in = fl.ln_attn(resid)
+            attn = fl.attention(attn_in)
+            const_in = zeros if fl.ln_attn.bias is None else zeros + fl.ln_attn.bias
+            fl.attn_const = fl.attention(const_in)  # biases only: rows of the pattern sum to 1
+            mid = resid if fl.parallel else resid + attn
+            fl.mlp_in = fl.ln_mlp(mid)
+            fl.features = self._encode(layer, fl.mlp_in)
+            b_dec = self.coder_weight(layer, "b_dec")
+            const_in = fl.ln_mlp.bias
+            fl.mlp_const = b_dec if (fl.W_skip is None or const_in is None) else b_dec + const_in @ fl.W_skip
+            recon = self.feature_write(layer) + b_dec
+            if fl.W_skip is not None:
+                recon = recon + fl.mlp_in @ fl.W_skip
+            fl.error = fl.mlp_out - recon
+            resid = mid + fl.mlp_out + (attn if fl.parallel else 0)
+        self.resid_final = resid
+        self.resid_pre.append(resid)
+        self.logits = self.unembed(resid)
+
+    def feature_write(self, layer: int, activation: torch.Tensor | None = None) -> torch.Tensor:
+        """``[T, d]``: what layer ``layer``'s active features write (``sum_i a_i W_dec[i]`` per
+        position), with ``activation [n]`` replacing the held activations if given."""
+        fl = self.layers[layer]
+        f = fl.features
+        a = f.activation if activation is None else activation
+        W_dec = self.coder_weight(layer, "W_dec")
+        out = torch.zeros(self.n_pos, self.d_model, dtype=self.dtype, device=self.device)
+        return out.index_add_(0, f.pos, a[:, None] * W_dec[f.feature])
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, vocab]`` from a final residual stream ``[T, d]`` (frozen final norm)."""
+        logits = self.final_norm(resid) @ self.W_U
+        return logits if self.b_U is None else logits + self.b_U
+
+    # ------------------------------------------------------------------ frozen forward
+    @torch.no_grad()
+    def forward(
+        self,
+        delta_post: dict[int, torch.Tensor] | None = None,
+        delta_attn: dict[int, torch.Tensor] | None = None,
+        *,
+        features: str = "held",
+    ) -> FrozenRun:
+        """Run the frozen replacement model with extra writes into the residual stream.
+
+        Args:
+            delta_post: ``{layer: [T, d]}`` added to ``resid_post[layer]``; layer ``-1`` adds to
+                the embedding output ``resid_pre[0]``.
+            delta_attn: ``{layer: [T, d]}`` added to what attention of ``layer`` writes.
+            features: ``"held"`` keeps every feature activation and error node fixed (the
+                setting in which graph edges are exact direct effects); ``"linear"`` lets each
+                active feature's activation move with its pre-activation (active set frozen),
+                so effects also flow through other features (graph total effects).
+
+        Returns:
+            a :class:`FrozenRun` with every layer's transcoder input and the logits.
+        """
+        delta_post, delta_attn = delta_post or {}, delta_attn or {}
+        resid = self.resid0 + delta_post.get(-1, 0)
+        mlp_ins, acts = [], []
+        for layer, fl in enumerate(self.layers):
+            attn = fl.attention(fl.ln_attn(resid)) + delta_attn.get(layer, 0)
+            mid = resid if fl.parallel else resid + attn
+            mlp_in = fl.ln_mlp(mid)
+            mlp_ins.append(mlp_in)
+            write = fl.mlp_out
+            if fl.W_skip is not None:
+                write = write + (mlp_in - fl.mlp_in) @ fl.W_skip
+            a = fl.features.activation
+            if features == "linear":
+                f = fl.features
+                W_enc = self.coder_weight(layer, "W_enc")
+                d_pre = ((mlp_in - fl.mlp_in)[f.pos] * W_enc[f.feature]).sum(-1)
+                a = a + d_pre
+                write = write + self.feature_write(layer, d_pre)
+            elif features != "held":
+                raise ValueError(f"features must be 'held' or 'linear', got {features!r}")
+            acts.append(a)
+            resid = mid + write + (attn if fl.parallel else 0) + delta_post.get(layer, 0)
+        return FrozenRun(mlp_ins, acts, resid, self.unembed(resid))
+
+
+@dataclass
+class FrozenRun:
+    """The result of :meth:`LocalReplacement.forward`.
+
+    ``mlp_in``: per layer ``[T, d]``; ``activations``: per layer ``[n_active]`` (held or
+    linearly updated); ``resid_final [T, d]``; ``logits [T, vocab]``.
+    """
+
+    mlp_in: list[torch.Tensor]
+    activations: list[torch.Tensor]
+    resid_final: torch.Tensor
+    logits: torch.Tensor
+    extra: dict = field(default_factory=dict)

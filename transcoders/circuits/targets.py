@@ -1,0 +1,156 @@
+"""What an attribution graph explains: logits, logit differences, feature pre-activations, or
+residual-stream directions, each at one prompt position.
+
+Spec strings (CLI ``--target``, Python :func:`parse_target`), each optionally ending in
+``@POS`` (a prompt position, negative counts from the end; default: the last position):
+
+- ``logit:TOKEN``          the logit of TOKEN (text, encoded without special tokens, must be one
+  token; or ``#ID``);
+- ``diff:TOKEN_A,TOKEN_B``  logit(A) - logit(B);
+- ``feature:LAYER.FEATURE`` the pre-activation of a transcoder feature;
+- ``direction:LAYER:FILE``  the projection of ``resid_pre[LAYER]`` (LAYER = n_layers for the
+  final residual stream) on a ``[d_model]`` vector saved in FILE (``.safetensors`` key
+  ``direction``, or ``.npy``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class TargetError(ValueError):
+    """A target spec is malformed or names a token, layer, feature or position that does not exist."""
+
+
+@dataclass
+class Target:
+    """One quantity to explain.
+
+    Attributes:
+        kind: ``logit``, ``logit_diff``, ``feature`` or ``direction``.
+        pos: prompt position (non-negative once resolved).
+        token, token_b: vocabulary ids (``logit``: token; ``logit_diff``: token - token_b).
+        layer, feature: for ``feature`` (transcoder layer and index) and ``direction``
+            (``resid_pre[layer]``).
+        direction: ``[d_model]`` for ``direction``.
+        label: a readable name, e.g. ``logit(' Paris')@7``.
+        weight: the target's weight when influence is summed over targets (default targets:
+            their probability).
+    """
+
+    kind: str
+    pos: int = -1
+    token: int | None = None
+    token_b: int | None = None
+    layer: int | None = None
+    feature: int | None = None
+    direction: torch.Tensor | None = None
+    label: str = ""
+    weight: float = 1.0
+
+    def resolved(self, n_pos: int) -> Target:
+        """A copy with ``pos`` made non-negative; raises :class:`TargetError` if out of range."""
+        pos = self.pos + n_pos if self.pos < 0 else self.pos
+        if not 0 <= pos < n_pos:
+            raise TargetError(f"target position {self.pos} is outside the {n_pos}-token prompt")
+        return Target(**{**self.__dict__, "pos": pos})
+
+
+def _token_id(text: str, tokenizer, vocab_size: int) -> int:
+    if text.startswith("#") and text[1:].isdigit():
+        tid = int(text[1:])
+    else:
+        if tokenizer is None:
+            raise TargetError(f"no tokenizer to encode {text!r}; give the token id as #ID")
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise TargetError(
+                f"{text!r} encodes to {len(ids)} tokens {ids}; a logit target needs exactly one "
+                "(mind the leading space, e.g. ' Paris', or give #ID)"
+            )
+        tid = ids[0]
+    if not 0 <= tid < vocab_size:
+        raise TargetError(f"token id {tid} is outside the vocabulary (0..{vocab_size - 1})")
+    return tid
+
+
+def _show(tokenizer, tid: int) -> str:
+    return repr(tokenizer.decode([tid])) if tokenizer is not None else f"#{tid}"
+
+
+def parse_target(spec: str, *, tokenizer=None, vocab_size: int, n_layers: int, d_sae: dict[int, int] | None = None,
+                 d_model: int | None = None) -> Target:
+    """Parse one target spec (see the module docstring).
+
+    Raises:
+        TargetError: the spec is malformed, or names something that does not exist.
+    """
+    body, _, at = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    try:
+        pos = int(at) if at else -1
+    except ValueError:
+        raise TargetError(f"bad position {at!r} in target {spec!r}; write e.g. logit:' Paris'@-1") from None
+    kind, _, arg = body.partition(":")
+    if kind == "logit":
+        tid = _token_id(arg, tokenizer, vocab_size)
+        return Target("logit", pos, token=tid, label=f"logit({_show(tokenizer, tid)})")
+    if kind == "diff":
+        a, sep, b = arg.partition(",")
+        if not sep:
+            raise TargetError(f"diff target {spec!r} needs two tokens: diff:A,B")
+        ta, tb = _token_id(a, tokenizer, vocab_size), _token_id(b, tokenizer, vocab_size)
+        return Target("logit_diff", pos, token=ta, token_b=tb,
+                      label=f"logit({_show(tokenizer, ta)})-logit({_show(tokenizer, tb)})")
+    if kind == "feature":
+        try:
+            layer, feature = (int(x) for x in arg.split("."))
+        except ValueError:
+            raise TargetError(f"feature target {spec!r} must read feature:LAYER.FEATURE") from None
+        if not 0 <= layer < n_layers:
+            raise TargetError(f"layer {layer} is out of range (0..{n_layers - 1})")
+        if d_sae is not None and not 0 <= feature < d_sae[layer]:
+            raise TargetError(f"feature {feature} is out of range for layer {layer} (d_sae {d_sae[layer]})")
+        return Target("feature", pos, layer=layer, feature=feature, label=f"L{layer} f{feature}")
+    if kind == "direction":
+        layer_s, _, path = arg.partition(":")
+        try:
+            layer = int(layer_s)
+        except ValueError:
+            raise TargetError(f"direction target {spec!r} must read direction:LAYER:FILE") from None
+        if not 0 <= layer <= n_layers:
+            raise TargetError(f"layer {layer} is out of range (0..{n_layers}; {n_layers} = final residual)")
+        vec = _load_direction(path)
+        if d_model is not None and vec.shape != (d_model,):
+            raise TargetError(f"direction in {path} has shape {tuple(vec.shape)}, expected ({d_model},)")
+        return Target("direction", pos, layer=layer, direction=vec, label=f"resid{layer}·{path}")
+    raise TargetError(f"unknown target kind {kind!r} in {spec!r}; use logit:, diff:, feature: or direction:")
+
+
+def _load_direction(path: str) -> torch.Tensor:
+    try:
+        if path.endswith(".npy"):
+            import numpy as np
+
+            return torch.from_numpy(np.load(path, allow_pickle=False)).flatten().double()
+        from safetensors.torch import load_file
+
+        return load_file(path)["direction"].flatten().double()
+    except (OSError, KeyError, ValueError) as exc:
+        raise TargetError(f"cannot read a direction from {path}: {exc}") from None
+
+
+def top_logit_targets(logits: torch.Tensor, *, pos: int = -1, max_n: int = 10, mass: float = 0.95,
+                      tokenizer=None) -> list[Target]:
+    """The most likely next tokens at ``pos`` until their probability reaches ``mass`` (at most
+    ``max_n``), each weighted by its probability (circuit-tracer's default).
+
+    Args:
+        logits: ``[T, vocab]``.
+    """
+    probs = logits[pos].double().softmax(-1)
+    p, ids = probs.sort(descending=True)
+    n = int(min(max_n, int((p.cumsum(0) < mass).sum()) + 1))
+    return [Target("logit", pos, token=int(i), label=f"logit({_show(tokenizer, int(i))})", weight=float(w))
+            for w, i in zip(p[:n], ids[:n])]
