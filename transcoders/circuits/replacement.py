@@ -281,6 +281,8 @@ class LocalReplacement:
                 )
             )
         self.final_norm = frozen(adapter.final_norm(), ("final", 0))
+        # Gemma 2 soft-caps the final logits; logit targets are the logits before the cap.
+        self.softcap = getattr(adapter.config, "final_logit_softcapping", None)
         W_U, b_U = adapter.unembed()
         self.W_U, self.b_U = cast(W_U), cast(b_U)
         self._build()
@@ -348,6 +350,10 @@ class LocalReplacement:
         out = torch.zeros(self.n_pos, self.d_model, dtype=self.dtype, device=self.device)
         return out.index_add_(0, f.pos, a[:, None] * W_dec[f.feature])
 
+    def capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the model's final logit soft-cap (Gemma 2), if any, to ``logits``."""
+        return logits if not self.softcap else self.softcap * torch.tanh(logits / self.softcap)
+
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits ``[T, vocab]`` from a final residual stream ``[T, d]`` (frozen final norm)."""
         logits = self.final_norm(resid) @ self.W_U
@@ -361,6 +367,7 @@ class LocalReplacement:
         delta_attn: dict[int, torch.Tensor] | None = None,
         *,
         features: str = "held",
+        pinned: dict[int, torch.Tensor] | None = None,
     ) -> FrozenRun:
         """Run the frozen replacement model with extra writes into the residual stream.
 
@@ -372,14 +379,17 @@ class LocalReplacement:
                 setting in which graph edges are exact direct effects); ``"linear"`` lets each
                 active feature's activation move with its pre-activation (active set frozen),
                 so effects also flow through other features (graph total effects).
+            pinned: ``{layer: bool [n_active]}`` features that stay held in ``"linear"`` mode
+                (e.g. the ones being intervened on).
 
         Returns:
             a :class:`FrozenRun` with every layer's transcoder input and the logits.
         """
         delta_post, delta_attn = delta_post or {}, delta_attn or {}
         resid = self.resid0 + delta_post.get(-1, 0)
-        mlp_ins, acts = [], []
+        mlp_ins, acts, resid_pre = [], [], []
         for layer, fl in enumerate(self.layers):
+            resid_pre.append(resid)
             attn = fl.attention(fl.ln_attn(resid)) + delta_attn.get(layer, 0)
             mid = resid if fl.parallel else resid + attn
             mlp_in = fl.ln_mlp(mid)
@@ -392,13 +402,16 @@ class LocalReplacement:
                 f = fl.features
                 W_enc = self.coder_weight(layer, "W_enc")
                 d_pre = ((mlp_in - fl.mlp_in)[f.pos] * W_enc[f.feature]).sum(-1)
+                if pinned and layer in pinned:
+                    d_pre = d_pre.masked_fill(pinned[layer], 0.0)
                 a = a + d_pre
                 write = write + self.feature_write(layer, d_pre)
             elif features != "held":
                 raise ValueError(f"features must be 'held' or 'linear', got {features!r}")
             acts.append(a)
             resid = mid + write + (attn if fl.parallel else 0) + delta_post.get(layer, 0)
-        return FrozenRun(mlp_ins, acts, resid, self.unembed(resid))
+        resid_pre.append(resid)
+        return FrozenRun(mlp_ins, acts, resid, self.unembed(resid), resid_pre)
 
 
 @dataclass
@@ -406,11 +419,12 @@ class FrozenRun:
     """The result of :meth:`LocalReplacement.forward`.
 
     ``mlp_in``: per layer ``[T, d]``; ``activations``: per layer ``[n_active]`` (held or
-    linearly updated); ``resid_final [T, d]``; ``logits [T, vocab]``.
+    linearly updated); ``resid_final [T, d]``; ``logits [T, vocab]`` (before any soft-cap);
+    ``resid_pre``: per layer plus the final stream, ``[T, d]`` each.
     """
 
     mlp_in: list[torch.Tensor]
     activations: list[torch.Tensor]
     resid_final: torch.Tensor
     logits: torch.Tensor
-    extra: dict = field(default_factory=dict)
+    resid_pre: list[torch.Tensor] = field(default_factory=list)

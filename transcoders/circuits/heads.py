@@ -1,0 +1,134 @@
+"""Split an attribution edge by the component that first carries it: a residual read, a
+transcoder's ``W_skip`` path, or one attention head moving it from the source position to a
+destination position.
+
+A source writes ``v`` into ``resid_post[l]`` at position ``q``. Travelling up the residual stream
+unchanged, ``v`` is first picked up either by the target itself (if it reads position ``q``),
+by the skip path of a later layer, or by head ``h`` of a later layer ``m``, which moves
+``A[m, h][r, q] * norm(v) W_V W_O`` to destination ``r``. Everything that happens after that
+first component is in the full gradient ``G`` of the target, so the parts sum exactly to the
+edge weight. For an edge between features this is the per-head factorisation of Dunefsky et
+al. (2024): activation x (attention weight x OV virtual weight onto the gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attribution import Read, target_read
+from .graph import EMBEDDING, ERROR, FEATURE, Graph
+from .replacement import LocalReplacement
+
+
+@dataclass
+class EdgeComponent:
+    """One part of an edge: ``kind`` is ``residual`` (read directly at the source position),
+    ``skip`` (a transcoder's ``W_skip`` path at ``layer``) or ``head`` (``layer``, ``head``,
+    moving from ``src_pos`` to ``dst_pos``); ``weight`` in the row's units."""
+
+    kind: str
+    layer: int
+    head: int
+    src_pos: int
+    dst_pos: int
+    weight: float
+
+    def describe(self) -> str:
+        if self.kind == "head":
+            return f"head {self.layer}.{self.head} from pos{self.src_pos} to pos{self.dst_pos}"
+        if self.kind == "skip":
+            return f"skip L{self.layer} @pos{self.src_pos}"
+        return f"residual @pos{self.src_pos}"
+
+
+@torch.no_grad()
+def _gradients(rep: LocalReplacement, read: Read):
+    """The target's gradient where each layer's attention writes (``G_attn``) and at
+    ``resid_post`` (``G_post``), plus the direct read gradient per site."""
+    T, d = rep.n_pos, rep.d_model
+    G = torch.zeros(T, d, dtype=rep.dtype, device=rep.device)
+    G_attn, G_post, direct = {}, {}, {}
+    for layer in range(read.site[1], -1, -1):
+        fl = rep.layers[layer]
+        if read.site == ("post", layer):
+            G = G + read.grad
+            direct[("post", layer)] = read.grad
+        G_post[layer] = G
+        G_mlp = torch.zeros_like(G)
+        if fl.W_skip is not None:
+            G_mlp = fl.ln_mlp.transpose(G @ fl.W_skip.T)
+        if read.site == ("mlp", layer):
+            G_mlp = G_mlp + read.grad
+            direct[("mlp", layer)] = read.grad
+        if fl.parallel:
+            G_attn[layer] = G
+            G = G + fl.attention_transpose(G[None])[0] + G_mlp
+        else:
+            G_mid = G + G_mlp
+            G_attn[layer] = G_mid
+            G = G_mid + fl.attention_transpose(G_mid[None])[0]
+    if read.site == ("post", -1):
+        direct[("post", -1)] = read.grad
+    return G_attn, G_post, direct
+
+
+def source_write(rep: LocalReplacement, graph: Graph, node: int) -> tuple[int, int, torch.Tensor]:
+    """``(layer, pos, v [d])``: what a feature, error or embedding node writes into
+    ``resid_post[layer]`` (layer -1: the embeddings)."""
+    kind, layer, pos = int(graph.kind[node]), int(graph.layer[node]), int(graph.pos[node])
+    if kind == FEATURE:
+        w = rep.coder_weight(layer, "W_dec")[int(graph.feature[node])]
+        return layer, pos, float(graph.activation[node]) * w
+    if kind == ERROR:
+        return layer, pos, rep.layers[layer].error[pos]
+    if kind == EMBEDDING:
+        return -1, pos, rep.resid0[pos]
+    raise ValueError(f"node {graph.label(node)} is not a feature, error or embedding node; only those can be split")
+
+
+@torch.no_grad()
+def split_edge(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> list[EdgeComponent]:
+    """Split the edge ``src -> dst`` into residual, skip and per-head parts (see module doc).
+
+    Args:
+        rep: the replacement model the graph was built from.
+        src: a feature, error or embedding node; dst: a target or feature row node.
+    Returns:
+        non-zero components, largest |weight| first; their weights sum to the edge weight.
+    """
+    dst_kind = int(graph.kind[dst])
+    if dst_kind == FEATURE:
+        from .targets import Target
+
+        read = target_read(rep, Target("feature", int(graph.pos[dst]), layer=int(graph.layer[dst]),
+                                       feature=int(graph.feature[dst])))
+    else:
+        t = graph.targets[int((graph.target_nodes == dst).nonzero()[0, 0])]
+        read = target_read(rep, t)
+    G_attn, G_post, direct = _gradients(rep, read)
+    layer, q, v = source_write(rep, graph, src)
+    parts = [EdgeComponent("residual", read.site[1], -1, q, q, float(read.grad[q] @ v))]
+    for m in range(layer + 1, read.site[1] + 1):
+        fl = rep.layers[m]
+        # Attention of layer m reads v at position q (it is in resid_pre[m]) ...
+        x = fl.ln_attn.linear(_at(v, q, rep))[q]
+        u = torch.einsum("d,gde->ge", x, fl.W_V).repeat_interleave(fl.group, 0)  # [H, d_head]
+        g_attn = G_attn[m] if fl.attn_out_norm is None else fl.attn_out_norm.transpose(G_attn[m])
+        back = torch.einsum("td,hed->hte", g_attn, fl.W_O)  # [H, T, d_head]
+        w = fl.pattern[:, :, q] * torch.einsum("he,hte->ht", u, back)  # [H, T]
+        for h, r in (w != 0).nonzero().tolist():
+            parts.append(EdgeComponent("head", m, h, q, r, float(w[h, r])))
+        # ... and so does layer m's skip path (resid_mid[m], or resid_pre[m] when parallel).
+        if fl.W_skip is not None:
+            x = fl.ln_mlp.linear(_at(v, q, rep))[q]
+            parts.append(EdgeComponent("skip", m, -1, q, q, float((x @ fl.W_skip) @ G_post[m][q])))
+    parts = [p for p in parts if p.weight != 0.0]
+    return sorted(parts, key=lambda p: -abs(p.weight))
+
+
+def _at(v: torch.Tensor, q: int, rep: LocalReplacement) -> torch.Tensor:
+    out = torch.zeros(rep.n_pos, rep.d_model, dtype=rep.dtype, device=rep.device)
+    out[q] = v
+    return out

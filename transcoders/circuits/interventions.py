@@ -1,0 +1,326 @@
+"""Interventions on transcoder features: ablate, clamp or scale, and steer generation.
+
+Three settings, from most to least constrained:
+
+- ``frozen``: the local replacement model with attention patterns, norm denominators and every
+  other feature held (:meth:`LocalReplacement.forward`, ``features="held"``). An edit's effect on
+  a target is then exactly the graph's direct edge, scaled by the change in activation.
+- ``linear``: as ``frozen``, but other active features follow their pre-activations (the active
+  set frozen): effects flow through the graph's paths.
+- ``free``: the replacement model run for real (every MLP replaced by its transcoder plus the
+  error node held at its clean value, attention and norms recomputed, features re-encoded), as
+  circuit-tracer's interventions and Marks et al. (2024)'s circuits do.
+
+Edit specs (CLI ``--edit``): ``LAYER.FEATURE[@POS[,POS...]]=ablate|clamp:VALUE|scale:FACTOR``
+(no ``@``: every prompt position), e.g. ``6.123=ablate``, ``6.123@4,5=clamp:8``.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from ..coders.coder import SparseCoder
+from ..evaluation.splice import splice_mlps
+from ..models.adapters import ModelAdapter
+from .replacement import FrozenRun, LocalReplacement
+from .targets import Target
+
+
+class EditError(ValueError):
+    """An edit spec is malformed or names a layer, feature or position that does not exist."""
+
+
+@dataclass
+class FeatureEdit:
+    """Set feature ``feature`` of ``layer`` at ``positions`` (None: all) to ``0`` (ablate),
+    ``value`` (clamp) or ``value x`` its activation (scale)."""
+
+    layer: int
+    feature: int
+    mode: str = "ablate"
+    value: float = 0.0
+    positions: list[int] | None = None
+
+    def apply(self, a: torch.Tensor) -> torch.Tensor:
+        """New activations for current activations ``a``."""
+        if self.mode == "ablate":
+            return torch.zeros_like(a)
+        if self.mode == "clamp":
+            return torch.full_like(a, self.value)
+        if self.mode == "scale":
+            return a * self.value
+        raise EditError(f"unknown edit mode {self.mode!r}; use ablate, clamp or scale")
+
+    def mask(self, n_pos: int, device=None) -> torch.Tensor:
+        m = torch.zeros(n_pos, dtype=torch.bool, device=device)
+        if self.positions is None:
+            m[:] = True
+        else:
+            m[torch.tensor(self.positions, dtype=torch.long)] = True
+        return m
+
+
+def parse_edit(spec: str, *, n_layers: int, d_sae: dict[int, int], n_pos: int | None = None) -> FeatureEdit:
+    """Parse an edit spec (module docstring).
+
+    Raises:
+        EditError: malformed, or out of range.
+    """
+    lhs, sep, rhs = spec.partition("=")
+    if not sep:
+        raise EditError(f"edit {spec!r} needs '=': e.g. 6.123@5=ablate or 6.123=clamp:4")
+    where, _, at = lhs.partition("@")
+    try:
+        layer, feature = (int(x) for x in where.split("."))
+        positions = [int(p) for p in at.split(",")] if at else None
+    except ValueError:
+        raise EditError(f"edit {spec!r}: write LAYER.FEATURE[@POS,...]=MODE") from None
+    mode, _, val = rhs.partition(":")
+    if mode not in ("ablate", "clamp", "scale"):
+        raise EditError(f"edit {spec!r}: mode must be ablate, clamp:VALUE or scale:FACTOR")
+    try:
+        value = float(val) if val else (0.0 if mode == "ablate" else float("nan"))
+    except ValueError:
+        raise EditError(f"edit {spec!r}: {val!r} is not a number") from None
+    if mode != "ablate" and value != value:
+        raise EditError(f"edit {spec!r}: {mode} needs a number, e.g. {mode}:2")
+    if not 0 <= layer < n_layers:
+        raise EditError(f"edit {spec!r}: layer {layer} is out of range (0..{n_layers - 1})")
+    if layer not in d_sae or not 0 <= feature < d_sae[layer]:
+        raise EditError(f"edit {spec!r}: feature {feature} is out of range for layer {layer}")
+    if positions is not None and n_pos is not None:
+        positions = [p + n_pos if p < 0 else p for p in positions]
+        if any(not 0 <= p < n_pos for p in positions):
+            raise EditError(f"edit {spec!r}: a position is outside the {n_pos}-token prompt")
+    return FeatureEdit(layer, feature, mode, value, positions)
+
+
+# ---------------------------------------------------------------------------- frozen / linear
+def frozen_target_values(rep: LocalReplacement, run: FrozenRun, targets: list[Target]) -> torch.Tensor:
+    """``[n_targets]`` target values in a frozen run (logits before any soft-cap)."""
+    out = []
+    for t in targets:
+        t = t.resolved(rep.n_pos)
+        if t.kind == "logit":
+            out.append(run.logits[t.pos, t.token])
+        elif t.kind == "logit_diff":
+            out.append(run.logits[t.pos, t.token] - run.logits[t.pos, t.token_b])
+        elif t.kind == "feature":
+            w, b = rep.coder_weight(t.layer, "W_enc")[t.feature], rep.coder_weight(t.layer, "b_enc")[t.feature]
+            out.append(run.mlp_in[t.layer][t.pos] @ w + b)
+        else:
+            out.append(run.resid_pre[t.layer][t.pos] @ t.direction.to(rep.device, rep.dtype))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def intervene_frozen(rep: LocalReplacement, edits: list[FeatureEdit], targets: list[Target],
+                     *, features: str = "held") -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``edits`` in the frozen (``features="held"``) or linearised (``"linear"``) local
+    replacement model.
+
+    Returns:
+        ``(before, after)``, each ``[n_targets]`` in ``rep.dtype``.
+    """
+    delta: dict[int, torch.Tensor] = {}
+    pinned: dict[int, torch.Tensor] = {}
+    for e in edits:
+        f = rep.layers[e.layer].features
+        W_dec = rep.coder_weight(e.layer, "W_dec")[e.feature]
+        pos_mask = e.mask(rep.n_pos, rep.device)
+        current = torch.zeros(rep.n_pos, dtype=rep.dtype, device=rep.device)
+        here = f.feature == e.feature
+        current[f.pos[here]] = f.activation[here]
+        change = torch.where(pos_mask, e.apply(current) - current, torch.zeros_like(current))
+        delta[e.layer] = delta.get(e.layer, 0) + change[:, None] * W_dec
+        pin = here & pos_mask[f.pos]
+        pinned[e.layer] = pinned.get(e.layer, torch.zeros_like(pin)) | pin
+    before = frozen_target_values(rep, rep.forward(), targets)
+    after = frozen_target_values(rep, rep.forward(delta, features=features, pinned=pinned), targets)
+    return before, after
+
+
+# ---------------------------------------------------------------------------- free
+class ReplacementRunner:
+    """Runs the replacement model for real: every MLP becomes ``coder(x) + error`` with the error
+    node held at its clean value; attention, norms and features are recomputed.
+
+    Args:
+        adapter: the model's adapter; coders: ``{layer: transcoder}`` for every layer;
+        tokens: ``[T]`` prompt.
+    """
+
+    def __init__(self, adapter: ModelAdapter, coders: dict[int, SparseCoder], tokens: torch.Tensor):
+        self.adapter, self.coders = adapter, coders
+        self.tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+        self.softcap = getattr(adapter.config, "final_logit_softcapping", None)
+        self.errors: dict[int, torch.Tensor] = {}
+        clean_in: dict[int, torch.Tensor] = {}
+
+        def record(layer):
+            def fn(x):
+                clean_in[layer] = x
+                return adapter.mlp_forward(layer, x)
+
+            return fn
+
+        with torch.no_grad(), splice_mlps(adapter, {layer: record(layer) for layer in coders}):
+            adapter.model(input_ids=self.tokens[None].to(adapter.device))
+        for layer, x in clean_in.items():
+            coder = coders[layer]
+            self.errors[layer] = (adapter.mlp_forward(layer, x) - coder(x.to(coder.W_enc.dtype)).to(x.dtype)).detach()
+
+    def clean_activations(self) -> dict[int, torch.Tensor]:
+        """``{layer: [T, d_sae]}`` feature activations on the clean prompt."""
+        acts = {}
+        self.run(record_acts=acts)
+        return acts
+
+    @torch.no_grad()
+    def run(self, edits: list[FeatureEdit] = (), *, keep: dict[int, torch.Tensor] | None = None,
+            means: dict[int, torch.Tensor] | None = None, record_acts: dict | None = None) -> dict:
+        """One forward pass of the replacement model.
+
+        Args:
+            edits: feature edits (activations replaced after encoding).
+            keep, means: mean ablation: where ``keep[layer] [T, d_sae]`` is False the
+                activation becomes ``means[layer] [d_sae]``.
+            record_acts: if a dict, filled with ``{layer: [T, d_sae]}`` activations used.
+
+        Returns:
+            ``{"mlp_in": {layer: [T, d]}, "resid_pre": {layer: [T, d]}, "logits": [T, vocab]}``
+            (logits before any soft-cap).
+        """
+        ad = self.adapter
+        cap: dict = {"mlp_in": {}, "resid_pre": {}}
+        by_layer: dict[int, list[FeatureEdit]] = {}
+        for e in edits:
+            by_layer.setdefault(e.layer, []).append(e)
+
+        def replace(layer):
+            coder = self.coders[layer]
+
+            def fn(x):
+                cap["mlp_in"][layer] = x[0]
+                xc = x.to(coder.W_enc.dtype)
+                a = coder.encode(xc)  # [1, T, d_sae]
+                if keep is not None and layer in keep:
+                    a = torch.where(keep[layer][None].to(a.device), a, means[layer].to(a.dtype))
+                for e in by_layer.get(layer, ()):
+                    m = e.mask(a.shape[1], a.device)
+                    a[0, m, e.feature] = e.apply(a[0, m, e.feature])
+                if record_acts is not None:
+                    record_acts[layer] = a[0]
+                return coder.decode(a, xc).to(x.dtype) + self.errors[layer]
+
+            return fn
+
+        def pre(layer):
+            def fn(module, args, kwargs):
+                cap["resid_pre"][layer] = (args[0] if args else kwargs["hidden_states"])[0]
+
+            return fn
+
+        with ExitStack() as stack:
+            stack.enter_context(splice_mlps(ad, {layer: replace(layer) for layer in self.coders}))
+            handles = [block.register_forward_pre_hook(pre(i), with_kwargs=True) for i, block in enumerate(ad.layers())]
+            handles.append(ad.final_norm().module.register_forward_pre_hook(pre(ad.n_layers), with_kwargs=True))
+            stack.callback(lambda: [h.remove() for h in handles])
+            logits = ad.model(input_ids=self.tokens[None].to(ad.device)).logits[0]
+        if self.softcap:  # undo Gemma 2's soft-cap so logit targets match the graph's
+            logits = self.softcap * torch.atanh((logits / self.softcap).clamp(-1 + 1e-7, 1 - 1e-7))
+        cap["logits"] = logits
+        return cap
+
+    def target_values(self, cap: dict, targets: list[Target]) -> torch.Tensor:
+        """``[n_targets]`` target values (float64) from a :meth:`run`."""
+        T = self.tokens.numel()
+        out = []
+        for t in targets:
+            t = t.resolved(T)
+            lg = cap["logits"].double()
+            if t.kind == "logit":
+                out.append(lg[t.pos, t.token])
+            elif t.kind == "logit_diff":
+                out.append(lg[t.pos, t.token] - lg[t.pos, t.token_b])
+            elif t.kind == "feature":
+                c = self.coders[t.layer]
+                out.append(cap["mlp_in"][t.layer][t.pos].double() @ c.W_enc[t.feature].double() + c.b_enc[t.feature].double())
+            else:
+                out.append(cap["resid_pre"][t.layer][t.pos].double() @ t.direction.double())
+        return torch.stack(out).detach()
+
+    def intervene(self, edits: list[FeatureEdit], targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(before, after)`` target values ``[n_targets]`` (float64) in the free replacement model."""
+        return self.target_values(self.run(), targets), self.target_values(self.run(edits), targets)
+
+
+# ---------------------------------------------------------------------------- steering
+@torch.no_grad()
+def steer(adapter: ModelAdapter, coders: dict[int, SparseCoder], tokenizer, prompt: str, edits: list[FeatureEdit],
+          *, max_new_tokens: int = 20, only_generated: bool = True) -> tuple[str, str]:
+    """Greedy generation with and without clamping/scaling features.
+
+    Each edit adds ``(new_a - a) W_dec[feature]`` to the real MLP output of its layer, where
+    ``a`` is the feature's activation on the current input, so the rest of the model is
+    untouched. With ``only_generated`` the edit applies to generated positions only;
+    otherwise to every position (edit ``positions`` are ignored).
+
+    Returns:
+        ``(baseline continuation, steered continuation)``.
+    """
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(adapter.device)
+    n_prompt = ids.shape[1]
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    base = adapter.model.generate(ids, **gen)[0, n_prompt:]
+    seen = {"len": 0, "offset": 0}
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def pre(layer):
+        def fn(module, args, kwargs):
+            inputs[layer] = args[0] if args else next(iter(kwargs.values()))
+
+        return fn
+
+    def post(layer, layer_edits):
+        coder = coders[layer]
+
+        def fn(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            x = inputs[layer].to(coder.W_enc.dtype)
+            acts = coder.encode(x)  # [B, t, d_sae]
+            # Absolute positions of this call's tokens (generation feeds one token at a time).
+            absolute = torch.arange(x.shape[1], device=x.device) + seen["offset"]
+            new = out
+            for e in layer_edits:
+                a = acts[..., e.feature]
+                delta = e.apply(a) - a
+                if only_generated:
+                    delta = delta * (absolute >= n_prompt)
+                new = new + (delta[..., None] * coder.W_dec[e.feature]).to(out.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return fn
+
+    def count(module, args, kwargs):
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        seen["offset"] = seen["len"]
+        seen["len"] += x.shape[1]
+
+    by_layer: dict[int, list[FeatureEdit]] = {}
+    for e in edits:
+        by_layer.setdefault(e.layer, []).append(e)
+    try:
+        handles.append(adapter.model.register_forward_pre_hook(count, with_kwargs=True))
+        for layer, le in by_layer.items():
+            handles.append(adapter.mlp_in_module(layer).register_forward_pre_hook(pre(layer), with_kwargs=True))
+            handles.append(adapter.mlp_out_module(layer).register_forward_hook(post(layer, le)))
+        steered = adapter.model.generate(ids, **gen)[0, n_prompt:]
+    finally:
+        for h in handles:
+            h.remove()
+    return tokenizer.decode(base), tokenizer.decode(steered)
