@@ -184,7 +184,9 @@ def _check_attn_path(adapter: ModelAdapter, attn_layer: int, dst_layer: int, par
     adapter.check_layer(attn_layer)
     if attn_layer > dst_layer or (parallel and attn_layer == dst_layer):
         rule = "attn_layer < layer (parallel blocks)" if parallel else "attn_layer <= layer"
-        raise WeightsError(f"attention of layer {attn_layer} cannot write into layer {dst_layer}'s MLP input; need {rule}")
+        raise WeightsError(
+            f"attention of layer {attn_layer} cannot write into layer {dst_layer}'s MLP input; need {rule}"
+        )
 
 
 def _check_head(adapter: ModelAdapter, attn_layer: int, head: int) -> int:
@@ -298,7 +300,7 @@ class RunningTopAbs:
         flat = block.flatten()
         top = flat.abs().topk(min(self.k, flat.numel())).indices
         values, index = flat[top], top + row_offset * self.m
-        if False:
+        if self.values is not None:
             values, index = torch.cat([self.values, values]), torch.cat([self.index, index])
         keep = values.abs().topk(min(self.k, values.numel())).indices
         self.values, self.index = values[keep], index[keep]
@@ -358,7 +360,9 @@ def virtual_weights(
     _check_mlp_path(src_layer, dst_layer)
     src = _coder(coders, src_layer, writes=True)
     device = _device(device, src)
-    read = encoder_directions(coders, dst_layer, adapter, through_norm=through_norm, denom=denom, dtype=dtype, device=device)
+    read = encoder_directions(
+        coders, dst_layer, adapter, through_norm=through_norm, denom=denom, dtype=dtype, device=device
+    )
     return _cast(src.W_dec, dtype, device) @ read.T
 
 
@@ -380,7 +384,9 @@ def top_virtual_weights(
     _check_mlp_path(src_layer, dst_layer)
     src = _coder(coders, src_layer, writes=True)
     device = _device(device, src)
-    read = encoder_directions(coders, dst_layer, adapter, through_norm=through_norm, denom=denom, dtype=dtype, device=device)
+    read = encoder_directions(
+        coders, dst_layer, adapter, through_norm=through_norm, denom=denom, dtype=dtype, device=device
+    )
     i, j, w = chunked_top_abs(src.W_dec.detach(), read, k, chunk_size)
     return TopVirtualWeights(src_layer, dst_layer, i, j, w)
 
@@ -404,7 +410,9 @@ def pullback_scores(
     _check_mlp_path(src_layer, layer)
     src = _coder(coders, src_layer, writes=True)
     device = _device(device, src)
-    read = encoder_directions(coders, layer, adapter, int(feature), through_norm=through_norm, denom=denom, dtype=dtype, device=device)
+    read = encoder_directions(
+        coders, layer, adapter, int(feature), through_norm=through_norm, denom=denom, dtype=dtype, device=device
+    )
     return chunked_matvec(src.W_dec.detach(), read, chunk_size)
 
 
@@ -447,7 +455,9 @@ def deembedding_scores(
     return chunked_matvec(adapter.embedding_matrix(), read, chunk_size)
 
 
-def deembedding(adapter: ModelAdapter, coders: Mapping[int, SparseCoder], layer: int, feature: int, k: int = 20, **kwargs) -> TopScores:
+def deembedding(
+    adapter: ModelAdapter, coders: Mapping[int, SparseCoder], layer: int, feature: int, k: int = 20, **kwargs
+) -> TopScores:
     """The ``k`` tokens whose embeddings excite (``top``) and inhibit (``bottom``) a feature
     most along the direct path: top entries of :func:`deembedding_scores`."""
     return _top_bottom(deembedding_scores(adapter, coders, layer, feature, **kwargs), k, "token")
@@ -555,14 +565,18 @@ def logit_effect_scores(
     return chunked_matvec(W_U.T, write, chunk_size)
 
 
-def logit_effects(adapter: ModelAdapter, coders: Mapping[int, SparseCoder], layer: int, feature: int, k: int = 20, **kwargs) -> TopScores:
+def logit_effects(
+    adapter: ModelAdapter, coders: Mapping[int, SparseCoder], layer: int, feature: int, k: int = 20, **kwargs
+) -> TopScores:
     """The ``k`` tokens a feature promotes (``top``) and suppresses (``bottom``) most directly:
     top entries of :func:`logit_effect_scores`."""
     return _top_bottom(logit_effect_scores(adapter, coders, layer, feature, **kwargs), k, "token")
 
 
 # ---------------------------------------------------------------------------------------- OV circuits
-def ov_norms(adapter: ModelAdapter, *, dtype: torch.dtype = torch.float32, layers: list[int] | None = None) -> torch.Tensor:
+def ov_norms(
+    adapter: ModelAdapter, *, dtype: torch.dtype = torch.float32, layers: list[int] | None = None
+) -> torch.Tensor:
     """Frobenius norm of every head's OV circuit ``W_V[kv(h)] @ W_O[h]``: ``[n_layers, n_heads]``
     (``[len(layers), n_heads]`` when ``layers`` is given).
 
@@ -612,7 +626,10 @@ def ov_feature_table(
     """
     _check_attn_path(adapter, attn_layer, dst_layer, adapter.block_internals(dst_layer).parallel)
     if not src_layer < attn_layer:
-        raise WeightsError(f"layer {src_layer}'s features are written after attention of layer {attn_layer} reads; need src_layer < attn_layer")
+        raise WeightsError(
+            f"layer {src_layer}'s features are written after attention of layer {attn_layer} reads; "
+            "need src_layer < attn_layer"
+        )
     src = _coder(coders, src_layer, writes=True)
     device = _device(device, src)
     bi = adapter.block_internals(attn_layer)
