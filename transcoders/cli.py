@@ -1,4 +1,5 @@
-"""Command-line interface: ``transcoders train | evaluate | demo``."""
+"""Command-line interface: ``transcoders train | evaluate | convert | demo`` and the circuit
+commands ``trace | paths | intervene | verify`` (in :mod:`transcoders.circuit_cli`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import click
 import torch
 from pydantic import ValidationError
 
+from .circuit_cli import register as register_circuit_commands
 from .coders.io import CoderFileError
 from .data.cache import ActivationCacheError
 from .data.sources import DataSourceError
@@ -227,6 +229,8 @@ def demo(run_dir: Path, total_tokens: int, quiet: bool) -> None:
 
     _run(go)
 
+
+register_circuit_commands(main, _run)
 
 if __name__ == "__main__":
     main()

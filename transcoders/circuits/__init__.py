@@ -2,11 +2,15 @@
 weights, interventions and their verification (Dunefsky et al. 2024; Ameisen et al. 2025)."""
 
 from .attribution import attribute
+from .export import GraphFileError, load_graph, save_graph
 from .graph import KINDS, Graph
+from .paths import format_path, greedy_paths, top_paths
+from .prune import graph_scores, node_influence, prune
 from .replacement import LocalReplacement, ReplacementError
 from .targets import Target, TargetError, parse_target, top_logit_targets
 
 __all__ = [
-    "KINDS", "Graph", "LocalReplacement", "ReplacementError", "Target", "TargetError", "attribute",
-    "parse_target", "top_logit_targets",
+    "KINDS", "Graph", "GraphFileError", "LocalReplacement", "ReplacementError", "Target", "TargetError", "attribute",
+    "format_path", "graph_scores", "greedy_paths", "load_graph", "node_influence", "parse_target", "prune", "save_graph",
+    "top_logit_targets", "top_paths",
 ]

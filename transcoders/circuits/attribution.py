@@ -49,7 +49,12 @@ class Read:
 
 class SourceIndex:
     """Column layout of attribution rows: embeddings ``[T]``, bias nodes ``[L*T]``, error nodes
-    ``[L*T]``, then every layer's active features in order."""
+    ``[L*T]``, then every layer's active features in order.
+
+    Also holds, per layer, the active features' decoder rows padded by position
+    (``dec [T, k_max, d]``, ``act [T, k_max]``, ``col [T, k_max]``; padding points at a spare
+    column ``n_cols``) so a sweep computes all feature edges of a layer as one batched GEMM.
+    """
 
     def __init__(self, rep: LocalReplacement):
         T, L = rep.n_pos, rep.n_layers
@@ -59,12 +64,28 @@ class SourceIndex:
         self.layer_offset = [self.feature0 + int(x) for x in torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])]
         self.n_cols = self.layer_offset[-1]
         self.n_features = int(sizes.sum())
+        self.padded = [self._pad(rep, layer) for layer in range(L)]
+        # Per layer [T, d, 3]: error node, the MLP's constant, attention's constant.
+        self.consts = [torch.stack([fl.error, fl.mlp_const.expand(T, -1), fl.attn_const], dim=-1) for fl in rep.layers]
+
+    def _pad(self, rep: LocalReplacement, layer: int):
+        f = rep.layers[layer].features
+        T, d = rep.n_pos, rep.d_model
+        counts = torch.bincount(f.pos, minlength=T)
+        k = max(int(counts.max()) if len(f) else 0, 1)
+        order = torch.argsort(f.pos, stable=True)
+        pos = f.pos[order]
+        slot = torch.arange(len(f)) - torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])[pos]
+        dec = torch.zeros(T, k, d, dtype=rep.dtype, device=rep.device)
+        act = torch.zeros(T, k, dtype=rep.dtype, device=rep.device)
+        col = torch.full((T, k), self.n_cols, dtype=torch.long, device=rep.device)
+        dec[pos, slot] = rep.coder_weight(layer, "W_dec")[f.feature[order]]
+        act[pos, slot] = f.activation[order]
+        col[pos, slot] = self.layer_offset[layer] + order.to(rep.device)
+        return dec.transpose(1, 2).contiguous(), act, col
 
     def features(self, layer: int) -> slice:
         return slice(self.layer_offset[layer], self.layer_offset[layer + 1])
-
-    def feature_layer(self, col: torch.Tensor) -> torch.Tensor:
-        return torch.bucketize(col, torch.tensor(self.layer_offset[1:]), right=True)
 
 
 def target_read(rep: LocalReplacement, t: Target) -> Read:
@@ -105,24 +126,27 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         ``[B, index.n_cols]`` edge weights in ``rep.dtype`` (zeros where no path exists).
     """
     B, T, d = len(reads), rep.n_pos, rep.d_model
-    rows = torch.zeros(B, index.n_cols, dtype=rep.dtype, device=rep.device)
+    rows = torch.zeros(B, index.n_cols + 1, dtype=rep.dtype, device=rep.device)  # + a spare column for padding
     inject: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
     for b, r in enumerate(reads):
         inject.setdefault(r.site, []).append((b, r.grad))
     top = max(r.site[1] for r in reads)
     G = torch.zeros(B, T, d, dtype=rep.dtype, device=rep.device)
+    bias_cols = lambda layer: slice(index.bias0 + layer * T, index.bias0 + (layer + 1) * T)  # noqa: E731
     for layer in range(top, -1, -1):
         fl = rep.layers[layer]
         for b, g in inject.get(("post", layer), ()):
             G[b] += g
-        # Sources writing resid_post[layer]: features, error nodes, the transcoder's constant.
-        f = fl.features
-        if len(f):
-            W_dec = rep.coder_weight(layer, "W_dec")[f.feature]
-            rows[:, index.features(layer)] = f.activation * torch.einsum("bnd,nd->bn", G[:, f.pos], W_dec)
-        err = slice(index.error0 + layer * T, index.error0 + (layer + 1) * T)
-        rows[:, err] = torch.einsum("btd,td->bt", G, fl.error)
-        bias = G @ fl.mlp_const
+        Gt = G.transpose(0, 1)  # [T, B, d]
+        # Sources writing resid_post[layer]: features (one batched GEMM over positions), error
+        # nodes and the transcoder's constant.
+        dec, act, col = index.padded[layer]
+        w = torch.bmm(Gt, dec) * act[:, None, :]  # [T, B, k]
+        if len(fl.features):
+            rows.index_copy_(1, col.flatten(), w.permute(1, 0, 2).reshape(B, -1))
+        c = torch.bmm(Gt, index.consts[layer])  # [T, B, 3]: error, MLP constant, attention constant
+        rows[:, index.error0 + layer * T : index.error0 + (layer + 1) * T] = c[..., 0].T
+        bias = c[..., 1].T
         # What the MLP reads (the skip path and feature rows of this layer).
         G_mlp = None
         if fl.W_skip is not None:
@@ -130,18 +154,20 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         for b, g in inject.get(("mlp", layer), ()):
             G_mlp = torch.zeros_like(G) if G_mlp is None else G_mlp
             G_mlp[b] += g
+        if fl.parallel or G_mlp is None:
+            bias = bias + c[..., 2].T
         if fl.parallel:
-            bias += torch.einsum("btd,td->bt", G, fl.attn_const)
             G = G + fl.attention_transpose(G) + (0 if G_mlp is None else G_mlp)
         else:
-            G_mid = G if G_mlp is None else G + G_mlp
-            bias += torch.einsum("btd,td->bt", G_mid, fl.attn_const)
-            G = G_mid + fl.attention_transpose(G_mid)
-        rows[:, index.bias0 + layer * T : index.bias0 + (layer + 1) * T] = bias
+            if G_mlp is not None:
+                G = G + G_mlp
+                bias = bias + torch.bmm(G.transpose(0, 1), fl.attn_const[:, :, None])[..., 0].T
+            G = G + fl.attention_transpose(G)
+        rows[:, bias_cols(layer)] = bias
     for b, g in inject.get(("post", -1), ()):
         G[b] += g
-    rows[:, :T] = torch.einsum("btd,td->bt", G, rep.resid0)
-    return rows
+    rows[:, :T] = torch.bmm(G.transpose(0, 1), rep.resid0[:, :, None])[..., 0].T
+    return rows[:, : index.n_cols]
 
 
 def feature_read(rep: LocalReplacement, layer: int, j: int) -> Read:
@@ -168,10 +194,11 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
     vals = torch.cat([rows[int(c)][1] for c in cols]).abs().double()
     sums = torch.zeros(len(cols), dtype=torch.float64).index_add_(0, r_idx, vals)
     vals = vals / sums[r_idx].clamp_min(1e-30)
-    mat = torch.sparse_coo_tensor(torch.stack([c_idx, r_idx]), vals, (index.n_cols, len(cols))).coalesce()
+    mat = torch.sparse_coo_tensor(torch.stack([c_idx, r_idx]), vals, (index.n_cols, len(cols)),
+                                  check_invariants=False).coalesce().to_sparse_csr()
     for _ in range(n_layers + 2):
         total += cur
-        cur = torch.sparse.mm(mat, cur[cols][:, None]).flatten()
+        cur = (mat @ cur[cols][:, None]).flatten()
         if float(cur.sum()) < 1e-12:
             break
     return total

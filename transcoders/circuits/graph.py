@@ -72,7 +72,7 @@ class Graph:
     def adjacency(self) -> torch.Tensor:
         """Sparse COO ``[N, N]`` matrix with ``A[dst, src] = weight`` (rows receive)."""
         idx = torch.stack([self.edge_dst, self.edge_src])
-        return torch.sparse_coo_tensor(idx, self.edge_weight, (self.n_nodes, self.n_nodes)).coalesce()
+        return torch.sparse_coo_tensor(idx, self.edge_weight, (self.n_nodes, self.n_nodes), check_invariants=False).coalesce()
 
     def nodes_of_kind(self, kind: str) -> torch.Tensor:
         return (self.kind == KINDS.index(kind)).nonzero().flatten()
@@ -94,7 +94,7 @@ class Graph:
         if k == "embedding":
             return f"emb {self.token_strs[pos]!r} @pos{pos}"
         t = self.targets[int((self.target_nodes == i).nonzero()[0, 0])]
-        return f"{t.label}@pos{pos}"
+        return f"{t.label or t.kind}@pos{pos}"
 
     def incoming(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(source nodes, weights)`` of the edges into node ``i``."""

@@ -25,6 +25,8 @@ import torch
 
 from .graph import KINDS, TARGET, Graph
 
+_CANDIDATES = 2_000_000  # partial-path candidates scored at once by top_paths (memory bound)
+
 
 @dataclass
 class Path:
@@ -118,8 +120,9 @@ def top_paths(graph: Graph, n: int = 10, normalize: bool = True, max_depth: int 
     paths of exactly ``k`` edges from a source to ``v`` with the largest ``|product|`` (with
     back-pointers). Since ``|p e| = |p| |e|``, any prefix of a top-``n`` path is among the top
     ``n`` prefixes of its length at its node, so the result is exact (up to ties). Each step is one
-    vectorised pass over the edges whose source holds partial paths: ``O(E n)`` per step, at
-    most ``max_depth`` (or longest path) steps.
+    vectorised pass over the edges whose source holds partial paths (at most ``O(E n)`` work,
+    usually far less thanks to the bound in :func:`_extend`), for at most ``max_depth`` (or the
+    longest path's length) steps.
 
     Args:
         n: number of paths.
@@ -150,27 +153,59 @@ def top_paths(graph: Graph, n: int = 10, normalize: bool = True, max_depth: int 
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # per length: (edge index [N, n], pred rank [N, n])
     found: list[tuple[float, int, int, int]] = []  # (|weight|, length, node, rank)
     limit = N if max_depth is None else min(max_depth, N)
+    chunk = max(1, _CANDIDATES // n)
     for k in range(1, limit + 1):
         live = (~val.isnan()).any(1) & can_extend
         e = live[src].nonzero().flatten()
         if e.numel() == 0:
             break
-        cand = val[src[e]] * w[e, None]  # [Ea, n]
-        ce, cr = (~cand.isnan()).nonzero(as_tuple=True)
-        cval = cand[ce, cr]
-        pick, rank = _segment_top(dst[e[ce]], cval.abs(), n)
-        nodes = dst[e[ce[pick]]]
-        val = torch.full((N, n), float("nan"), dtype=torch.float64)
-        edge_at = torch.full((N, n), -1, dtype=torch.long)
-        pred_rank = torch.full((N, n), -1, dtype=torch.long)
-        val[nodes, rank] = cval[pick]
-        edge_at[nodes, rank] = e[ce[pick]]
-        pred_rank[nodes, rank] = cr[pick]
+        val, edge_at, pred_rank = _extend(val, e, src, dst, w, chunk)
         steps.append((edge_at, pred_rank))
         tn, tr = (is_target[:, None] & ~val.isnan()).nonzero(as_tuple=True)
         found += [(abs(float(val[a, b])), k, int(a), int(b)) for a, b in zip(tn, tr)]
     found.sort(key=lambda t: (-t[0], t[1], t[2], t[3]))
     return [_backtrack(graph, w, steps, k, v, r) for _, k, v, r in found[:n]]
+
+
+def _extend(val: torch.Tensor, e: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor,
+            chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DP step: the best ``n`` one-edge-longer partial paths per node.
+
+    ``val [N, n]``: products of the current partial paths, ``|.|``-descending per row (NaN:
+    empty slot); ``e``: edges to extend along. Candidates ``val[src_e, r] * w_e`` are merged chunk
+    by chunk (``chunk`` edges at a time) into the running top-``n`` per receiving node, so memory
+    stays ``O(chunk n + N n)``.
+
+    Bound: with ``tau[d]`` the ``n``-th largest best-rank candidate ``|val[src_e, 0] w_e|`` over
+    the edges into ``d``, no candidate below ``tau[d]`` can make the top ``n`` (``n`` distinct
+    edges already reach it), so only edges and ranks at or above ``tau`` are scored.
+
+    Returns:
+        ``(val, edge_at, pred_rank)`` for the new length, each ``[N, n]``: product, the edge
+        taken last, and the rank of the predecessor partial path at that edge's source.
+    """
+    N, n = val.shape
+    out = torch.full((N, n), float("nan"), dtype=torch.float64)
+    edge_at = torch.full((N, n), -1, dtype=torch.long)
+    pred_rank = torch.full((N, n), -1, dtype=torch.long)
+    best0 = val[src[e], 0].abs() * w[e].abs()
+    pick, rank = _segment_top(dst[e], best0, n)
+    tau = torch.zeros(N, dtype=torch.float64)
+    nth = pick[rank == n - 1]
+    tau[dst[e[nth]]] = best0[nth]
+    e = e[best0 >= tau[dst[e]]]
+    for part in e.split(chunk):
+        cand = val[src[part]] * w[part, None]  # [chunk, n]
+        ce, cr = (~cand.isnan() & (cand.abs() >= tau[dst[part], None])).nonzero(as_tuple=True)
+        on, orank = (~out.isnan()).nonzero(as_tuple=True)  # the running best compete again
+        keys = torch.cat([on, dst[part[ce]]])
+        vals = torch.cat([out[on, orank], cand[ce, cr]])
+        edges = torch.cat([edge_at[on, orank], part[ce]])
+        preds = torch.cat([pred_rank[on, orank], cr])
+        pick, rank = _segment_top(keys, vals.abs(), n)
+        nodes = keys[pick]
+        out[nodes, rank], edge_at[nodes, rank], pred_rank[nodes, rank] = vals[pick], edges[pick], preds[pick]
+    return out, edge_at, pred_rank
 
 
 def _backtrack(graph: Graph, w: torch.Tensor, steps, k: int, node: int, rank: int) -> Path:
@@ -254,8 +289,19 @@ def _finish(nodes_rev: list[int], edges_rev: list[float]) -> Path:
 def format_path(graph: Graph, path: Path) -> str:
     """A readable chain from target back to source, e.g.
     ``logit(' Paris')@pos7 <- L8 f123 @pos5 <- emb 'The' @pos0  (weight +0.0123)``."""
-    chain = " <- ".join(graph.label(i) for i in reversed(path.nodes))
+    chain = " <- ".join(_label(graph, i) for i in reversed(path.nodes))
     return f"{chain}  (weight {path.weight:+.4g})"
+
+
+def _label(graph: Graph, i: int) -> str:
+    """``graph.label(i)``, with a fallback name for targets built without a label."""
+    if int(graph.kind[i]) == TARGET:
+        t = graph.targets[int((graph.target_nodes == i).nonzero()[0, 0])]
+        if not t.label:
+            name = {"logit": f"logit(#{t.token})", "logit_diff": f"logit(#{t.token})-logit(#{t.token_b})",
+                    "feature": f"L{t.layer} f{t.feature}"}.get(t.kind, t.kind)
+            return f"{name}@pos{int(graph.pos[i])}"
+    return graph.label(i)
 
 
 def path_weight(graph: Graph, nodes: list[int], normalize: bool = True) -> float:

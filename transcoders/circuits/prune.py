@@ -50,7 +50,7 @@ def normalized_adjacency(graph: Graph) -> torch.Tensor:
     """
     vals = _normalized_edges(graph.n_nodes, graph.edge_dst, graph.edge_weight)
     idx = torch.stack([graph.edge_dst, graph.edge_src])
-    return torch.sparse_coo_tensor(idx, vals, (graph.n_nodes, graph.n_nodes)).coalesce()
+    return torch.sparse_coo_tensor(idx, vals, (graph.n_nodes, graph.n_nodes), check_invariants=False).coalesce()
 
 
 def target_weights(graph: Graph) -> torch.Tensor:
@@ -77,7 +77,7 @@ def _propagate(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, norm: torch.T
     Raises:
         ValueError: the edges contain a cycle (the loop ran more than ``N`` steps).
     """
-    mt = torch.sparse_coo_tensor(torch.stack([src, dst]), norm, (n_nodes, n_nodes)).coalesce()
+    mt = torch.sparse_coo_tensor(torch.stack([src, dst]), norm, (n_nodes, n_nodes), check_invariants=False).coalesce()
     total = torch.zeros(n_nodes, dtype=torch.float64)
     cur = x0.double()[:, None]
     for _ in range(n_nodes + 1):

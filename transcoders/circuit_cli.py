@@ -1,0 +1,212 @@
+"""Command-line interface for circuits: ``transcoders trace | paths | intervene | verify``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from .models.loading import DEFAULT_MODEL
+
+MODEL_OPT = click.option("--model", default=DEFAULT_MODEL, show_default=True, help="the model the transcoders belong to")
+PROMPT_OPT = click.option("--prompt", required=True, help="the text to analyse")
+TARGET_OPT = click.option(
+    "--target", "target_specs", multiple=True,
+    help="logit:TOKEN, diff:A,B, feature:L.F or direction:L:FILE, each with optional @POS "
+         "[default: the top next-token logits, up to 95%% probability, at most 10]",
+)
+
+
+def _load(model: str, run_dir: Path, prompt: str | None, dtype: str = "float32"):
+    from .circuits.session import load_layer_coders, tokenize_prompt
+    from .models.loading import load_model
+
+    loaded = load_model(model, dtype=torch.float32)
+    coders = load_layer_coders(run_dir, loaded)
+    tokens = tokenize_prompt(loaded, prompt) if prompt is not None else None
+    return loaded, coders, tokens
+
+
+def _targets(specs, loaded, coders, logits: torch.Tensor):
+    from .circuits.targets import parse_target, top_logit_targets
+
+    ad = loaded.adapter
+    if not specs:
+        return top_logit_targets(logits, tokenizer=loaded.tokenizer)
+    d_sae = {layer: c.cfg.d_sae for layer, c in coders.items()}
+    return [parse_target(s, tokenizer=loaded.tokenizer, vocab_size=ad.vocab_size, n_layers=ad.n_layers,
+                         d_sae=d_sae, d_model=ad.d_model) for s in specs]
+
+
+def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int = 4, **filters) -> None:
+    from .circuits.paths import format_path, greedy_paths, top_paths
+
+    found = greedy_paths(graph, beam=beam, depth=depth, **filters) if greedy else top_paths(graph, n=n, **filters)
+    for p in found[:n]:
+        click.echo("  " + format_path(graph, p))
+
+
+def register(main: click.Group, run) -> None:
+    """Add the circuit commands to the ``transcoders`` click group; ``run`` maps library errors
+    to one-line messages."""
+
+    @main.command()
+    @click.argument("run_dir", type=click.Path(path_type=Path))
+    @MODEL_OPT
+    @PROMPT_OPT
+    @TARGET_OPT
+    @click.option("--max-feature-nodes", default=2000, show_default=True, help="feature budget, chosen by influence (0: all)")
+    @click.option("--batch-size", default=64, show_default=True, help="attribution rows per backward sweep")
+    @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+    @click.option("--node-threshold", default=0.8, show_default=True, help="pruning: cumulative node influence kept")
+    @click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")
+    @click.option("--out", type=click.Path(path_type=Path), default=Path("graph.json"), show_default=True)
+    @click.option("--paths", "n_paths", default=5, show_default=True, help="top paths to print")
+    def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
+              out, n_paths):
+        """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
+
+        def go():
+            from .circuits import LocalReplacement, attribute
+            from .circuits.export import save_graph
+            from .circuits.prune import graph_scores, node_influence, prune
+
+            t0 = time.perf_counter()
+            loaded, coders, tokens = _load(model, run_dir, prompt)
+            t_load = time.perf_counter()
+            rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer)
+            targets = _targets(target_specs, loaded, coders, rep.logits)
+            graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
+            graph.meta.update(model=model, run_dir=str(run_dir), prompt=prompt)
+            node_influence(graph)
+            pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+            full_s, pruned_s = graph_scores(graph), graph_scores(graph, pruned=pruned)
+            graph.meta["scores"] = {"full": full_s, "pruned": pruned_s}
+            save_graph(graph, out)
+            elapsed = time.perf_counter() - t_load
+            click.echo(f"prompt: {len(tokens)} tokens; {graph.meta['n_active_features']} active features; "
+                       f"{graph.meta['feature_rows']} feature rows")
+            click.echo(f"graph: {graph.n_nodes} nodes, {graph.n_edges} edges; pruned: {pruned.n_nodes} nodes, "
+                       f"{pruned.n_edges} edges")
+            click.echo(f"scores: replacement {full_s['replacement_score']:.3f}, completeness "
+                       f"{full_s['completeness_score']:.3f} (pruned: {pruned_s['replacement_score']:.3f}, "
+                       f"{pruned_s['completeness_score']:.3f})")
+            click.echo(f"time: {elapsed:.1f} s attribution ({t_load - t0:.1f} s loading)")
+            click.echo("targets: " + ", ".join(f"{t.label}@{t.pos}={float(v):.3f}" for t, v in
+                                                zip(graph.targets, graph.value[graph.target_nodes])))
+            click.echo("top paths:")
+            _print_paths(pruned, n_paths)
+            click.echo(f"wrote {out}")
+
+        run(go)
+
+    @main.command()
+    @click.argument("graph_file", type=click.Path(path_type=Path))
+    @click.option("-n", "n", default=10, show_default=True)
+    @click.option("--greedy", is_flag=True, help="Dunefsky et al.'s greedy beam search instead of exact top-N")
+    @click.option("--beam", default=5, show_default=True)
+    @click.option("--depth", default=4, show_default=True)
+    @click.option("--layers", default=None, help="comma-separated layers allowed on a path")
+    @click.option("--positions", default=None, help="comma-separated positions allowed on a path")
+    @click.option("--kinds", default=None, help="comma-separated node kinds allowed inside a path (feature,error,...)")
+    def paths(graph_file, n, greedy, beam, depth, layers, positions, kinds):
+        """Print the strongest computational paths of a saved graph."""
+
+        def go():
+            from .circuits.export import load_graph
+
+            graph = load_graph(graph_file)
+            split = lambda s, f=int: None if s is None else [f(x) for x in s.split(",")]  # noqa: E731
+            filters = {k: v for k, v in (("layers", split(layers)), ("positions", split(positions)),
+                                         ("kinds", split(kinds, str))) if v is not None}
+            _print_paths(graph, n, greedy, beam, depth, **filters)
+
+        run(go)
+
+    @main.command()
+    @click.argument("run_dir", type=click.Path(path_type=Path))
+    @MODEL_OPT
+    @PROMPT_OPT
+    @TARGET_OPT
+    @click.option("--edit", "edit_specs", multiple=True, required=True,
+                  help="LAYER.FEATURE[@POS,...]=ablate|clamp:V|scale:F")
+    @click.option("--mode", type=click.Choice(["free", "frozen", "linear"]), default="free", show_default=True)
+    @click.option("--generate", "n_generate", default=0, help="also generate N tokens with the edits on generated positions")
+    def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate):
+        """Ablate, clamp or scale features and report the change in the targets."""
+
+        def go():
+            from .circuits import LocalReplacement
+            from .circuits.interventions import ReplacementRunner, intervene_frozen, parse_edit, steer
+
+            loaded, coders, tokens = _load(model, run_dir, prompt)
+            d_sae = {layer: c.cfg.d_sae for layer, c in coders.items()}
+            edits = [parse_edit(s, n_layers=loaded.adapter.n_layers, d_sae=d_sae, n_pos=len(tokens)) for s in edit_specs]
+            runner = ReplacementRunner(loaded.adapter, coders, tokens)
+            targets = _targets(target_specs, loaded, coders, runner.run()["logits"])
+            if mode == "free":
+                before, after = runner.intervene(edits, targets)
+            else:
+                rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=torch.float64)
+                before, after = intervene_frozen(rep, edits, targets, features="held" if mode == "frozen" else "linear")
+            click.echo(f"{'target':<40} {'before':>10} {'after':>10} {'change':>10}")
+            for t, b, a in zip(targets, before.tolist(), after.tolist()):
+                click.echo(f"{t.label + '@' + str(t.pos if t.pos >= 0 else len(tokens) + t.pos):<40} {b:>10.4f} {a:>10.4f} {a - b:>+10.4f}")
+            if n_generate:
+                base, steered = steer(loaded.adapter, coders, loaded.tokenizer, prompt, edits, max_new_tokens=n_generate)
+                click.echo(f"generated (no edit): {base!r}")
+                click.echo(f"generated (edited):  {steered!r}")
+
+        run(go)
+
+    @main.command()
+    @click.argument("graph_file", type=click.Path(path_type=Path))
+    @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="[default: the graph's]")
+    @click.option("--model", default=None, help="[default: the graph's]")
+    @click.option("--top-edges", default=20, show_default=True)
+    @click.option("--top-nodes", default=10, show_default=True)
+    @click.option("--sizes", default=None, help="comma-separated circuit sizes for faithfulness [default: 1,5,10,...]")
+    @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
+    def verify(graph_file, run_dir, model, top_edges, top_nodes, sizes, out):
+        """Check a saved graph against interventions: predicted versus measured effects and the
+        faithfulness of its top-k circuits."""
+
+        def go():
+            from .circuits import LocalReplacement
+            from .circuits.export import load_graph
+            from .circuits.interventions import ReplacementRunner
+            from .circuits.verify import verify as run_verify
+            from .models.loading import load_model
+            from .circuits.session import load_layer_coders
+
+            graph = load_graph(graph_file)
+            m = model or graph.meta.get("model") or DEFAULT_MODEL
+            rd = run_dir or graph.meta.get("run_dir")
+            if rd is None:
+                raise ValueError("the graph does not name its transcoders; pass --run-dir")
+            loaded = load_model(m, dtype=torch.float32)
+            coders = load_layer_coders(rd, loaded)
+            tokens = torch.tensor(graph.tokens)
+            rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, graph.meta.get("dtype", "float32")))
+            runner = ReplacementRunner(loaded.adapter, coders, tokens)
+            report = run_verify(rep, graph, runner=runner, top_edges=top_edges, top_nodes=top_nodes,
+                                sizes=[int(x) for x in sizes.split(",")] if sizes else None)
+            s = report.summary
+            click.echo(f"edges (frozen model, {len(report.edges)} strongest): max |measured - predicted| = "
+                       f"{s['edge_max_abs_error']:.2e} (largest |edge| {s['edge_max_abs_weight']:.3f})")
+            click.echo(f"nodes ({len(report.nodes)} most influential, ablated): graph paths vs linearised model: "
+                       f"max gap {s['node_max_abs_gap_linear']:.2e}; vs free replacement model: mean gap "
+                       f"{s['node_mean_abs_gap_free']:.3f}")
+            for n in report.nodes[:5]:
+                click.echo(f"  {n['node']:<24} predicted {n['predicted'][0]:+.4f}  linear {n['measured_linear'][0]:+.4f}  "
+                           f"free {n['measured_free'][0]:+.4f}  ({n['targets'][0]})")
+            click.echo("faithfulness F(top-k features), rest mean-ablated: " +
+                       ", ".join(f"k={f['k']}: {f['F_mean']:.3f}" for f in report.faithfulness))
+            if out is not None:
+                out.write_text(json.dumps(report.to_dict(), indent=1))
+                click.echo(f"wrote {out}")
+
+        run(go)
