@@ -41,12 +41,25 @@ def _targets(specs, loaded, coders, logits: torch.Tensor):
                          d_sae=d_sae, d_model=ad.d_model) for s in specs]
 
 
-def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int = 4, **filters) -> None:
+def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int = 4, rep=None, **filters) -> None:
+    """Print paths; with the replacement model ``rep``, name the attention head that carries
+    each edge between positions (its largest share, from the exact per-head split)."""
+    from .circuits.graph import BIAS
+    from .circuits.heads import split_edge
     from .circuits.paths import format_path, greedy_paths, top_paths
 
     found = greedy_paths(graph, beam=beam, depth=depth, **filters) if greedy else top_paths(graph, n=n, **filters)
     for p in found[:n]:
         click.echo("  " + format_path(graph, p))
+        if rep is None:
+            continue
+        for src, dst in zip(p.nodes[:-1], p.nodes[1:]):
+            if int(graph.kind[src]) == BIAS or int(graph.pos[src]) == int(graph.pos[dst]):
+                continue
+            parts = split_edge(rep, graph, src, dst)
+            total = sum(abs(c.weight) for c in parts) or 1.0
+            click.echo(f"      {graph.label(src)} -> {graph.label(dst)}: first carried by {parts[0].describe()} ({100 * abs(parts[0].weight) / total:.0f}% of "
+                       "the edge's |parts|)")
 
 
 def register(main: click.Group, run) -> None:
@@ -80,13 +93,15 @@ def register(main: click.Group, run) -> None:
             rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer)
             targets = _targets(target_specs, loaded, coders, rep.logits)
             graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
+            t_graph = time.perf_counter()
             graph.meta.update(model=model, run_dir=str(run_dir), prompt=prompt)
             node_influence(graph)
             pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
             full_s, pruned_s = graph_scores(graph), graph_scores(graph, pruned=pruned)
             graph.meta["scores"] = {"full": full_s, "pruned": pruned_s}
+            t_scores = time.perf_counter()
             save_graph(graph, out)
-            elapsed = time.perf_counter() - t_load
+            t_save = time.perf_counter()
             click.echo(f"prompt: {len(tokens)} tokens; {graph.meta['n_active_features']} active features; "
                        f"{graph.meta['feature_rows']} feature rows")
             click.echo(f"graph: {graph.n_nodes} nodes, {graph.n_edges} edges; pruned: {pruned.n_nodes} nodes, "
@@ -94,11 +109,12 @@ def register(main: click.Group, run) -> None:
             click.echo(f"scores: replacement {full_s['replacement_score']:.3f}, completeness "
                        f"{full_s['completeness_score']:.3f} (pruned: {pruned_s['replacement_score']:.3f}, "
                        f"{pruned_s['completeness_score']:.3f})")
-            click.echo(f"time: {elapsed:.1f} s attribution ({t_load - t0:.1f} s loading)")
+            click.echo(f"time: {t_graph - t_load:.1f} s graph, {t_scores - t_graph:.1f} s influence/pruning/scores, "
+                       f"{t_save - t_scores:.1f} s saving ({t_load - t0:.1f} s loading model and transcoders)")
             click.echo("targets: " + ", ".join(f"{t.label}@{t.pos}={float(v):.3f}" for t, v in
                                                 zip(graph.targets, graph.value[graph.target_nodes])))
-            click.echo("top paths:")
-            _print_paths(pruned, n_paths)
+            click.echo("top paths from the prompt's tokens (pruned graph):")
+            _print_paths(pruned, n_paths, rep=rep, source_kinds=["embedding"])
             click.echo(f"wrote {out}")
 
         run(go)
@@ -112,7 +128,8 @@ def register(main: click.Group, run) -> None:
     @click.option("--layers", default=None, help="comma-separated layers allowed on a path")
     @click.option("--positions", default=None, help="comma-separated positions allowed on a path")
     @click.option("--kinds", default=None, help="comma-separated node kinds allowed inside a path (feature,error,...)")
-    def paths(graph_file, n, greedy, beam, depth, layers, positions, kinds):
+    @click.option("--sources", default=None, help="comma-separated node kinds a path may start at (embedding,feature,...)")
+    def paths(graph_file, n, greedy, beam, depth, layers, positions, kinds, sources):
         """Print the strongest computational paths of a saved graph."""
 
         def go():
@@ -122,6 +139,8 @@ def register(main: click.Group, run) -> None:
             split = lambda s, f=int: None if s is None else [f(x) for x in s.split(",")]  # noqa: E731
             filters = {k: v for k, v in (("layers", split(layers)), ("positions", split(positions)),
                                          ("kinds", split(kinds, str))) if v is not None}
+            if sources is not None and not greedy:
+                filters["source_kinds"] = split(sources, str)
             _print_paths(graph, n, greedy, beam, depth, **filters)
 
         run(go)

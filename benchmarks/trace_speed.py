@@ -1,0 +1,133 @@
+"""Attribution-graph speed and memory: ours vs circuit-tracer, same machine, same run.
+
+SmolLM2-135M-Instruct with transcoders for all 30 layers (a run folder of `transcoders train
+--layers all`; JumpReLU ones load in circuit-tracer too), one prompt, the same feature-node
+budget. Each side runs in its own process so peak RSS is its own:
+
+  a. ours: `LocalReplacement` + `attribute` (float32), then influence, pruning and scores;
+     wall seconds for the graph (model and transcoder loading excluded) and peak RSS;
+  b. circuit-tracer (upstream 0.4.1, in its own venv, benchmarks/peer_circuit_tracer.py) on
+     the same prompt, transcoders (converted to its format) and budget.
+
+    .venv/bin/python benchmarks/trace_speed.py --run-dir runs/all-jumprelu
+    .venv/bin/python benchmarks/trace_speed.py --run-dir runs/all-jumprelu --nodes 1000 --no-peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Fellow citizens, the state of the Union is strong. Our economy is growing and our people are"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## trace_speed"
+
+
+def ours(run_dir: str, prompt: str, nodes: int, batch: int, out: str) -> dict:
+    """Child process: build one graph and report times (s) and peak RSS (MiB)."""
+    import torch
+
+    from transcoders.circuits import LocalReplacement, attribute, graph_scores, node_influence, prune, top_logit_targets
+    from transcoders.circuits.session import load_layer_coders, tokenize_prompt
+    from transcoders.models.loading import load_model
+
+    loaded = load_model()
+    coders = load_layer_coders(run_dir, loaded)
+    tokens = tokenize_prompt(loaded, prompt)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=torch.float32)
+    targets = top_logit_targets(rep.logits, tokenizer=loaded.tokenizer)
+    graph = attribute(rep, targets, max_feature_nodes=nodes, batch_size=batch)
+    t_graph = time.perf_counter() - t0
+    node_influence(graph)
+    pruned = prune(graph)
+    scores = graph_scores(graph)
+    t_all = time.perf_counter() - t0
+    result = {
+        "tokens": len(tokens), "active_features": graph.meta["n_active_features"], "feature_nodes": graph.meta["feature_rows"],
+        "nodes": graph.n_nodes, "edges": graph.n_edges, "pruned_nodes": pruned.n_nodes, "seconds_graph": t_graph,
+        "seconds_with_pruning": t_all, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_graph_mib": rss0, **scores, "targets": [t.label for t in targets],
+    }
+    Path(out).write_text(json.dumps(result))
+    return result
+
+
+def run_child(args: list[str], python: str) -> None:
+    subprocess.run([python, *args], check=True, cwd=ROOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", default="runs/all-jumprelu")
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--nodes", type=int, default=1000, help="feature-node budget on both sides")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--peer-venv", default=str(ROOT.parent / "ct-venv"))
+    ap.add_argument("--peer-model", default=str(ROOT.parent / "ct-inputs" / "smollm2"))
+    ap.add_argument("--peer-transcoders", default=None, help="circuit-tracer transcoder folder [default: converted]")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--label", default="")
+    a = ap.parse_args()
+    if a.child:
+        ours(a.run_dir, a.prompt, a.nodes, a.batch, a.child)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="trace_speed_"))
+    load = os.getloadavg()[0]
+    run_child([__file__, "--run-dir", a.run_dir, "--prompt", a.prompt, "--nodes", str(a.nodes), "--batch", str(a.batch),
+               "--child", str(tmp / "ours.json")], sys.executable)
+    mine = json.loads((tmp / "ours.json").read_text())
+    peer = None
+    peer_py = Path(a.peer_venv) / "bin" / "python"
+    if not a.no_peer and peer_py.exists():
+        ct = a.peer_transcoders or str(tmp / "ct_transcoders")
+        if a.peer_transcoders is None:
+            run_child(["benchmarks/export_ct_transcoders.py", a.run_dir, ct], sys.executable)
+        run_child(["benchmarks/peer_circuit_tracer.py", "--model", a.peer_model, "--transcoders", ct, "--prompt", a.prompt,
+                   "--max-feature-nodes", str(a.nodes), "--out", str(tmp / "peer.json")], str(peer_py))
+        peer = json.loads((tmp / "peer.json").read_text())
+    report(mine, peer, a, load)
+
+
+def report(mine: dict, peer: dict | None, a, load: float) -> None:
+    lines = [SECTION, "",
+             f"{datetime.date.today()} {a.label} - prompt of {mine['tokens']} tokens, SmolLM2-135M, transcoders from "
+             f"`{a.run_dir}` (all 30 layers), feature budget {a.nodes}, 2 threads. Load average at start {load:.2f}"
+             + (" (NOT quiet: timings inflated)" if load > 1.0 else "") + ".", "",
+             "| | graph s | peak RSS MiB | active features | nodes | edges | replacement | completeness |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| ours (float32) | {mine['seconds_graph']:.1f} | {mine['peak_rss_mib']:.0f} | {mine['active_features']} | "
+             f"{mine['nodes']} | {mine['edges']} | {mine['replacement_score']:.3f} | {mine['completeness_score']:.3f} |"]
+    if peer is not None:
+        lines.append(f"| circuit-tracer | {peer.get('seconds_attribution', float('nan')):.1f} | {peer.get('peak_rss_mib', 0):.0f} | "
+                     f"{peer.get('active_features', '?')} | {peer.get('nodes', '?')} | {peer.get('edges', '?')} | "
+                     f"{peer.get('replacement_score', float('nan')):.3f} | {peer.get('completeness_score', float('nan')):.3f} |")
+        if peer.get("seconds_attribution"):
+            lines += ["", f"Speed-up: {peer['seconds_attribution'] / mine['seconds_graph']:.2f}x; "
+                          f"memory ratio (peer/ours): {peer.get('peak_rss_mib', 0) / mine['peak_rss_mib']:.2f}."]
+    lines += ["", f"Ours with influence, pruning and scores: {mine['seconds_with_pruning']:.1f} s. Our completeness "
+                  "averages over row nodes only (the paper's definition); circuit-tracer's also averages in source "
+                  "nodes at 1.0, so its number reads higher.", ""]
+    text = "\n".join(lines)
+    print(text)
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if SECTION in old:
+        head, _, rest = old.partition(SECTION)
+        nxt = rest.find("\n## ")
+        old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
+    RESULTS.write_text(old.rstrip() + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
