@@ -20,7 +20,7 @@ TARGET_OPT = click.option(
 )
 
 
-def _load(model: str, run_dir: Path, prompt: str | None, dtype: str = "float32"):
+def _load(model: str, run_dir: Path, prompt: str | None):
     from .circuits.session import load_layer_coders, tokenize_prompt
     from .models.loading import load_model
 
@@ -139,7 +139,9 @@ def register(main: click.Group, run) -> None:
             split = lambda s, f=int: None if s is None else [f(x) for x in s.split(",")]  # noqa: E731
             filters = {k: v for k, v in (("layers", split(layers)), ("positions", split(positions)),
                                          ("kinds", split(kinds, str))) if v is not None}
-            if sources is not None and not greedy:
+            if sources is not None:
+                if greedy:
+                    raise ValueError("--sources works with the exact search only; drop --greedy or --sources")
                 filters["source_kinds"] = split(sources, str)
             _print_paths(graph, n, greedy, beam, depth, **filters)
 
@@ -225,6 +227,7 @@ def register(main: click.Group, run) -> None:
             click.echo("faithfulness F(top-k features), rest mean-ablated: " +
                        ", ".join(f"k={f['k']}: {f['F_mean']:.3f}" for f in report.faithfulness))
             if out is not None:
+                out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(report.to_dict(), indent=1))
                 click.echo(f"wrote {out}")
 

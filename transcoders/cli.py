@@ -21,7 +21,8 @@ from .training.checkpoint import CheckpointError
 from .training.config import TrainConfig
 from .training.trainer import TrainingDiverged, TrainingInterrupted
 
-USER_ERRORS = (ActivationCacheError, ModelLoadError, DataSourceError, AdapterError, CoderFileError, CheckpointError, ValueError)
+USER_ERRORS = (ActivationCacheError, ModelLoadError, DataSourceError, AdapterError, CoderFileError, CheckpointError, ValueError,
+               OSError)
 DEMO_TOKENS = 1_228_800
 
 
