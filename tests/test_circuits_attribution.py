@@ -218,3 +218,32 @@ def test_bad_inputs_raise_clear_errors():
     rep = LocalReplacement(adapter, coders, torch.arange(5), dtype=torch.float64)
     with pytest.raises(TargetError, match="outside"):
         attribute(rep, [Target("logit", 7, token=1)])
+
+
+def test_faithfulness_is_one_for_the_whole_graph_and_means_match_a_direct_computation():
+    from transcoders.circuits.interventions import mean_activations
+    from transcoders.circuits.verify import faithfulness
+
+    model = build_tiny_model("gpt_neox", dtype=torch.float64)
+    adapter = adapter_for(model)
+    coders = make_coders(adapter.n_layers, "transcoder", "topk")
+    tokens = torch.arange(3, 13)
+    rep = LocalReplacement(adapter, coders, tokens, dtype=torch.float64)
+    graph = attribute(rep, [Target("logit", -1, token=5), Target("logit", -1, token=6)])
+    contexts = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    means = mean_activations(adapter, coders, contexts, batch_size=2)
+    # Direct: the real model's MLP inputs, positions 1.. of each context.
+    captured = {}
+    hooks = [adapter.mlp_in_module(l).register_forward_pre_hook(
+        lambda m, a, l=l: captured.__setitem__(l, a[0])) for l in coders]
+    model(input_ids=contexts)
+    for h in hooks:
+        h.remove()
+    for layer, c in coders.items():
+        direct = c.encode(captured[layer])[:, 1:].mean((0, 1))
+        torch.testing.assert_close(means[layer], direct.float(), rtol=1e-5, atol=1e-6)
+    runner = ReplacementRunner(adapter, coders, tokens)
+    n = int((graph.kind == FEATURE).sum())
+    curve = faithfulness(runner, graph, [0, 5, n], means)
+    assert curve[0]["F"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert curve[-1]["F"] == pytest.approx([1.0, 1.0], abs=1e-6)

@@ -13,6 +13,8 @@ from .models.loading import DEFAULT_MODEL
 
 MODEL_OPT = click.option("--model", default=DEFAULT_MODEL, show_default=True, help="the model the transcoders belong to")
 PROMPT_OPT = click.option("--prompt", required=True, help="the text to analyse")
+BOS_OPT = click.option("--bos/--no-bos", default=True, show_default=True,
+                       help="put the tokenizer's BOS token first (the attention sink), if it has one")
 TARGET_OPT = click.option(
     "--target", "target_specs", multiple=True,
     help="logit:TOKEN, diff:A,B, feature:L.F or direction:L:FILE, each with optional @POS "
@@ -20,13 +22,13 @@ TARGET_OPT = click.option(
 )
 
 
-def _load(model: str, run_dir: Path, prompt: str | None):
+def _load(model: str, run_dir: Path, prompt: str | None, bos: bool = True):
     from .circuits.session import load_layer_coders, tokenize_prompt
     from .models.loading import load_model
 
     loaded = load_model(model, dtype=torch.float32)
     coders = load_layer_coders(run_dir, loaded)
-    tokens = tokenize_prompt(loaded, prompt) if prompt is not None else None
+    tokens = tokenize_prompt(loaded, prompt, bos=bos) if prompt is not None else None
     return loaded, coders, tokens
 
 
@@ -78,8 +80,9 @@ def register(main: click.Group, run) -> None:
     @click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")
     @click.option("--out", type=click.Path(path_type=Path), default=Path("graph.json"), show_default=True)
     @click.option("--paths", "n_paths", default=5, show_default=True, help="top paths to print")
+    @BOS_OPT
     def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
-              out, n_paths):
+              out, n_paths, bos):
         """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
 
         def go():
@@ -88,7 +91,7 @@ def register(main: click.Group, run) -> None:
             from .circuits.prune import graph_scores, node_influence, prune
 
             t0 = time.perf_counter()
-            loaded, coders, tokens = _load(model, run_dir, prompt)
+            loaded, coders, tokens = _load(model, run_dir, prompt, bos)
             t_load = time.perf_counter()
             rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer)
             targets = _targets(target_specs, loaded, coders, rep.logits)
@@ -156,14 +159,15 @@ def register(main: click.Group, run) -> None:
                   help="LAYER.FEATURE[@POS,...]=ablate|clamp:V|scale:F")
     @click.option("--mode", type=click.Choice(["free", "frozen", "linear"]), default="free", show_default=True)
     @click.option("--generate", "n_generate", default=0, help="also generate N tokens with the edits on generated positions")
-    def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate):
+    @BOS_OPT
+    def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate, bos):
         """Ablate, clamp or scale features and report the change in the targets."""
 
         def go():
             from .circuits import LocalReplacement
             from .circuits.interventions import ReplacementRunner, intervene_frozen, parse_edit, steer
 
-            loaded, coders, tokens = _load(model, run_dir, prompt)
+            loaded, coders, tokens = _load(model, run_dir, prompt, bos)
             d_sae = {layer: c.cfg.d_sae for layer, c in coders.items()}
             edits = [parse_edit(s, n_layers=loaded.adapter.n_layers, d_sae=d_sae, n_pos=len(tokens)) for s in edit_specs]
             runner = ReplacementRunner(loaded.adapter, coders, tokens)
@@ -190,8 +194,10 @@ def register(main: click.Group, run) -> None:
     @click.option("--top-edges", default=20, show_default=True)
     @click.option("--top-nodes", default=10, show_default=True)
     @click.option("--sizes", default=None, help="comma-separated circuit sizes for faithfulness [default: 1,5,10,...]")
+    @click.option("--mean-tokens", default=2048, show_default=True,
+                  help="held-out corpus tokens for the mean activations used in ablation (0: the prompt's mean)")
     @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
-    def verify(graph_file, run_dir, model, top_edges, top_nodes, sizes, out):
+    def verify(graph_file, run_dir, model, top_edges, top_nodes, sizes, mean_tokens, out):
         """Check a saved graph against interventions: predicted versus measured effects and the
         faithfulness of its top-k circuits."""
 
@@ -213,8 +219,14 @@ def register(main: click.Group, run) -> None:
             tokens = torch.tensor(graph.tokens)
             rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, graph.meta.get("dtype", "float32")))
             runner = ReplacementRunner(loaded.adapter, coders, tokens)
+            means = None
+            if mean_tokens:
+                from .circuits.interventions import mean_activations
+                from .circuits.session import reference_tokens
+
+                means = mean_activations(loaded.adapter, coders, reference_tokens(loaded, mean_tokens))
             report = run_verify(rep, graph, runner=runner, top_edges=top_edges, top_nodes=top_nodes,
-                                sizes=[int(x) for x in sizes.split(",")] if sizes else None)
+                                sizes=[int(x) for x in sizes.split(",")] if sizes else None, means=means)
             s = report.summary
             click.echo(f"edges (frozen model, {len(report.edges)} strongest): max |measured - predicted| = "
                        f"{s['edge_max_abs_error']:.2e} (largest |edge| {s['edge_max_abs_weight']:.3f})")
@@ -224,7 +236,8 @@ def register(main: click.Group, run) -> None:
             for n in report.nodes[:5]:
                 click.echo(f"  {n['node']:<24} predicted {n['predicted'][0]:+.4f}  linear {n['measured_linear'][0]:+.4f}  "
                            f"free {n['measured_free'][0]:+.4f}  ({n['targets'][0]})")
-            click.echo("faithfulness F(top-k features), rest mean-ablated: " +
+            click.echo(f"faithfulness F(top-k features), rest mean-ablated ({'corpus' if means else 'prompt'} means, "
+                       "first position kept): " +
                        ", ".join(f"k={f['k']}: {f['F_mean']:.3f}" for f in report.faithfulness))
             if out is not None:
                 out.parent.mkdir(parents=True, exist_ok=True)

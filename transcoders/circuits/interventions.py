@@ -258,6 +258,37 @@ class ReplacementRunner:
         return self.target_values(self.run(), targets), self.target_values(self.run(edits), targets)
 
 
+@torch.no_grad()
+def mean_activations(adapter: ModelAdapter, coders: dict[int, SparseCoder], contexts: torch.Tensor, *,
+                     batch_size: int = 8, skip_first: bool = True) -> dict[int, torch.Tensor]:
+    """``{layer: [d_sae]}`` mean feature activations of every coder on the real model's MLP
+    inputs over ``contexts [n, ctx]`` (the reference for mean ablation).
+
+    ``skip_first`` leaves out each context's first position, the attention sink, whose
+    activations are unlike any other position's.
+    """
+    sums = {layer: torch.zeros(c.cfg.d_sae, dtype=torch.float64) for layer, c in coders.items()}
+    count = 0
+
+    def record(layer):
+        coder = coders[layer]
+
+        def fn(x):
+            a = coder.encode(x.to(coder.W_enc.dtype))
+            a = a[:, 1:] if skip_first else a
+            sums[layer] += a.double().sum((0, 1)).cpu()
+            return adapter.mlp_forward(layer, x)
+
+        return fn
+
+    with splice_mlps(adapter, {layer: record(layer) for layer in coders}):
+        for i in range(0, len(contexts), batch_size):
+            ids = contexts[i : i + batch_size].to(adapter.device)
+            adapter.model(input_ids=ids)
+            count += ids.shape[0] * (ids.shape[1] - (1 if skip_first else 0))
+    return {layer: (s / max(count, 1)).float() for layer, s in sums.items()}
+
+
 # ---------------------------------------------------------------------------- steering
 @torch.no_grad()
 def steer(adapter: ModelAdapter, coders: dict[int, SparseCoder], tokenizer, prompt: str, edits: list[FeatureEdit],

@@ -37,8 +37,13 @@ def load_layer_coders(run_dir: str | Path, loaded: LoadedModel) -> dict[int, Spa
     return coders
 
 
-def tokenize_prompt(loaded: LoadedModel, prompt: str) -> torch.Tensor:
-    """``[T]`` token ids of ``prompt`` with the tokenizer's usual special tokens (e.g. BOS).
+def tokenize_prompt(loaded: LoadedModel, prompt: str, *, bos: bool = True) -> torch.Tensor:
+    """``[T]`` token ids of ``prompt``.
+
+    With ``bos`` (the default), the tokenizer's BOS token is put first if the tokenizer has one
+    and did not add it itself (SmolLM2's adds none): the first position of a prompt acts as an
+    attention sink, and a dedicated BOS keeps that role off the prompt's first word, as
+    circuit-tracer does.
 
     Raises:
         ValueError: the prompt is empty or longer than the model's context.
@@ -46,7 +51,19 @@ def tokenize_prompt(loaded: LoadedModel, prompt: str) -> torch.Tensor:
     ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
         raise ValueError("the prompt is empty; pass some text with --prompt")
+    bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
+    if bos and bos_id is not None and int(ids[0]) != bos_id:
+        ids = torch.cat([torch.tensor([bos_id]), ids])
     limit = loaded.adapter.max_context
     if ids.numel() > limit:
         raise ValueError(f"the prompt is {ids.numel()} tokens but the model's context is {limit}; shorten it")
     return ids
+
+
+def reference_tokens(loaded: LoadedModel, n_tokens: int = 4096, ctx_len: int = 128) -> torch.Tensor:
+    """``[n_ctx, ctx_len]`` held-out tokens of the bundled State of the Union corpus (addresses
+    training never sees), for mean activations."""
+    from ..data.tokens import build_token_split
+
+    split = build_token_split(None, loaded.tokenizer, ctx_len, max_train_tokens=ctx_len, max_eval_tokens=n_tokens)
+    return split.eval

@@ -9,8 +9,9 @@
   replacement model measures how far the linear picture is from the real computation.
 - Faithfulness of circuits of growing size k (Marks et al. 2024; Ameisen et al. 2025):
   ``F(C) = (m(C) - m(empty)) / (m(model) - m(empty))``, where C holds the k most influential
-  features, every other feature is mean-ablated and error nodes stay at their clean values,
-  in the free replacement model.
+  features, every other active feature (graph node) is mean-ablated, inactive features and
+  the first position (the attention sink) stay free, and error nodes stay at their clean
+  values, in the free replacement model.
 """
 
 from __future__ import annotations
@@ -122,22 +123,29 @@ def check_nodes(rep: LocalReplacement, graph: Graph, runner: ReplacementRunner |
 
 @torch.no_grad()
 def faithfulness(runner: ReplacementRunner, graph: Graph, sizes: list[int],
-                 means: dict[int, torch.Tensor] | None = None) -> list[dict]:
+                 means: dict[int, torch.Tensor] | None = None, keep_positions: tuple[int, ...] = (0,)) -> list[dict]:
     """``F(C_k)`` for the ``k`` most influential features (module docstring).
 
     Args:
-        means: ``{layer: [d_sae]}`` mean activations used for ablation; default: the mean over
+        means: ``{layer: [d_sae]}`` mean activations used for ablation (see
+            :func:`~transcoders.circuits.interventions.mean_activations`); default: the mean over
             the prompt's positions.
+        keep_positions: positions whose features are never ablated. Default: the first, the
+            attention sink (BOS), whose features circuit-tracer leaves out of graphs too.
     Returns:
         one dict per k: ``k``, ``F`` per target and their target-weighted mean ``F_mean``.
     """
+    clean = runner.clean_activations()
     if means is None:
-        means = {layer: a.mean(0) for layer, a in runner.clean_activations().items()}
-    T = runner.tokens.numel()
+        means = {layer: a.mean(0) for layer, a in clean.items()}
     targets = graph.targets
     ranking = _feature_ranking(graph)
     full = runner.target_values(runner.run(), targets)
-    empty_keep = {layer: torch.zeros(T, m.numel(), dtype=torch.bool) for layer, m in means.items()}
+    # The graph's nodes are the features active on the prompt: those outside C are ablated;
+    # inactive features are not nodes and stay free (so the whole graph gives F = 1).
+    empty_keep = {layer: (a == 0).cpu() for layer, a in clean.items()}
+    for m in empty_keep.values():
+        m[list(keep_positions)] = True
     empty = runner.target_values(runner.run(keep=empty_keep, means=means), targets)
     weights = torch.tensor([t.weight for t in targets], dtype=torch.float64)
     weights = weights / weights.sum()
