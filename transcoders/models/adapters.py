@@ -90,12 +90,13 @@ def norm_spec(module: nn.Module) -> NormSpec:
     """
     if isinstance(module, nn.LayerNorm):
         d = module.normalized_shape[-1]
-        w = module.weight.detach() if module.weight is not None else torch.ones(d)
+        w = module.weight.detach() if module.weight is not None else torch.ones(d)  # no affine weight: callers move it to their device
         b = module.bias.detach() if module.bias is not None else None
         return NormSpec(module, "layernorm", w, b, float(module.eps))
     name = type(module).__name__
     if "RMSNorm" in name and hasattr(module, "weight"):
-        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
+        eps = getattr(module, "variance_epsilon", None)
+        eps = getattr(module, "eps", None) if eps is None else eps
         w = module.weight.detach()
         if name.startswith("Gemma"):  # Gemma scales by (1 + w)
             w = 1.0 + w
