@@ -135,11 +135,11 @@ def report(mine: dict, peer: dict | None, a, load: float) -> None:
              f"{mine['nodes']} | {mine['edges']} | {mine['replacement_score']:.3f} | {mine['completeness_score']:.3f} |"]
     if peer is not None:
         lines.append(f"| circuit-tracer ({a.peer_backend}, batch {a.peer_batch}) | {peer['attribution_s']:.1f} | "
-                     f"{peer['peak_rss_mib']:.0f} | {peer['n_active_features']} | {peer['n_nodes']} | "
+                     f"{peer['peak_rss_attribution_mib']:.0f} | {peer['n_active_features']} | {peer['n_nodes']} | "
                      f"{peer['n_edges_nonzero']} | {peer['replacement_score']:.3f} | {peer['completeness_score']:.3f} |")
         lines += ["", f"**Speed-up: {peer['attribution_s'] / mine['seconds_graph']:.2f}x** (circuit-tracer s / ours s, "
                       f"fastest of {a.repeat} each); peak memory while attributing, circuit-tracer / ours: "
-                      f"{peer['peak_rss_mib'] / mine['peak_rss_mib']:.2f}. Top target: ours "
+                      f"{peer['peak_rss_attribution_mib'] / mine['peak_rss_mib']:.2f}. Top target: ours "
                       f"{mine['targets'][0]} (p={mine['top_target_prob']:.3f}), circuit-tracer "
                       f"{peer['top_logit']['token']!r} (p={peer['top_logit']['prob']:.3f}).",
                   "", "circuit-tracer leaves the BOS position's features out of its graph and stores a dense "
