@@ -107,7 +107,7 @@ def test_injecting_a_source_changes_each_target_by_its_edge(setup):
             v[pos] = graph.activation[node] * rep.coders[layer].W_dec[int(graph.feature[node])]
             post[layer] = -v
         else:
-            v[pos] = rep.layers[layer].mlp_const
+            v[pos] = rep.layers[layer].mlp_const[pos]
             post[layer] = -v
             a = torch.zeros(T, d, dtype=torch.float64)
             a[pos] = rep.layers[layer].attn_const[pos]
@@ -247,3 +247,29 @@ def test_faithfulness_is_one_for_the_whole_graph_and_means_match_a_direct_comput
     curve = faithfulness(runner, graph, [0, 5, n], means)
     assert curve[0]["F"] == pytest.approx([0.0, 0.0], abs=1e-9)
     assert curve[-1]["F"] == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_constant_positions_fold_features_into_bias_nodes_and_stay_exact():
+    model = build_tiny_model("llama", dtype=torch.float64)
+    adapter = adapter_for(model)
+    coders = make_coders(adapter.n_layers, "transcoder", "topk")
+    tokens = torch.arange(3, 13)
+    plain = LocalReplacement(adapter, coders, tokens, dtype=torch.float64)
+    rep = LocalReplacement(adapter, coders, tokens, dtype=torch.float64, constant_positions=(0,))
+    for a, b in zip(plain.layers, rep.layers):
+        assert (b.features.pos != 0).all() and len(b.features) == int((a.features.pos != 0).sum())
+        torch.testing.assert_close(b.error, a.error)  # same model, same errors
+    graph = attribute(rep, [Target("logit", -1, token=5)])
+    rows = (~graph.value.isnan()).nonzero().flatten()
+    incoming = torch.zeros(graph.n_nodes, dtype=torch.float64).index_add_(0, graph.edge_dst, graph.edge_weight.double())
+    torch.testing.assert_close(incoming[rows] + graph.const[rows] + graph.dropped[rows], graph.value[rows])
+    # The bias node of layer 1 at position 0 now carries that position's features too.
+    node = int(((graph.kind == BIAS) & (graph.layer == 1) & (graph.pos == 0)).nonzero()[0, 0])
+    v = torch.zeros(rep.n_pos, rep.d_model, dtype=torch.float64)
+    v[0] = rep.layers[1].mlp_const[0]
+    a = torch.zeros_like(v)
+    a[0] = rep.layers[1].attn_const[0]
+    base = rep.forward().logits[-1, 5]
+    after = rep.forward({1: -v}, {1: -a}).logits[-1, 5]
+    edge = graph.edge_weight[(graph.edge_dst == graph.target_nodes[0]) & (graph.edge_src == node)].sum()
+    assert float(base - after) == pytest.approx(float(edge), rel=1e-8, abs=1e-12)

@@ -32,6 +32,13 @@ def _load(model: str, run_dir: Path, prompt: str | None, bos: bool = True):
     return loaded, coders, tokens
 
 
+def _constant_positions(loaded, tokens: torch.Tensor, bos: bool) -> tuple[int, ...]:
+    """``(0,)`` when the prompt starts with the BOS token: that position never depends on the
+    prompt, so its features are folded into the bias nodes."""
+    bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
+    return (0,) if bos and bos_id is not None and int(tokens[0]) == bos_id else ()
+
+
 def _targets(specs, loaded, coders, logits: torch.Tensor):
     from .circuits.targets import parse_target, top_logit_targets
 
@@ -93,11 +100,13 @@ def register(main: click.Group, run) -> None:
             t0 = time.perf_counter()
             loaded, coders, tokens = _load(model, run_dir, prompt, bos)
             t_load = time.perf_counter()
-            rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer)
+            constant = _constant_positions(loaded, tokens, bos)
+            rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer,
+                                   constant_positions=constant)
             targets = _targets(target_specs, loaded, coders, rep.logits)
             graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
             t_graph = time.perf_counter()
-            graph.meta.update(model=model, run_dir=str(run_dir), prompt=prompt)
+            graph.meta.update(model=model, run_dir=str(run_dir), prompt=prompt, constant_positions=list(constant))
             node_influence(graph)
             pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
             full_s, pruned_s = graph_scores(graph), graph_scores(graph, pruned=pruned)
@@ -217,7 +226,8 @@ def register(main: click.Group, run) -> None:
             loaded = load_model(m, dtype=torch.float32)
             coders = load_layer_coders(rd, loaded)
             tokens = torch.tensor(graph.tokens)
-            rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, graph.meta.get("dtype", "float32")))
+            rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, graph.meta.get("dtype", "float32")),
+                                   constant_positions=tuple(graph.meta.get("constant_positions", ())))
             runner = ReplacementRunner(loaded.adapter, coders, tokens)
             means = None
             if mean_tokens:

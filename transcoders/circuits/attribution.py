@@ -66,7 +66,7 @@ class SourceIndex:
         self.n_features = int(sizes.sum())
         self.padded = [self._pad(rep, layer) for layer in range(L)]
         # Per layer [T, d, 3]: error node, the MLP's constant, attention's constant.
-        self.consts = [torch.stack([fl.error, fl.mlp_const.expand(T, -1), fl.attn_const], dim=-1) for fl in rep.layers]
+        self.consts = [torch.stack([fl.error, fl.mlp_const, fl.attn_const], dim=-1) for fl in rep.layers]
 
     def _pad(self, rep: LocalReplacement, layer: int):
         f = rep.layers[layer].features

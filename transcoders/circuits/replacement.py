@@ -97,7 +97,7 @@ class FrozenLayer:
     features: ActiveFeatures = None
     error: torch.Tensor = None  # [T, d]
     attn_const: torch.Tensor = None  # [T, d]: what attention writes with a zero input
-    mlp_const: torch.Tensor = None  # [d]: b_dec (+ ln bias @ W_skip)
+    mlp_const: torch.Tensor = None  # [T, d]: b_dec (+ ln bias @ W_skip; + features at constant positions)
 
     @property
     def group(self) -> int:
@@ -219,6 +219,8 @@ class LocalReplacement:
             any activation); the features of all layers become graph nodes.
         tokens: ``[T]`` prompt token ids (include BOS yourself if the model wants one).
         dtype: compute dtype; float64 makes every identity exact to ~1e-12.
+        constant_positions: positions whose features are folded into the bias nodes (use
+            ``(0,)`` when the prompt starts with BOS: that position never depends on the prompt).
 
     Attributes:
         tokens ``[T]``; ``resid0 [T, d]`` (embedding nodes' writes); ``layers`` (one
@@ -238,6 +240,7 @@ class LocalReplacement:
         *,
         dtype: torch.dtype = torch.float32,
         tokenizer=None,
+        constant_positions: tuple[int, ...] = (),
     ):
         tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         if tokens.numel() == 0:
@@ -264,6 +267,7 @@ class LocalReplacement:
                 )
         self.adapter, self.coders, self.dtype, self.tokens = adapter, coders, dtype, tokens
         self.tokenizer = tokenizer
+        self.constant_positions = torch.tensor(sorted(constant_positions), dtype=torch.long, device=adapter.device)
         self.device = adapter.device
         internals = [adapter.block_internals(layer) for layer in range(n)]
         rec = _capture(adapter, tokens, internals)
@@ -338,8 +342,17 @@ class LocalReplacement:
             fl.features = self._encode(layer, fl.mlp_in)
             b_dec = self.coder_weight(layer, "b_dec")
             const_in = fl.ln_mlp.bias
-            fl.mlp_const = b_dec if (fl.W_skip is None or const_in is None) else b_dec + const_in @ fl.W_skip
+            const = b_dec if (fl.W_skip is None or const_in is None) else b_dec + const_in @ fl.W_skip
+            fl.mlp_const = const.expand(self.n_pos, -1).clone()
             recon = self.feature_write(layer) + b_dec
+            if self.constant_positions.numel():
+                # Everything at these positions is input-independent (e.g. BOS at position 0 sees
+                # only itself): their features join the bias nodes instead of spending the
+                # feature budget, as circuit-tracer leaves BOS features out.
+                f = fl.features
+                fixed = torch.isin(f.pos, self.constant_positions)
+                fl.mlp_const += self.feature_write(layer, f.activation * fixed)
+                fl.features = ActiveFeatures(f.pos[~fixed], f.feature[~fixed], f.activation[~fixed], f.pre_act[~fixed])
             if fl.W_skip is not None:
                 recon = recon + fl.mlp_in @ fl.W_skip
             fl.error = fl.mlp_out - recon

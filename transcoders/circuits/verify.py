@@ -140,6 +140,8 @@ def faithfulness(runner: ReplacementRunner, graph: Graph, sizes: list[int],
         means = {layer: a.mean(0) for layer, a in clean.items()}
     targets = graph.targets
     ranking = _feature_ranking(graph)
+    # Features at kept positions are never ablated, so they are not candidates for C.
+    ranking = ranking[~torch.isin(graph.pos[ranking], torch.tensor(list(keep_positions), dtype=torch.long))]
     full = runner.target_values(runner.run(), targets)
     # The graph's nodes are the features active on the prompt: those outside C are ablated;
     # inactive features are not nodes and stay free (so the whole graph gives F = 1).
