@@ -17,7 +17,7 @@ import torch
 from conftest import FAMILIES, build_tiny_model
 from transcoders.circuits import LocalReplacement, ReplacementError, Target, TargetError, attribute
 from transcoders.circuits.graph import BIAS, EMBEDDING, ERROR, FEATURE
-from transcoders.circuits.heads import split_edge
+from transcoders.circuits.heads import split_edge, split_edge_last
 from transcoders.circuits.interventions import FeatureEdit, ReplacementRunner, intervene_frozen
 from transcoders.circuits.verify import check_edges, predicted_total_effects
 from transcoders.coders.coder import SparseCoder
@@ -138,6 +138,9 @@ def test_head_split_sums_to_edge(setup):
         if graph.pos[s] != graph.pos[d]:  # a direct residual read needs the same position
             assert all(p.kind != "residual" for p in parts)
             assert any(p.kind == "head" for p in parts)
+        last = split_edge_last(rep, graph, s, d)
+        assert sum(p.weight for p in last) == pytest.approx(float(graph.edge_weight[e]), rel=1e-8, abs=1e-12)
+        assert all(p.dst_pos == int(graph.pos[d]) for p in last)  # the parts that write into the row's position
 
 
 def test_graph_paths_predict_linearised_model(setup):

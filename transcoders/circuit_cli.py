@@ -54,7 +54,7 @@ def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int 
     """Print paths; with the replacement model ``rep``, name the attention head that carries
     each edge between positions (its largest share, from the exact per-head split)."""
     from .circuits.graph import BIAS
-    from .circuits.heads import split_edge
+    from .circuits.heads import split_edge_last
     from .circuits.paths import format_path, greedy_paths, top_paths
 
     found = greedy_paths(graph, beam=beam, depth=depth, **filters) if greedy else top_paths(graph, n=n, **filters)
@@ -65,10 +65,10 @@ def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int 
         for src, dst in zip(p.nodes[:-1], p.nodes[1:]):
             if int(graph.kind[src]) == BIAS or int(graph.pos[src]) == int(graph.pos[dst]):
                 continue
-            parts = split_edge(rep, graph, src, dst)
-            total = sum(abs(c.weight) for c in parts) or 1.0
-            click.echo(f"      {graph.label(src)} -> {graph.label(dst)}: first carried by {parts[0].describe()} ({100 * abs(parts[0].weight) / total:.0f}% of "
-                       "the edge's |parts|)")
+            parts = [c for c in split_edge_last(rep, graph, src, dst) if c.kind == "head"]
+            total = sum(c.weight for c in parts) or 1.0
+            heads = ", ".join(f"{c.layer}.{c.head} ({100 * c.weight / total:+.0f}%)" for c in parts[:3])
+            click.echo(f"      {graph.label(src)} -> {graph.label(dst)}: moved into pos{int(graph.pos[dst])} mostly by heads {heads}")
 
 
 def register(main: click.Group, run) -> None:

@@ -132,3 +132,57 @@ def _at(v: torch.Tensor, q: int, rep: LocalReplacement) -> torch.Tensor:
     out = torch.zeros(rep.n_pos, rep.d_model, dtype=rep.dtype, device=rep.device)
     out[q] = v
     return out
+
+
+@torch.no_grad()
+def split_edge_last(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> list[EdgeComponent]:
+    """Split the edge ``src -> dst`` by the *last* component writing into the row's position.
+
+    The row reads the residual stream at its position ``p``; in the frozen model that stream is
+    the sum of everything written at ``p``, so the edge is exactly ``r . v`` (the source itself,
+    if it sits at ``p``) plus, for every head ``(m, h)`` and skip path, ``r . (the change the
+    source causes in what it writes at p)``, whatever route the source took to reach it.
+    This names the heads that bring information *into* the row's position (``src_pos`` of a
+    head part is then the source's position, ``dst_pos`` = ``p``).
+
+    Returns:
+        non-zero components, largest |weight| first; weights sum to the edge weight.
+    """
+    dst_kind = int(graph.kind[dst])
+    if dst_kind == FEATURE:
+        from .targets import Target
+
+        read = target_read(rep, Target("feature", int(graph.pos[dst]), layer=int(graph.layer[dst]),
+                                       feature=int(graph.feature[dst])))
+    else:
+        read = target_read(rep, graph.targets[int((graph.target_nodes == dst).nonzero()[0, 0])])
+    layer, q, v = source_write(rep, graph, src)
+    p = int(graph.pos[dst])
+    # The read vector on the residual stream at p (already through the row's frozen norm).
+    r = read.grad[p]
+    delta = _at(v, q, rep)
+    parts = [EdgeComponent("residual", read.site[1], -1, q, p, float(r @ delta[p]))]
+    top = read.site[1]
+    for m in range(layer + 1, top + 1):
+        fl = rep.layers[m]
+        last = m == top and read.site[0] == "mlp"  # a feature row reads this block's resid_mid / resid_pre
+        x = fl.ln_attn.linear(delta)
+        vv = torch.einsum("td,gde->gte", x, fl.W_V).repeat_interleave(fl.group, 0)  # [H, T, d_head]
+        z = torch.einsum("hts,hse->hte", fl.pattern, vv)  # [H, T, d_head]
+        out = torch.einsum("hte,hed->htd", z, fl.W_O)  # [H, T, d]
+        if fl.attn_out_norm is not None:
+            out = fl.attn_out_norm.linear(out)
+        if not (last and fl.parallel):  # a parallel block's MLP does not see its own attention
+            for h in range(out.shape[0]):
+                parts.append(EdgeComponent("head", m, h, q, p, float(r @ out[h, p])))
+        mid = delta if fl.parallel else delta + out.sum(0)
+        if last:
+            break
+        new = mid + (out.sum(0) if fl.parallel else 0)
+        if fl.W_skip is not None:
+            skip = fl.ln_mlp.linear(mid) @ fl.W_skip
+            parts.append(EdgeComponent("skip", m, -1, q, p, float(r @ skip[p])))
+            new = new + skip
+        delta = new
+    parts = [c for c in parts if c.weight != 0.0]
+    return sorted(parts, key=lambda c: -abs(c.weight))
