@@ -142,9 +142,9 @@ def test_evaluate_cli_on_other_text(trained_run, files):
     assert report.strip().endswith("summary.md")
     data = json.loads(printed)
     assert_metrics_shape(data, {"1"})
-    assert data["eval_tokens"] == 128
+    assert data["eval_tokens"] == 120  # 8 contexts of 16; the first position of each is the attention sink
     saved = json.loads((run / "metrics.json").read_text())
-    assert saved["eval_tokens"] == 128 and "other.jsonl" in saved["eval_data"]
+    assert saved["eval_tokens"] == 120 and "other.jsonl" in saved["eval_data"]
 
 
 def test_evaluate_cli_defaults_to_held_out_split(trained_run):
@@ -152,7 +152,7 @@ def test_evaluate_cli_defaults_to_held_out_split(trained_run):
     assert result.exit_code == 0, result.output
     out = invoke("evaluate", run, "--eval-tokens", "64", "--quiet")
     assert out.exit_code == 0, out.output
-    assert json.loads((run / "metrics.json").read_text())["eval_tokens"] == 64
+    assert json.loads((run / "metrics.json").read_text())["eval_tokens"] == 60  # 4 contexts of 16, less their sinks
 
 
 def test_train_cli_layers_all_trains_every_layer(files, tmp_path):
@@ -285,7 +285,7 @@ def test_train_cli_eval_tokens_below_ctx_len_evaluates_one_whole_context(files, 
     result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", "--eval-tokens", "8"))
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["eval_tokens"] == 16  # rounded up to one ctx_len-token context
+    assert metrics["eval_tokens"] == 15  # rounded up to one ctx_len-token context, less its sink position
 
 
 def test_train_cli_ctx_len_beyond_model_context_is_one_line_error(files, tmp_path):

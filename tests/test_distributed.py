@@ -64,7 +64,8 @@ def test_data_parallel_matches_single_process_on_the_same_global_batch(model_and
     lm = load_model(str(model_dir))
     tokens = build_token_split(str(text), lm.tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction).train
     stream = MergedStream([rank_stream(lm.adapter, tokens, [1], cfg.batch_size, seed=cfg.seed, rank=r, world=2,
-                                       block_contexts=cfg.block_contexts, model_batch=cfg.model_batch) for r in range(2)])
+                                       block_contexts=cfg.block_contexts, model_batch=cfg.model_batch,
+                                       skip_first=cfg.skip_first_tokens) for r in range(2)])
     Trainer(cfg, lm.adapter, None, tmp_path / "single", stream=stream).fit(progress=False)
     single = load_coder(tmp_path / "single" / "layers.1.mlp")
     # stated tolerance: gradients are summed across ranks in another order than in one batch

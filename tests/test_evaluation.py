@@ -236,3 +236,29 @@ def test_write_report_without_frequencies_skips_plot(tmp_path, two_layer_result)
     assert json.loads((tmp_path / METRICS).read_text())["layers"].keys() == {"0", "2"}
     assert not (tmp_path / DENSITY_PLOT).exists()
     assert (tmp_path / SUMMARY).is_file()
+
+
+def test_skip_first_leaves_the_sink_out_of_fvu_and_keeps_its_real_mlp_output(tiny_llama, tiny_tokens):
+    """With ``skip_first=1``, FVU/L0 ignore position 0 and every splice keeps the real MLP
+    output there, so a coder that is garbage only at position 0 changes nothing."""
+    from transcoders.evaluation.splice import keep_first, splice_mlps
+
+    adapter = tiny_adapter(tiny_llama)
+    coder = SparseCoder(CoderConfig(kind="transcoder", activation="topk", d_in=32, d_out=32, d_sae=64, k=4, layer=1))
+    seen = {}
+
+    def record(x):
+        seen["x"] = x
+        return torch.zeros_like(x)
+
+    with torch.no_grad(), splice_mlps(adapter, {1: keep_first(record, adapter, 1, 1)}):
+        out = tiny_llama(tiny_tokens).logits
+    with torch.no_grad():
+        ref = tiny_llama(tiny_tokens).logits
+    torch.testing.assert_close(out[:, 0], ref[:, 0])  # position 0 saw the real MLP
+    assert not torch.allclose(out[:, 1:], ref[:, 1:])
+    full = evaluate_coders(adapter, {1: coder}, tiny_tokens, progress=False)
+    skipped = evaluate_coders(adapter, {1: coder}, tiny_tokens, progress=False, skip_first=1)
+    assert full["eval_tokens"] == tiny_tokens.numel()
+    assert skipped["eval_tokens"] == tiny_tokens.numel() - tiny_tokens.shape[0]
+    assert skipped["layers"]["1"]["fvu"] != full["layers"]["1"]["fvu"]

@@ -56,7 +56,7 @@ def test_short_training_and_evaluation_on_held_out_text(smollm2, tmp_path):
     assert last["fvu"] < 0.9 * first["fvu"]
     m = json.loads((tmp_path / "metrics.json").read_text())
     layer = m["layers"]["6"]
-    assert m["eval_tokens"] == 1024
+    assert m["eval_tokens"] == 1024 - 1024 // 128  # 128-token contexts, less each sink position
     assert layer["l0"] <= 32
     assert layer["fvu"] < 0.9
     # the transcoder must beat deleting the MLP, and loss recovered must agree with its formula

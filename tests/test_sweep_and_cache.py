@@ -379,8 +379,8 @@ def test_trainer_on_float32_cache_is_bitwise_identical_to_live_training(tmp_path
     cfg = make_cfg(layers=[0, 1], total_tokens=BATCH * 8, dead_tokens=BATCH)
     live = Trainer(cfg, llama_adapter, train_tokens, tmp_path / "live")
     live.fit(progress=False)
-    folder = build_cache(_stream(llama_adapter, train_tokens, layers=(0, 1)), tmp_path / "cache",
-                         cfg.total_tokens, dtype="float32", progress=False)
+    folder = build_cache(_stream(llama_adapter, train_tokens, layers=(0, 1), skip_first=cfg.skip_first_tokens),
+                         tmp_path / "cache", cfg.total_tokens, dtype="float32", progress=False)
     cached = Trainer(cfg, llama_adapter, None, tmp_path / "cached", stream=CachedStream(folder, BATCH, [0, 1]))
     cached.fit(progress=False)
     for layer in (0, 1):

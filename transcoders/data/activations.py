@@ -92,6 +92,7 @@ class ActivationStream:
         block_contexts: contexts harvested and shuffled together (the shuffle buffer);
             ``block_contexts * ctx_len`` tokens of every layer are held in memory at once.
         model_batch: contexts per forward pass.
+        skip_first: leading positions of every context left out (the attention sink).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class ActivationStream:
         seed: int = 0,
         block_contexts: int = 64,
         model_batch: int = 16,
+        skip_first: int = 0,
     ):
         if tokens.ndim != 2 or tokens.shape[0] == 0:
             raise ValueError(f"tokens must be [n_ctx, ctx_len] with n_ctx > 0, got shape {tuple(tokens.shape)}")
@@ -116,7 +118,10 @@ class ActivationStream:
         self.seed = seed
         self.block_contexts = block_contexts
         self.model_batch = model_batch
-        self.block_tokens = block_contexts * tokens.shape[1]
+        if not 0 <= skip_first < tokens.shape[1]:
+            raise ValueError(f"skip_first={skip_first} must be below the context length {tokens.shape[1]}")
+        self.skip_first = skip_first
+        self.block_tokens = block_contexts * (tokens.shape[1] - skip_first)
 
     def context_index(self, i: int) -> int:
         """Index into ``tokens`` of the ``i``-th context of the (endless, multi-epoch) order."""
@@ -132,8 +137,8 @@ class ActivationStream:
         for start in range(0, len(ids), self.model_batch):
             acts = harvest(self.adapter, self.tokens[ids[start : start + self.model_batch]], self.layers)
             for layer, (x, y) in acts.items():
-                chunks[layer][0].append(x.flatten(0, 1))
-                chunks[layer][1].append(y.flatten(0, 1))
+                chunks[layer][0].append(x[:, self.skip_first :].flatten(0, 1))
+                chunks[layer][1].append(y[:, self.skip_first :].flatten(0, 1))
         gen = torch.Generator().manual_seed((self.seed * 7_919 + b + 1) % 2**63)
         perm = torch.randperm(self.block_tokens, generator=gen)
         return {layer: (torch.cat(xs)[perm], torch.cat(ys)[perm]) for layer, (xs, ys) in chunks.items()}
@@ -177,7 +182,8 @@ class MergedStream:
 
 
 def rank_stream(adapter: ModelAdapter, tokens: torch.Tensor, layers: Sequence[int], batch_size: int, *, seed: int,
-                rank: int, world: int, block_contexts: int = 64, model_batch: int = 16) -> ActivationStream:
+                rank: int, world: int, block_contexts: int = 64, model_batch: int = 16,
+                skip_first: int = 0) -> ActivationStream:
     """Rank ``rank``'s share of a data-parallel stream: contexts ``rank::world``, its own shuffle
     seed, ``batch_size / world`` tokens per step. With ``world == 1`` it is the plain stream.
 
@@ -188,4 +194,4 @@ def rank_stream(adapter: ModelAdapter, tokens: torch.Tensor, layers: Sequence[in
         raise ValueError(f"batch size {batch_size} does not split evenly over {world} processes: pick a multiple of {world}")
     rank_seed = seed if world == 1 else seed * 65_537 + rank
     return ActivationStream(adapter, tokens[rank::world], layers, batch_size // world, seed=rank_seed,
-                            block_contexts=block_contexts, model_batch=model_batch)
+                            block_contexts=block_contexts, model_batch=model_batch, skip_first=skip_first)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..coders.coder import SparseCoder
 from ..data.activations import harvest
 from ..models.adapters import ModelAdapter
-from .splice import coder_replacement, mean_ablation, splice_mlps, zero_ablation
+from .splice import coder_replacement, keep_first, mean_ablation, splice_mlps, zero_ablation
 
 DENSE_THRESHOLD = 0.1
 
@@ -43,6 +43,7 @@ def evaluate_coders(
     mlp_out_means: dict[int, torch.Tensor] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    skip_first: int = 0,
 ) -> dict:
     """Evaluate coders spliced one at a time into the model on held-out tokens.
 
@@ -54,6 +55,8 @@ def evaluate_coders(
         mlp_out_means: ``{layer: [d_model]}`` mean MLP output for mean ablation (training
             statistics); if missing, the mean over the eval tokens is used.
         batch_size: contexts per forward pass.
+        skip_first: leading positions of every context left out of L0/FVU, and where every
+            splice (coder, zero or mean ablation) keeps the real MLP output (the attention sink).
 
     Returns:
         ``{"layers": {"<key>": {l0, fvu, mse, dead_fraction, dense_fraction, ce_clean,
@@ -75,8 +78,8 @@ def evaluate_coders(
         for start in range(0, len(eval_tokens), batch_size):
             acts = harvest(adapter, eval_tokens[start : start + batch_size], layers)
             for layer in layers:
-                sums[layer] += acts[layer][1].double().sum((0, 1))
-            count += acts[layers[0]][1].shape[0] * acts[layers[0]][1].shape[1]
+                sums[layer] += acts[layer][1][:, skip_first:].double().sum((0, 1))
+            count += acts[layers[0]][1].shape[0] * (acts[layers[0]][1].shape[1] - skip_first)
         means = {layer: means.get(layer, (sums[layer] / count).float()) for layer in layers}
     ce_clean = 0.0
     n_pred = 0
@@ -88,8 +91,8 @@ def evaluate_coders(
         acts = harvest(adapter, ids, layers)
         for key in keys:
             a, coder = acc[key], coders[key]
-            x = acts[layer_of[key]][0].flatten(0, 1).float()
-            y = x if coder.cfg.kind == "sae" else acts[layer_of[key]][1].flatten(0, 1).float()
+            x = acts[layer_of[key]][0][:, skip_first:].flatten(0, 1).float()
+            y = x if coder.cfg.kind == "sae" else acts[layer_of[key]][1][:, skip_first:].flatten(0, 1).float()
             f = coder.encode(x.to(coder.W_enc.dtype))
             y_hat = coder.decode(f, x).float()
             active = f > 0
@@ -104,10 +107,11 @@ def evaluate_coders(
         n_pred += ids.shape[0] * (ids.shape[1] - 1)
         for layer in layers:  # ablations depend on the layer only, not on the coder
             for store, fn in ((ce_zero, zero_ablation), (ce_mean, mean_ablation(means[layer].to(device)))):
-                with splice_mlps(adapter, {layer: fn}):
+                with splice_mlps(adapter, {layer: keep_first(fn, adapter, layer, skip_first)}):
                     store[layer] += _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, None)[0]
         for key in keys:
-            with splice_mlps(adapter, {layer_of[key]: coder_replacement(coders[key], adapter)}):
+            replace = keep_first(coder_replacement(coders[key], adapter), adapter, layer_of[key], skip_first)
+            with splice_mlps(adapter, {layer_of[key]: replace}):
                 ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp)
             acc[key]["ce_spliced"] += ce
             acc[key]["kl"] += kl

@@ -83,7 +83,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, eval_tokens: i
         if (folder / "stats.safetensors").exists():
             means[coders[key].cfg.layer] = load_file(folder / "stats.safetensors")["mlp_out_mean"]
     t0 = time.perf_counter()
-    metrics = evaluate_coders(loaded.adapter, coders, tokens, mlp_out_means=means, batch_size=batch_size, progress=progress)
+    skip = train_cfg.get("skip_first_tokens", 0)  # runs from before the option trained on every position
+    metrics = evaluate_coders(loaded.adapter, coders, tokens, mlp_out_means=means, batch_size=batch_size, progress=progress,
+                              skip_first=skip)
     info = {"model": model_name, "eval_data": source, "eval_seconds": time.perf_counter() - t0, **(extra or {})}
     summary = write_report(run_dir, metrics, extra=info, header=f"{model_name} on {source}")
     metrics = {k: v for k, v in metrics.items() if k != "feature_frequency"} | info

@@ -58,6 +58,20 @@ def splice_mlps(adapter: ModelAdapter, replacements: dict[int, Replacement]) -> 
             handle.remove()
 
 
+def keep_first(replace: Replacement, adapter: ModelAdapter, layer: int, n: int) -> Replacement:
+    """``replace``, except that the first ``n`` positions keep the real MLP output (``n = 0``:
+    ``replace`` itself). Used to leave the attention-sink position out of splicing."""
+    if n == 0:
+        return replace
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        out = replace(x).clone()
+        out[:, :n] = adapter.mlp_forward(layer, x[:, :n]).to(out.dtype)
+        return out
+
+    return fn
+
+
 def zero_ablation(x: torch.Tensor) -> torch.Tensor:
     """Replacement that zero-ablates the MLP."""
     return torch.zeros_like(x)

@@ -44,6 +44,10 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=4096, gt=0, description="tokens per step")
     total_tokens: int = Field(default=2_000_000, gt=0)
     ctx_len: int = Field(default=256, gt=1)
+    skip_first_tokens: int = Field(
+        default=1, ge=0,
+        description="leading positions of every context left out of training and evaluation: position 0 is the "
+                    "attention sink, whose MLP output can be 1000x any other (SmolLM2 layers 11 and 28)")
     eval_fraction: float = Field(default=0.05, gt=0, lt=1)
     seed: int = 0
     device: str = Field(default="auto", description="'auto' = cuda if available, else cpu")

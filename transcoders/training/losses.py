@@ -72,8 +72,11 @@ def batchtopk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tenso
         x, coder.W_enc, coder.b_enc, k_row, dead=dead if k_aux else None, k_aux=k_aux, matmul_dtype=_matmul_dtype(cfg))
     values = F.relu(values)
     n_keep = coder.cfg.k * x.shape[0]
-    kth = values.detach().flatten().topk(n_keep, sorted=False).values.min()
-    keep = (values >= kth) & (values > 0)
+    # Exactly k * n entries (a threshold test would keep every tie at the boundary, e.g. the
+    # identical activations of repeated text).
+    top = values.detach().flatten().topk(n_keep, sorted=False).indices
+    keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device).index_fill_(0, top, True)
+    keep = keep.view_as(values) & (values > 0)
     values = values * keep
     fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x), red)
     loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu

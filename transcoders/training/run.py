@@ -50,10 +50,11 @@ def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor, progress: 
     folder = Path(cfg.activation_cache)
     layers = list(range(adapter.n_layers)) if cfg.layers == "all" else sorted(set(cfg.layers))
     identity = {"model": cfg.model, "data": cfg.data, "ctx_len": cfg.ctx_len, "eval_fraction": cfg.eval_fraction,
-                "harvest_dtype": cfg.harvest_dtype, "dtype": cfg.cache_dtype}
+                "harvest_dtype": cfg.harvest_dtype, "dtype": cfg.cache_dtype, "skip_first_tokens": cfg.skip_first_tokens}
     if not (folder / "meta.json").exists():
         stream = ActivationStream(adapter, train_tokens, layers, cfg.batch_size, seed=cfg.seed,
-                                  block_contexts=cfg.block_contexts, model_batch=cfg.model_batch)
+                                  block_contexts=cfg.block_contexts, model_batch=cfg.model_batch,
+                                  skip_first=cfg.skip_first_tokens)
         build_cache(stream, folder, cfg.total_tokens, dtype=cfg.cache_dtype, meta=identity, progress=progress)
     cached = CachedStream(folder, cfg.batch_size, layers)
     differs = {k: (cached.meta.get(k), v) for k, v in identity.items() if cached.meta.get(k) != v}

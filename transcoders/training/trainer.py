@@ -91,7 +91,7 @@ class Trainer:
         self.stream = stream or rank_stream(
             adapter, train_tokens, self.layers, cfg.batch_size, seed=cfg.seed,
             rank=self.rank if data_parallel else 0, world=self.world if data_parallel else 1,
-            block_contexts=cfg.block_contexts, model_batch=cfg.model_batch,
+            block_contexts=cfg.block_contexts, model_batch=cfg.model_batch, skip_first=cfg.skip_first_tokens,
         )
         names = [(layer, suffix, variant) for layer in self.layers for suffix, variant in cfg.variants()]
         if cfg.shard_layers and self.world > 1:
