@@ -116,6 +116,8 @@ _train_options = [
     click.option("--batch-size", type=int, default=4096, show_default=True, help="tokens per step"),
     click.option("--total-tokens", type=int, default=2_000_000, show_default=True),
     click.option("--ctx-len", type=int, default=256, show_default=True),
+    click.option("--skip-first-tokens", type=int, default=1, show_default=True,
+                 help="leading positions of each context left out of training and evaluation (the attention sink)"),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="coder matmul precision"),
     click.option("--harvest-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True),
