@@ -456,3 +456,26 @@ def test_verify_graph_without_run_dir_is_one_line_error(exact_graph, tmp_path):
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps(obj))
     assert_one_line_error(invoke("verify", bare), "pass --run-dir")
+
+
+def test_feature_prints_deembedding_logit_effects_and_pullback_from_weights(files):
+    from transcoders.circuits import weights as W
+    from transcoders.coders.io import load_coder
+    from transcoders.models.loading import load_model
+
+    result = invoke("feature", files["run"], "2.7", "--model", files["model"], "-k", "3", "--head", "1.2")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    titles = [ln for ln in lines if not ln.startswith("  ")]
+    assert len(titles) == 4 and "de-embedding" in titles[0] and "head 1.2" in titles[1]
+    assert "logits" in titles[2] and "layer-1 features" in titles[3]
+    # The printed pullback equals the library's (same top feature and score).
+    loaded = load_model(str(files["model"]))
+    coders = {layer: load_coder(files["run"] / f"layers.{layer}.mlp") for layer in (1, 2)}
+    top = W.pullback(coders, 2, 7, 1, loaded.adapter, k=3)
+    first = lines[lines.index(titles[3]) + 1].split()
+    assert first[0] == "+" and first[1] == f"L1/{int(top.top_ids[0])}"
+    assert float(first[2]) == pytest.approx(float(top.top_scores[0]), abs=1e-4)
+    # Bad specs are one-line errors.
+    assert_one_line_error(invoke("feature", files["run"], "2x7", "--model", files["model"]), "LAYER.FEATURE")
+    assert_one_line_error(invoke("feature", files["run"], "2.7", "--model", files["model"], "--head", "9"), "--head")

@@ -255,3 +255,58 @@ def register(main: click.Group, run) -> None:
                 click.echo(f"wrote {out}")
 
         run(go)
+
+    @main.command()
+    @click.argument("run_dir", type=click.Path(path_type=Path))
+    @click.argument("feature_spec", metavar="LAYER.FEATURE")
+    @MODEL_OPT
+    @click.option("-k", "k", default=10, show_default=True, help="entries per list")
+    @click.option("--pullback-layer", type=int, default=None, help="earlier layer for the pullback [default: LAYER - 1]")
+    @click.option("--head", "heads", multiple=True, help="ATTN_LAYER.HEAD: also de-embed through this head's OV circuit")
+    def feature(run_dir, feature_spec, model, k, pullback_layer, heads):
+        """Input-invariant view of one feature, from weights alone: the tokens that excite it
+        directly (de-embedding) and through given heads, the logits it pushes, and the earlier
+        features that excite it (pullback)."""
+
+        def go():
+            from .circuits import weights as W
+            from .coders.io import check_compatible, load_coder
+            from .evaluation.run import find_coders
+            from .models.loading import load_model
+
+            try:
+                layer, feat = (int(x) for x in feature_spec.split("."))
+            except ValueError:
+                raise ValueError(f"feature {feature_spec!r} must read LAYER.FEATURE, e.g. 12.345") from None
+            loaded = load_model(model, dtype=torch.float32)
+            ad, tok = loaded.adapter, loaded.tokenizer
+            found = find_coders(Path(run_dir))
+            src = layer - 1 if pullback_layer is None else pullback_layer
+            coders = {}
+            for wanted in {layer, src} - {-1}:
+                if str(wanted) not in found:
+                    raise ValueError(f"{run_dir} has no transcoder for layer {wanted}")
+                coders[wanted] = load_coder(found[str(wanted)]).requires_grad_(False)
+                check_compatible(coders[wanted], ad.d_model, ad.n_layers)
+
+            def show(title, top):
+                click.echo(title)
+                for side, _, label, score in top.rows(tok):
+                    click.echo(f"  {side} {label:<24} {score:+.4f}")
+
+            show(f"tokens that excite L{layer} f{feat} directly (de-embedding):", W.deembedding(ad, coders, layer, feat, k=k))
+            for spec in heads:
+                try:
+                    a_layer, head = (int(x) for x in spec.split("."))
+                except ValueError:
+                    raise ValueError(f"--head {spec!r} must read ATTN_LAYER.HEAD, e.g. 3.5") from None
+                show(f"tokens that excite it through head {a_layer}.{head}'s OV circuit:",
+                     W.head_deembedding(ad, coders, layer, feat, a_layer, head, k=k))
+            show(f"logits it pushes up (+) and down (-) directly, per unit of activation:",
+                 W.logit_effects(ad, coders, layer, feat, k=k))
+            if src >= 0:
+                show(f"layer-{src} features that excite it directly (pullback, virtual weights):",
+                     W.pullback(coders, layer, feat, src, ad, k=k))
+
+        run(go)
+
