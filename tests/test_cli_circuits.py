@@ -479,3 +479,18 @@ def test_feature_prints_deembedding_logit_effects_and_pullback_from_weights(file
     # Bad specs are one-line errors.
     assert_one_line_error(invoke("feature", files["run"], "2x7", "--model", files["model"]), "LAYER.FEATURE")
     assert_one_line_error(invoke("feature", files["run"], "2.7", "--model", files["model"], "--head", "9"), "--head")
+
+
+def test_trace_pruned_out_is_a_smaller_valid_graph_that_verify_accepts(files, tmp_path):
+    from transcoders.circuits.export import load_graph
+
+    trace(files, tmp_path / "g.json", "--pruned-out", tmp_path / "small.json", "--node-threshold", "0.5")
+    full, small = load_graph(tmp_path / "g.json"), load_graph(tmp_path / "small.json")
+    assert small.n_nodes < full.n_nodes and small.n_edges < full.n_edges
+    assert small.meta["pruned"]["node_threshold"] == 0.5 and small.meta["run_dir"] == full.meta["run_dir"]
+    rows = (~small.value.isnan()).nonzero().flatten()
+    incoming = torch.zeros(small.n_nodes, dtype=torch.float64).index_add_(0, small.edge_dst, small.edge_weight.double())
+    torch.testing.assert_close(incoming[rows] + small.const[rows] + small.dropped[rows], small.value[rows],
+                               rtol=1e-5, atol=1e-5)
+    result = invoke("verify", tmp_path / "small.json", "--top-nodes", "2", "--sizes", "1,2", "--mean-tokens", "0")
+    assert result.exit_code == 0, result.output

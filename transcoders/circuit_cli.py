@@ -87,9 +87,11 @@ def register(main: click.Group, run) -> None:
     @click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")
     @click.option("--out", type=click.Path(path_type=Path), default=Path("graph.json"), show_default=True)
     @click.option("--paths", "n_paths", default=5, show_default=True, help="top paths to print")
+    @click.option("--pruned-out", type=click.Path(path_type=Path), default=None,
+                  help="also save the pruned graph here (small; what circuit-tracer's frontend should open)")
     @BOS_OPT
     def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
-              out, n_paths, bos):
+              out, n_paths, pruned_out, bos):
         """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
 
         def go():
@@ -113,6 +115,9 @@ def register(main: click.Group, run) -> None:
             graph.meta["scores"] = {"full": full_s, "pruned": pruned_s}
             t_scores = time.perf_counter()
             save_graph(graph, out)
+            if pruned_out is not None:
+                pruned.meta = {**graph.meta, **pruned.meta}
+                save_graph(pruned, pruned_out)
             t_save = time.perf_counter()
             click.echo(f"prompt: {len(tokens)} tokens; {graph.meta['n_active_features']} active features; "
                        f"{graph.meta['feature_rows']} feature rows")
@@ -127,7 +132,7 @@ def register(main: click.Group, run) -> None:
                                                 zip(graph.targets, graph.value[graph.target_nodes])))
             click.echo("top paths from the prompt's tokens (pruned graph):")
             _print_paths(pruned, n_paths, rep=rep, source_kinds=["embedding"])
-            click.echo(f"wrote {out}")
+            click.echo(f"wrote {out}" + (f" and {pruned_out}" if pruned_out is not None else ""))
 
         run(go)
 
