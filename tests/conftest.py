@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 # Never reach the Hugging Face hub from the test suite (must be set before huggingface_hub loads).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,3 +161,21 @@ def train_tokens() -> torch.Tensor:
 def read_log(run_dir) -> list[dict]:
     """The records of ``run_dir/train_log.jsonl``."""
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+# transformers' "Loading weights" progress bar, which may share stderr with an error line
+PROGRESS = re.compile(r"\|[^|]*\| *\d+/\d+ \[")
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """A click result that failed as the CLI promises: exit 2, one ``error:`` line naming each
+    of ``needles``, no traceback. Returns that line."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not PROGRESS.search(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+

@@ -77,10 +77,9 @@ def test_replacement_reproduces_model(setup):
 
 def test_rows_are_complete(setup):
     *_, graph = setup
-    rows = (~graph.value.isnan()).nonzero().flatten()
+    rows, residual = graph.row_balance()
     assert len(rows) == graph.meta["feature_rows"] + len(graph.targets)
-    incoming = torch.zeros(graph.n_nodes, dtype=torch.float64).index_add_(0, graph.edge_dst, graph.edge_weight.double())
-    total = incoming[rows] + graph.const[rows] + graph.dropped[rows]
+    total = graph.value[rows] - residual  # incoming + const + dropped
     torch.testing.assert_close(total, graph.value[rows], rtol=1e-9, atol=1e-9)
     assert graph.dropped[rows].abs().max() == 0  # no budget: nothing left out
 
@@ -194,9 +193,8 @@ def test_budget_keeps_most_influential_features_and_stays_complete():
     full = attribute(rep, targets, batch_size=8)
     small = attribute(rep, targets, max_feature_nodes=20, batch_size=8)
     assert (small.kind == FEATURE).sum() == 20 < (full.kind == FEATURE).sum()
-    rows = (~small.value.isnan()).nonzero().flatten()
-    incoming = torch.zeros(small.n_nodes, dtype=torch.float64).index_add_(0, small.edge_dst, small.edge_weight.double())
-    torch.testing.assert_close(incoming[rows] + small.const[rows] + small.dropped[rows], small.value[rows])
+    rows, residual = small.row_balance()
+    torch.testing.assert_close(small.value[rows] - residual, small.value[rows])
     # Edges shared by both graphs are identical (exact, budget-independent).
     t_full, t_small = int(full.target_nodes[0]), int(small.target_nodes[0])
     for s in small.incoming(t_small)[0][:20].tolist():
@@ -263,9 +261,8 @@ def test_constant_positions_fold_features_into_bias_nodes_and_stay_exact():
         assert (b.features.pos != 0).all() and len(b.features) == int((a.features.pos != 0).sum())
         torch.testing.assert_close(b.error, a.error)  # same model, same errors
     graph = attribute(rep, [Target("logit", -1, token=5)])
-    rows = (~graph.value.isnan()).nonzero().flatten()
-    incoming = torch.zeros(graph.n_nodes, dtype=torch.float64).index_add_(0, graph.edge_dst, graph.edge_weight.double())
-    torch.testing.assert_close(incoming[rows] + graph.const[rows] + graph.dropped[rows], graph.value[rows])
+    rows, residual = graph.row_balance()
+    torch.testing.assert_close(graph.value[rows] - residual, graph.value[rows])
     # The bias node of layer 1 at position 0 now carries that position's features too.
     node = int(((graph.kind == BIAS) & (graph.layer == 1) & (graph.pos == 0)).nonzero()[0, 0])
     v = torch.zeros(rep.n_pos, rep.d_model, dtype=torch.float64)

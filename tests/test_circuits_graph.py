@@ -176,9 +176,7 @@ def assert_valid_path(g: Graph, p: Path, normalize: bool = True) -> None:
 
 
 def row_identity_error(g: Graph) -> float:
-    rows = (~g.value.isnan()).nonzero().flatten()
-    insum = torch.zeros(g.n_nodes, dtype=torch.float64).index_add_(0, g.edge_dst, g.edge_weight.double())
-    return float((insum[rows] + g.const[rows] + g.dropped[rows] - g.value[rows]).abs().max())
+    return float(g.row_balance()[1].abs().max())
 
 
 def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

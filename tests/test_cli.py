@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import re
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import N_LAYERS, build_tiny_tokenizer
+from conftest import N_LAYERS, assert_one_line_error, build_tiny_tokenizer
 
 from transcoders.cli import main
 
@@ -21,7 +20,6 @@ WORDS = ("the state of union is strong citizens senate house representatives nat
          "quick brown fox jumps over lazy dog america world freedom budget tax jobs").split()
 LAYER_KEYS = {"l0", "fvu", "mse", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation",
               "ce_mean_ablation", "ce_loss_recovered", "kl"}
-PROGRESS = re.compile(r"\|[^|]*\| *\d+/\d+ \[")
 FAST = ["--total-tokens", "640", "--batch-size", "64", "--ctx-len", "16", "--d-sae", "64", "-k", "4",
         "--precision", "fp32", "--harvest-dtype", "float32", "--quiet"]
 
@@ -95,18 +93,6 @@ def trained_run(files, tmp_path_factory, single_thread):
     run = tmp_path_factory.mktemp("run") / "run"
     result = invoke(*train_args(files, run, "--layers", "1", "--eval-tokens", "256"))
     return run, result
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    # ignore transformers' "Loading weights" progress bar (see test_train_cli_quiet_writes_nothing_to_stderr)
-    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not PROGRESS.search(line)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def assert_metrics_shape(data: dict, layers: set[str]) -> None:

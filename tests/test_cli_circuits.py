@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import N_LAYERS, build_tiny_tokenizer
+from conftest import N_LAYERS, assert_one_line_error, build_tiny_tokenizer
 
 from transcoders.circuits.export import load_graph, validate_graph_json
 from transcoders.circuits.graph import FEATURE, TARGET
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 D = 32
 PROMPT = "The quick brown fox jumps over the lazy dog"
-PROGRESS = re.compile(r"\|[^|]*\| *\d+/\d+ \[")
 EDGE_LINE = re.compile(r"max \|measured - predicted\| = (\S+) ")
 
 
@@ -84,17 +83,6 @@ def trace(files, out, *extra):
 
 def intervene(files, *extra):
     return invoke("intervene", files["run"], "--model", files["model"], "--prompt", PROMPT, *extra)
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not PROGRESS.search(line)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def printed_targets(stdout: str) -> list[tuple[int, float]]:
@@ -171,10 +159,9 @@ def test_trace_writes_a_valid_graph_whose_targets_are_the_top_logits(files, defa
     # every row is complete: value = sum(incoming) + const + dropped
     rows = (~graph.value.isnan()).nonzero().flatten()
     assert (graph.kind[graph.target_nodes] == TARGET).all() and rows.numel() > n
-    incoming = torch.zeros(graph.n_nodes, dtype=torch.float64).index_add_(0, graph.edge_dst, graph.edge_weight.double())
-    total = incoming + graph.const.double() + graph.dropped.double()
+    _, residual = graph.row_balance()
     scale = graph.value[rows].abs().max()
-    assert ((total[rows] - graph.value[rows]).abs() / scale).max() < 1e-4
+    assert (residual.abs() / scale).max() < 1e-4
     # with the default budget every active feature is a node, so nothing is dropped
     assert int((graph.kind == FEATURE).sum()) == graph.meta["n_active_features"]
     assert graph.dropped[rows].abs().max() == 0
@@ -210,9 +197,8 @@ def test_trace_feature_budget_gives_exactly_that_many_feature_nodes(files, tmp_p
     assert [(t.token, t.pos) for t in graph.targets] == [(7, 3)]
     rows = (~graph.value.isnan()).nonzero().flatten()
     assert rows.numel() == 11
-    incoming = torch.zeros(graph.n_nodes, dtype=torch.float64).index_add_(0, graph.edge_dst, graph.edge_weight.double())
-    total = incoming + graph.const.double() + graph.dropped.double()
-    assert ((total[rows] - graph.value[rows]).abs()).max() < 1e-4 * graph.value[rows].abs().max()
+    _, residual = graph.row_balance()
+    assert residual.abs().max() < 1e-4 * graph.value[rows].abs().max()
     assert graph.dropped[rows].abs().max() > 0  # the left-out features show up as dropped
 
 
@@ -488,9 +474,7 @@ def test_trace_pruned_out_is_a_smaller_valid_graph_that_verify_accepts(files, tm
     full, small = load_graph(tmp_path / "g.json"), load_graph(tmp_path / "small.json")
     assert small.n_nodes < full.n_nodes and small.n_edges < full.n_edges
     assert small.meta["pruned"]["node_threshold"] == 0.5 and small.meta["run_dir"] == full.meta["run_dir"]
-    rows = (~small.value.isnan()).nonzero().flatten()
-    incoming = torch.zeros(small.n_nodes, dtype=torch.float64).index_add_(0, small.edge_dst, small.edge_weight.double())
-    torch.testing.assert_close(incoming[rows] + small.const[rows] + small.dropped[rows], small.value[rows],
-                               rtol=1e-5, atol=1e-5)
+    rows, residual = small.row_balance()
+    torch.testing.assert_close(small.value[rows] - residual, small.value[rows], rtol=1e-5, atol=1e-5)
     result = invoke("verify", tmp_path / "small.json", "--top-nodes", "2", "--sizes", "1,2", "--mean-tokens", "0")
     assert result.exit_code == 0, result.output

@@ -117,11 +117,15 @@ def target_read(rep: LocalReplacement, t: Target) -> Read:
 
 
 @torch.no_grad()
-def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceIndex) -> torch.Tensor:
+def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceIndex,
+                     record: dict | None = None) -> torch.Tensor:
     """Exact direct effects of every source on a batch of row nodes.
 
     Args:
         reads: ``B`` row reads.
+        record: if a dict, filled with the rows' gradients per layer: ``record["post"][l]``
+            on ``resid_post[l]`` and ``record["attn"][l]`` where attention ``l`` writes
+            (``resid_mid[l]``, or ``resid_post[l]`` for parallel blocks), each ``[B, T, d]``.
     Returns:
         ``[B, index.n_cols]`` edge weights in ``rep.dtype`` (zeros where no path exists).
     """
@@ -137,6 +141,8 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         fl = rep.layers[layer]
         for b, g in inject.get(("post", layer), ()):
             G[b] += g
+        if record is not None:
+            record.setdefault("post", {})[layer] = G.clone()
         Gt = G.transpose(0, 1)  # [T, B, d]
         # Sources writing resid_post[layer]: features (one batched GEMM over positions), error
         # nodes and the transcoder's constant.
@@ -157,17 +163,26 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         if fl.parallel or G_mlp is None:
             bias = bias + c[..., 2].T
         if fl.parallel:
+            if record is not None:
+                record.setdefault("attn", {})[layer] = G.clone()
             G = G + fl.attention_transpose(G) + (0 if G_mlp is None else G_mlp)
         else:
             if G_mlp is not None:
                 G = G + G_mlp
                 bias = bias + torch.bmm(G.transpose(0, 1), fl.attn_const[:, :, None])[..., 0].T
+            if record is not None:
+                record.setdefault("attn", {})[layer] = G.clone()
             G = G + fl.attention_transpose(G)
         rows[:, bias_cols(layer)] = bias
     for b, g in inject.get(("post", -1), ()):
         G[b] += g
     rows[:, :T] = torch.bmm(G.transpose(0, 1), rep.resid0[:, :, None])[..., 0].T
     return rows[:, : index.n_cols]
+
+
+def row_read(rep: LocalReplacement, graph: Graph, node: int) -> Read:
+    """The :class:`Read` of a graph's row node (a target, or a feature's pre-activation)."""
+    return target_read(rep, graph.row_target(node))
 
 
 def feature_read(rep: LocalReplacement, layer: int, j: int) -> Read:

@@ -96,6 +96,21 @@ class Graph:
         t = self.targets[int((self.target_nodes == i).nonzero()[0, 0])]
         return f"{t.label or t.kind}@pos{pos}"
 
+    def row_balance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows [R], residual [R])``: the row nodes and, for each, ``value - (sum of incoming
+        edge weights + const + dropped)`` in float64; zero up to rounding for an exact graph."""
+        rows = (~self.value.isnan()).nonzero().flatten()
+        incoming = torch.zeros(self.n_nodes, dtype=torch.float64).index_add_(0, self.edge_dst, self.edge_weight.double())
+        return rows, self.value[rows] - (incoming[rows] + self.const[rows] + self.dropped[rows])
+
+    def row_target(self, i: int) -> Target:
+        """The :class:`Target` row node ``i`` stands for: a target, or a feature's pre-activation."""
+        if int(self.kind[i]) == TARGET:
+            return self.targets[int((self.target_nodes == i).nonzero()[0, 0])]
+        if int(self.kind[i]) != FEATURE:
+            raise ValueError(f"{self.label(i)} is a source only; it has no incoming edges")
+        return Target("feature", int(self.pos[i]), layer=int(self.layer[i]), feature=int(self.feature[i]))
+
     def incoming(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(source nodes, weights)`` of the edges into node ``i``."""
         m = self.edge_dst == i

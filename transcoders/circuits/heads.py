@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attribution import Read, target_read
+from .attribution import Read, SourceIndex, attribution_rows, row_read
 from .graph import EMBEDDING, ERROR, FEATURE, Graph
 from .replacement import LocalReplacement
 
@@ -44,34 +44,13 @@ class EdgeComponent:
 
 
 @torch.no_grad()
-def _gradients(rep: LocalReplacement, read: Read):
-    """The target's gradient where each layer's attention writes (``G_attn``) and at
-    ``resid_post`` (``G_post``), plus the direct read gradient per site."""
-    T, d = rep.n_pos, rep.d_model
-    G = torch.zeros(T, d, dtype=rep.dtype, device=rep.device)
-    G_attn, G_post, direct = {}, {}, {}
-    for layer in range(read.site[1], -1, -1):
-        fl = rep.layers[layer]
-        if read.site == ("post", layer):
-            G = G + read.grad
-            direct[("post", layer)] = read.grad
-        G_post[layer] = G
-        G_mlp = torch.zeros_like(G)
-        if fl.W_skip is not None:
-            G_mlp = fl.ln_mlp.transpose(G @ fl.W_skip.T)
-        if read.site == ("mlp", layer):
-            G_mlp = G_mlp + read.grad
-            direct[("mlp", layer)] = read.grad
-        if fl.parallel:
-            G_attn[layer] = G
-            G = G + fl.attention_transpose(G[None])[0] + G_mlp
-        else:
-            G_mid = G + G_mlp
-            G_attn[layer] = G_mid
-            G = G_mid + fl.attention_transpose(G_mid[None])[0]
-    if read.site == ("post", -1):
-        direct[("post", -1)] = read.grad
-    return G_attn, G_post, direct
+def _gradients(rep: LocalReplacement, read: Read) -> tuple[dict, dict]:
+    """The row's gradient where each layer's attention writes and on ``resid_post``, per layer
+    (``[T, d]`` each), from the same backward sweep that computes attribution rows."""
+    record: dict = {}
+    attribution_rows(rep, [read], SourceIndex(rep), record=record)
+    return ({m: g[0] for m, g in record.get("attn", {}).items()},
+            {m: g[0] for m, g in record.get("post", {}).items()})
 
 
 def source_write(rep: LocalReplacement, graph: Graph, node: int) -> tuple[int, int, torch.Tensor]:
@@ -98,16 +77,8 @@ def split_edge(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> list[
     Returns:
         non-zero components, largest |weight| first; their weights sum to the edge weight.
     """
-    dst_kind = int(graph.kind[dst])
-    if dst_kind == FEATURE:
-        from .targets import Target
-
-        read = target_read(rep, Target("feature", int(graph.pos[dst]), layer=int(graph.layer[dst]),
-                                       feature=int(graph.feature[dst])))
-    else:
-        t = graph.targets[int((graph.target_nodes == dst).nonzero()[0, 0])]
-        read = target_read(rep, t)
-    G_attn, G_post, direct = _gradients(rep, read)
+    read = row_read(rep, graph, dst)
+    G_attn, G_post = _gradients(rep, read)
     layer, q, v = source_write(rep, graph, src)
     parts = [EdgeComponent("residual", read.site[1], -1, q, q, float(read.grad[q] @ v))]
     for m in range(layer + 1, read.site[1] + 1):
@@ -148,14 +119,7 @@ def split_edge_last(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> 
     Returns:
         non-zero components, largest |weight| first; weights sum to the edge weight.
     """
-    dst_kind = int(graph.kind[dst])
-    if dst_kind == FEATURE:
-        from .targets import Target
-
-        read = target_read(rep, Target("feature", int(graph.pos[dst]), layer=int(graph.layer[dst]),
-                                       feature=int(graph.feature[dst])))
-    else:
-        read = target_read(rep, graph.targets[int((graph.target_nodes == dst).nonzero()[0, 0])])
+    read = row_read(rep, graph, dst)
     layer, q, v = source_write(rep, graph, src)
     p = int(graph.pos[dst])
     # The read vector on the residual stream at p (already through the row's frozen norm).

@@ -24,7 +24,6 @@ from .graph import FEATURE, TARGET, Graph
 from .heads import source_write
 from .interventions import FeatureEdit, ReplacementRunner, frozen_target_values, intervene_frozen
 from .replacement import LocalReplacement
-from .targets import Target
 
 
 @dataclass
@@ -38,13 +37,6 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def row_target(graph: Graph, node: int) -> Target:
-    """The :class:`Target` a row node stands for (a target, or a feature's pre-activation)."""
-    if int(graph.kind[node]) == TARGET:
-        return graph.targets[int((graph.target_nodes == node).nonzero()[0, 0])]
-    return Target("feature", int(graph.pos[node]), layer=int(graph.layer[node]), feature=int(graph.feature[node]))
 
 
 def predicted_total_effects(graph: Graph, node: int) -> torch.Tensor:
@@ -94,7 +86,7 @@ def check_edges(rep: LocalReplacement, graph: Graph, top: int = 20) -> list[dict
         layer, pos, v = source_write(rep, graph, s)
         delta = torch.zeros(rep.n_pos, rep.d_model, dtype=rep.dtype, device=rep.device)
         delta[pos] = -v
-        t = row_target(graph, d)
+        t = graph.row_target(d)
         before = frozen_target_values(rep, base, [t])
         after = frozen_target_values(rep, rep.forward({layer: delta}), [t])
         measured = float(after - before)
