@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..coders.coder import SparseCoder
+from ..data.activations import harvest
 from ..evaluation.splice import splice_mlps
 from ..models.adapters import ModelAdapter
 from .replacement import FrozenRun, LocalReplacement
@@ -269,23 +270,13 @@ def mean_activations(adapter: ModelAdapter, coders: dict[int, SparseCoder], cont
     """
     sums = {layer: torch.zeros(c.cfg.d_sae, dtype=torch.float64) for layer, c in coders.items()}
     count = 0
-
-    def record(layer):
-        coder = coders[layer]
-
-        def fn(x):
-            a = coder.encode(x.to(coder.W_enc.dtype))
-            a = a[:, 1:] if skip_first else a
-            sums[layer] += a.double().sum((0, 1)).cpu()
-            return adapter.mlp_forward(layer, x)
-
-        return fn
-
-    with splice_mlps(adapter, {layer: record(layer) for layer in coders}):
-        for i in range(0, len(contexts), batch_size):
-            ids = contexts[i : i + batch_size].to(adapter.device)
-            adapter.model(input_ids=ids)
-            count += ids.shape[0] * (ids.shape[1] - (1 if skip_first else 0))
+    start = 1 if skip_first else 0
+    for i in range(0, len(contexts), batch_size):
+        acts = harvest(adapter, contexts[i : i + batch_size], list(coders))
+        for layer, coder in coders.items():
+            x = acts[layer][0][:, start:]
+            sums[layer] += coder.encode(x.to(coder.W_enc.dtype)).double().sum((0, 1)).cpu()
+        count += x.shape[0] * x.shape[1]
     return {layer: (s / max(count, 1)).float() for layer, s in sums.items()}
 
 
