@@ -159,20 +159,11 @@ class ReplacementRunner:
         self.tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         self.softcap = getattr(adapter.config, "final_logit_softcapping", None)
         self.errors: dict[int, torch.Tensor] = {}
-        clean_in: dict[int, torch.Tensor] = {}
-
-        def record(layer):
-            def fn(x):
-                clean_in[layer] = x
-                return adapter.mlp_forward(layer, x)
-
-            return fn
-
-        with torch.no_grad(), splice_mlps(adapter, {layer: record(layer) for layer in coders}):
-            adapter.model(input_ids=self.tokens[None].to(adapter.device))
-        for layer, x in clean_in.items():
+        with torch.no_grad():
+            clean = harvest(adapter, self.tokens[None], list(coders))
+        for layer, (x, y) in clean.items():
             coder = coders[layer]
-            self.errors[layer] = (adapter.mlp_forward(layer, x) - coder(x.to(coder.W_enc.dtype)).to(x.dtype)).detach()
+            self.errors[layer] = y - coder(x.to(coder.W_enc.dtype)).to(y.dtype)
 
     def clean_activations(self) -> dict[int, torch.Tensor]:
         """``{layer: [T, d_sae]}`` feature activations on the clean prompt."""
