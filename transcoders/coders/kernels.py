@@ -13,11 +13,39 @@ on a mostly-zero gradient (about 70x fewer FLOPs at d_sae 9216, k 32).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 
 CHUNK = 512  # tokens per matmul + top-k block
+
+
+def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rhs: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``out[r] = sum over (t, j) with indices[t, j] == r of weights[t, j] * rhs[t]``.
+
+    The gradient of a gathered weight matrix: a sparse ``[n_rows, n]`` by dense ``[n, d]`` product
+    with ``n * kk`` nonzeros. Built feature-major (CSR, one stable sort of the indices) because
+    the CPU CSR kernel runs it about 4x faster than the COO one (5.8 against 24 ms at
+    n 4096, kk 32, n_rows 9216, d 576); each output row is summed in token order, so the result
+    is deterministic.
+
+    Args:
+        indices: ``[n, kk]`` int64 rows of the output; weights: ``[n, kk]``; rhs: ``[n, d]``
+            (same dtype as weights).
+    Returns:
+        ``[n_rows, d]``.
+    """
+    n, kk = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
+    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+        G = torch.sparse_csr_tensor(crow, order // kk, weights.reshape(-1)[order], (n_rows, n), check_invariants=False)
+    return G @ rhs
 
 
 class _SparseTopKEncode(torch.autograd.Function):
@@ -48,13 +76,9 @@ class _SparseTopKEncode(torch.autograd.Function):
     def backward(ctx, g_values, _gi, g_aux, _gai):
         x, indices = ctx.saved_tensors  # unused outputs arrive as zero gradients (materialized)
         g = torch.cat([g_values, g_aux], 1).float()  # [n, k + k_aux]
-        n, kk = indices.shape
-        flat_idx = indices.reshape(-1)
-        tokens = torch.arange(n, device=x.device).repeat_interleave(kk)
-        # G[i, t] = g[t, i] for selected (t, i): grad_W = G @ x, a sparse [d_sae, n] x dense [n, d_in].
-        G = torch.sparse_coo_tensor(torch.stack([flat_idx, tokens]), g.reshape(-1), (ctx.shapes[0], n), check_invariants=False)
-        grad_W = torch.sparse.mm(G, x.float())
-        grad_b = torch.zeros(ctx.shapes[0], device=x.device, dtype=torch.float32).index_add_(0, flat_idx, g.reshape(-1))
+        # grad_W[i] = sum of g[t, j] * x[t] over selected (t, j) with indices[t, j] == i
+        grad_W = scatter_rows(indices, g, x.float(), ctx.shapes[0])
+        grad_b = torch.zeros(ctx.shapes[0], device=x.device, dtype=torch.float32).index_add_(0, indices.reshape(-1), g.reshape(-1))
         return None, grad_W, grad_b, None, None, None, None
 
 
@@ -95,7 +119,6 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         values, indices, W_dec = ctx.saved_tensors
-        n, k = indices.shape
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
             # d out[t] / d values[t, j] = W_dec[indices[t, j]]: k rows per token, never all d_sae.
@@ -106,10 +129,7 @@ class _SparseDecode(torch.autograd.Function):
                 out = F.embedding_bag(indices, W_dec.detach(), per_sample_weights=v, mode="sum")
                 (grad_values,) = torch.autograd.grad(out, v, grad_out)
         if ctx.needs_input_grad[2]:
-            tokens = torch.arange(n, device=grad_out.device).repeat_interleave(k)
-            G = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), tokens]), values.reshape(-1),
-                                        (W_dec.shape[0], n), check_invariants=False)
-            grad_W = torch.sparse.mm(G, grad_out)
+            grad_W = scatter_rows(indices, values, grad_out, W_dec.shape[0])
         return grad_values, None, grad_W
 
 
