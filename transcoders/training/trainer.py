@@ -147,8 +147,8 @@ class Trainer:
         x_raw, y_raw = x_raw.to(self.device, non_blocking=True), y_raw.to(self.device, non_blocking=True)  # a cache lives on CPU
         if self.step == 0:
             self._init_from_data(st, x_raw, y_raw)
-        st.in_sum += x_raw.double().sum(0)
-        st.out_sum += y_raw.double().sum(0)
+        st.in_sum += x_raw.sum(0, dtype=torch.float64)
+        st.out_sum += y_raw.sum(0, dtype=torch.float64)
         x = x_raw.float() * st.scale_in
         y = x if cfg.kind == "sae" else y_raw.float() * st.scale_out
         dead = st.tokens_since_fired >= cfg.dead_tokens
