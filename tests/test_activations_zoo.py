@@ -61,9 +61,10 @@ def batchtopk_run(tmp_path_factory, llama_adapter, train_tokens, single_thread):
     recorded = []
     real = coder.decode_sparse
 
-    def recording(values, indices, x=None):
+    def recording(values, indices, x=None, mask=None):
+        assert torch.equal(mask, values != 0)  # only the kept activations are decoded
         recorded.append(values.detach().clone())
-        return real(values, indices, x)
+        return real(values, indices, x, mask)
 
     coder.decode_sparse = recording  # batchtopk_loss decodes the masked activations through this
     coders = trainer.fit(progress=False)
@@ -144,7 +145,7 @@ def _batchtopk_step(coder, x):
     cfg = TrainConfig(activation="batchtopk", d_sae=16, k=2, precision="fp32", device="cpu", auxk_coefficient=0)
     kept = []
     real = coder.decode_sparse
-    coder.decode_sparse = lambda values, indices, x=None: (kept.append((values.detach(), indices)), real(values, indices, x))[1]
+    coder.decode_sparse = lambda values, indices, x=None, mask=None: (kept.append((values.detach(), indices)), real(values, indices, x, mask))[1]
     result = losses_mod.batchtopk_loss(cfg, coder, x, x, torch.zeros(16, dtype=torch.bool), 0)
     return result, *kept[0]
 

@@ -230,14 +230,38 @@ def test_sparse_encode_then_decode_chain_matches_dense_autograd():
 @given(n=st.integers(1, 40), kk=st.integers(1, 6), n_rows=st.integers(1, 30), d=st.integers(1, 9),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
 def test_scatter_rows_matches_dense_reference_with_repeated_rows(n, kk, n_rows, d, dtype, seed):
-    # repeats within a token's row happen when an AuxK pick is also a TopK pick: both must add up
+    # repeats within a token happen when an AuxK pick is also a TopK pick: both must add up
     g = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, n_rows, (n, kk), generator=g)
-    weights, rhs = torch.randn(n, kk, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
+    rows = torch.randint(0, n_rows, (n * kk,), generator=g)
+    tokens = torch.arange(n).repeat_interleave(kk)
+    weights, rhs = torch.randn(n * kk, generator=g, dtype=dtype), torch.randn(n, d, generator=g, dtype=dtype)
     dense = torch.zeros(n_rows, n, dtype=dtype)
-    for t in range(n):
-        for j in range(kk):
-            dense[indices[t, j], t] += weights[t, j]
-    out = scatter_rows(indices, weights, rhs, n_rows)
+    for r, t, w in zip(rows.tolist(), tokens.tolist(), weights.tolist()):
+        dense[r, t] += w
+    out = scatter_rows(rows, tokens, weights, rhs, n_rows)
     assert out.shape == (n_rows, d) and out.dtype == dtype
-    torch.testing.assert_close(out, dense @ rhs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, dense @ rhs, **TOL[dtype])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 9), k=st.integers(1, 6), d_sae=st.integers(1, 30), d_out=st.integers(1, 12),
+       keep=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_masked_sparse_decode_equals_decoding_only_the_kept_entries(n, k, d_sae, d_out, keep, seed):
+    """Masked-out entries are absent: no output, no gradient (also for tokens with none kept)."""
+    g = _gen(seed)
+    values = torch.randn(n, k, generator=g, dtype=torch.float64).requires_grad_(True)
+    indices = torch.randint(0, d_sae, (n, k), generator=g)
+    mask = torch.rand(n, k, generator=g) < keep
+    W = torch.randn(d_sae, d_out, generator=g, dtype=torch.float64).requires_grad_(True)
+    out = sparse_decode(values, indices, W, mask)
+
+    v_ref = values.detach().clone().requires_grad_(True)
+    W_ref = W.detach().clone().requires_grad_(True)
+    ref = ((v_ref * mask)[..., None] * W_ref[indices]).sum(1)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    target = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    (out - target).pow(2).sum().backward()
+    (ref - target).pow(2).sum().backward()
+    torch.testing.assert_close(values.grad, v_ref.grad, **TOL[torch.float64])
+    torch.testing.assert_close(W.grad, W_ref.grad, **TOL[torch.float64])
+    assert (values.grad[~mask] == 0).all()

@@ -108,15 +108,17 @@ class SparseCoder(nn.Module):
         out = f @ self.W_dec + self.b_dec
         return out if self.W_skip is None else out + x @ self.W_skip
 
-    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
         """Decode k active features per token: touches only k rows of ``W_dec`` per token.
 
         Args:
             values, indices: ``[n, k]``. x: ``[n, d_in]`` (skip transcoders only).
+            mask: optional ``[n, k]`` bool, the entries to decode (see :func:`sparse_decode`).
         Returns:
             ``[n, d_out]``.
         """
-        out = sparse_decode(values.to(self.W_dec.dtype), indices, self.W_dec) + self.b_dec
+        out = sparse_decode(values.to(self.W_dec.dtype), indices, self.W_dec, mask) + self.b_dec
         return out if self.W_skip is None else out + x @ self.W_skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

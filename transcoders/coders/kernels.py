@@ -22,29 +22,26 @@ import torch.nn.functional as F
 CHUNK = 512  # tokens per matmul + top-k block
 
 
-def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rhs: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """``out[r] = sum over (t, j) with indices[t, j] == r of weights[t, j] * rhs[t]``.
+def scatter_rows(rows: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, rhs: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``out[r] = sum over entries e with rows[e] == r of weights[e] * rhs[tokens[e]]``.
 
     The gradient of a gathered weight matrix: a sparse ``[n_rows, n]`` by dense ``[n, d]`` product
-    with ``n * kk`` nonzeros. Built feature-major (CSR, one stable sort of the indices) because
-    the CPU CSR kernel runs it about 4x faster than the COO one (5.8 against 24 ms at
-    n 4096, kk 32, n_rows 9216, d 576); each output row is summed in token order, so the result
-    is deterministic.
+    with one nonzero per entry. Built feature-major (CSR, one stable sort of ``rows``) because
+    the CPU CSR kernel runs it about 4x faster than the COO one (5.8 against 24 ms for 131,072
+    entries, n_rows 9216, d 576). Entries given in token order are summed in token order, so the
+    result is deterministic; repeated ``(row, token)`` pairs add up.
 
     Args:
-        indices: ``[n, kk]`` int64 rows of the output; weights: ``[n, kk]``; rhs: ``[n, d]``
-            (same dtype as weights).
+        rows, tokens: ``[m]`` int64; weights: ``[m]`` (same dtype as rhs); rhs: ``[n, d]``.
     Returns:
         ``[n_rows, d]``.
     """
-    n, kk = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
-    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    order = torch.argsort(rows, stable=True)
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
-        G = torch.sparse_csr_tensor(crow, order // kk, weights.reshape(-1)[order], (n_rows, n), check_invariants=False)
+        G = torch.sparse_csr_tensor(crow, tokens[order], weights[order], (n_rows, rhs.shape[0]), check_invariants=False)
     return G @ rhs
 
 
@@ -75,10 +72,15 @@ class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_values, _gi, g_aux, _gai):
         x, indices = ctx.saved_tensors  # unused outputs arrive as zero gradients (materialized)
-        g = torch.cat([g_values, g_aux], 1).float()  # [n, k + k_aux]
+        g = torch.cat([g_values, g_aux], 1).float().reshape(-1)  # [n * (k + k_aux)]
+        rows, tokens = indices.reshape(-1), torch.arange(indices.shape[0], device=x.device).repeat_interleave(indices.shape[1])
+        # Entries without gradient (ReLU zeros, BatchTopK candidates not kept: 3/4 of them) are
+        # dropped before the product; they would add exact zeros.
+        nz = g != 0
+        rows, tokens, g = rows[nz], tokens[nz], g[nz]
         # grad_W[i] = sum of g[t, j] * x[t] over selected (t, j) with indices[t, j] == i
-        grad_W = scatter_rows(indices, g, x.float(), ctx.shapes[0])
-        grad_b = torch.zeros(ctx.shapes[0], device=x.device, dtype=torch.float32).index_add_(0, indices.reshape(-1), g.reshape(-1))
+        grad_W = scatter_rows(rows, tokens, g, x.float(), ctx.shapes[0])
+        grad_b = torch.zeros(ctx.shapes[0], device=x.device, dtype=torch.float32).index_add_(0, rows, g)
         return None, grad_W, grad_b, None, None, None, None
 
 
@@ -111,35 +113,50 @@ def sparse_topk_encode(
 
 
 class _SparseDecode(torch.autograd.Function):
+    """Ragged decode: token t sums entries ``offsets[t]:offsets[t + 1]`` (one embedding bag each)."""
+
     @staticmethod
-    def forward(ctx, values, indices, W_dec):
-        ctx.save_for_backward(values, indices, W_dec)
-        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    def forward(ctx, values, indices, offsets, W_dec):
+        ctx.save_for_backward(values, indices, offsets, W_dec)
+        return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, indices, W_dec = ctx.saved_tensors
+        values, indices, offsets, W_dec = ctx.saved_tensors
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            # d out[t] / d values[t, j] = W_dec[indices[t, j]]: k rows per token, never all d_sae.
+            # d out[t] / d values[e] = W_dec[indices[e]] for t's entries e: never all d_sae rows.
             # embedding_bag's own per-sample-weight backward computes exactly these dot products
-            # without materialising the [n, k, d_out] gather.
+            # without materialising the [m, d_out] gather.
             with torch.enable_grad():
                 v = values.detach().requires_grad_()
-                out = F.embedding_bag(indices, W_dec.detach(), per_sample_weights=v, mode="sum")
+                out = F.embedding_bag(indices, W_dec.detach(), offsets, per_sample_weights=v, mode="sum")
                 (grad_values,) = torch.autograd.grad(out, v, grad_out)
-        if ctx.needs_input_grad[2]:
-            grad_W = scatter_rows(indices, values, grad_out, W_dec.shape[0])
-        return grad_values, None, grad_W
+        if ctx.needs_input_grad[3]:
+            counts = torch.diff(offsets, append=offsets.new_tensor([indices.numel()]))
+            tokens = torch.arange(len(offsets), device=offsets.device).repeat_interleave(counts)
+            grad_W = scatter_rows(indices, tokens, values, grad_out, W_dec.shape[0])
+        return grad_values, None, None, grad_W
 
 
-def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """``sum_j values[t, j] * W_dec[indices[t, j]]`` with a backward that touches only the k
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_j values[t, j] * W_dec[indices[t, j]]`` with a backward that touches only the
     active rows of ``W_dec`` per token.
 
     Args:
-        values, indices: ``[n, k]``; W_dec: ``[d_sae, d_out]`` (same dtype as values).
+        values, indices: ``[n, kk]``; W_dec: ``[d_sae, d_out]`` (same dtype as values).
+        mask: optional ``[n, kk]`` bool: only these entries are decoded (the others count as
+            absent and get zero gradient), so a BatchTopK step that keeps a quarter of its
+            ``4k`` candidates per token does a quarter of the work.
     Returns:
         ``[n, d_out]`` (no bias).
     """
-    return _SparseDecode.apply(values, indices, W_dec)
+    n, kk = indices.shape
+    if mask is None:
+        offsets = torch.arange(0, n * kk, kk, device=indices.device)
+        return _SparseDecode.apply(values.reshape(-1), indices.reshape(-1), offsets, W_dec)
+    counts = mask.sum(1)
+    offsets = torch.zeros(n, dtype=torch.int64, device=indices.device)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    return _SparseDecode.apply(values[mask], indices[mask], offsets, W_dec)

@@ -41,7 +41,8 @@ def _fvu(y: torch.Tensor, y_hat: torch.Tensor, red: Reducer) -> tuple[torch.Tens
 
 def _auxk(coder: SparseCoder, err: torch.Tensor, total_var: torch.Tensor, aux_values, aux_indices) -> torch.Tensor:
     """AuxK (Gao et al. 2024): dead features reconstruct the residual error."""
-    err_hat = sparse_decode(F.relu(aux_values), aux_indices, coder.W_dec)
+    aux_values = F.relu(aux_values)  # dead features mostly sit below zero: decode only the positive ones
+    err_hat = sparse_decode(aux_values, aux_indices, coder.W_dec, aux_values > 0)
     return (err.detach() - err_hat).pow(2).sum() / total_var
 
 
@@ -78,7 +79,7 @@ def batchtopk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tenso
     keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device).index_fill_(0, top, True)
     keep = keep.view_as(values) & (values > 0)
     values = values * keep
-    fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x), red)
+    fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x, mask=keep), red)
     loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu
     counts = torch.bincount(indices[keep], minlength=coder.cfg.d_sae)
     threshold = float(values.detach()[keep].min()) if bool(keep.any()) else None
