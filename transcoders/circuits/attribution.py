@@ -23,6 +23,7 @@ features that matter.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -209,8 +210,10 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
     vals = torch.cat([rows[int(c)][1] for c in cols]).abs().double()
     sums = torch.zeros(len(cols), dtype=torch.float64).index_add_(0, r_idx, vals)
     vals = vals / sums[r_idx].clamp_min(1e-30)
-    mat = torch.sparse_coo_tensor(torch.stack([c_idx, r_idx]), vals, (index.n_cols, len(cols)),
-                                  check_invariants=False).coalesce().to_sparse_csr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+        mat = torch.sparse_coo_tensor(torch.stack([c_idx, r_idx]), vals, (index.n_cols, len(cols)),
+                                      check_invariants=False).coalesce().to_sparse_csr()
     for _ in range(n_layers + 2):
         total += cur
         cur = (mat @ cur[cols][:, None]).flatten()
