@@ -129,8 +129,9 @@ def test_evaluate_cli_on_other_text(trained_run, files):
     data = json.loads(printed)
     assert_metrics_shape(data, {"1"})
     assert data["eval_tokens"] == 120  # 8 contexts of 16; the first position of each is the attention sink
-    saved = json.loads((run / "metrics.json").read_text())
+    saved = json.loads((run / "eval" / "other" / "metrics.json").read_text())  # beside the run's own results
     assert saved["eval_tokens"] == 120 and "other.jsonl" in saved["eval_data"]
+    assert "other.jsonl" not in json.loads((run / "metrics.json").read_text())["eval_data"]
 
 
 def test_evaluate_cli_defaults_to_held_out_split(trained_run):

@@ -1,14 +1,19 @@
-"""Command-line interface for circuits: ``transcoders trace | paths | intervene | verify``."""
+"""Command-line interface for circuits: ``transcoders trace | paths | intervene | verify | feature``.
+
+Each command is a plain function; :func:`~transcoders.cli_common.user_errors` turns the
+library's errors into one-line messages.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
 import torch
 
+from .cli_common import user_errors
+from .files import atomic_write_json, check_writable, refuse_to_replace, slugify
 from .models.loading import DEFAULT_MODEL
 
 MODEL_OPT = click.option("--model", default=DEFAULT_MODEL, show_default=True, help="the model the transcoders belong to")
@@ -30,6 +35,23 @@ def _load(model: str, run_dir: Path, prompt: str | None, bos: bool = True):
     coders = load_layer_coders(run_dir, loaded)
     tokens = tokenize_prompt(loaded, prompt, bos=bos) if prompt is not None else None
     return loaded, coders, tokens
+
+
+def _load_for_graph(graph, graph_file: Path, model: str | None, run_dir: Path | None):
+    """The model and transcoders a saved graph belongs to: ``--model``/``--run-dir``, else the
+    graph's own (its model only if it is known locally), checked against the graph."""
+    from .circuits.session import check_graph_matches, load_layer_coders
+    from .models.loading import load_model
+    from .models.trust import model_from_file
+
+    name = model or model_from_file(graph.meta.get("model"), f"the graph {graph_file}")
+    rd = run_dir or graph.meta.get("run_dir")
+    if rd is None:
+        raise ValueError(f"the graph {graph_file} does not name its transcoders; pass --run-dir")
+    loaded = load_model(name, dtype=torch.float32)
+    coders = load_layer_coders(rd, loaded)
+    check_graph_matches(graph, loaded, coders)
+    return loaded, coders, Path(rd)
 
 
 def _constant_positions(loaded, tokens: torch.Tensor, bos: bool) -> tuple[int, ...]:
@@ -71,247 +93,255 @@ def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int 
             click.echo(f"      {graph.label(src)} -> {graph.label(dst)}: moved into pos{int(graph.pos[dst])} mostly by heads {heads}")
 
 
-def register(main: click.Group, run) -> None:
-    """Add the circuit commands to the ``transcoders`` click group; ``run`` maps library errors
-    to one-line messages."""
 
-    @main.command()
-    @click.argument("run_dir", type=click.Path(path_type=Path))
-    @MODEL_OPT
-    @PROMPT_OPT
-    @TARGET_OPT
-    @click.option("--max-feature-nodes", default=2000, show_default=True, help="feature budget, chosen by influence (0: all)")
-    @click.option("--batch-size", default=64, show_default=True, help="attribution rows per backward sweep")
-    @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-    @click.option("--node-threshold", default=0.8, show_default=True, help="pruning: cumulative node influence kept")
-    @click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")
-    @click.option("--out", type=click.Path(path_type=Path), default=Path("graph.json"), show_default=True)
-    @click.option("--paths", "n_paths", default=5, show_default=True, help="top paths to print")
-    @click.option("--pruned-out", type=click.Path(path_type=Path), default=None,
-                  help="also save the pruned graph here (small; what circuit-tracer's frontend should open)")
-    @BOS_OPT
-    def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
-              out, n_paths, pruned_out, bos):
-        """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@MODEL_OPT
+@PROMPT_OPT
+@TARGET_OPT
+@click.option("--max-feature-nodes", default=2000, show_default=True, help="feature budget, chosen by influence (0: all)")
+@click.option("--batch-size", default=64, show_default=True, help="attribution rows per backward sweep")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--node-threshold", default=0.8, show_default=True, help="pruning: cumulative node influence kept")
+@click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="graph file [default: RUN_DIR/graphs/<prompt-slug>.json]")
+@click.option("--pruned-out", type=click.Path(path_type=Path), default=None,
+              help="also save the pruned graph here (small; what circuit-tracer's frontend should open)")
+@click.option("--force", is_flag=True, help="replace --out / --pruned-out if they exist")
+@click.option("--paths", "n_paths", default=5, show_default=True, help="top paths to print")
+@BOS_OPT
+@user_errors
+def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
+          out, pruned_out, force, n_paths, bos):
+    """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
+    from .circuits import LocalReplacement, attribute
+    from .circuits.export import save_graph
+    from .circuits.prune import graph_scores, node_influence, prune
+    from .circuits.session import graph_identity
 
-        def go():
-            from .circuits import LocalReplacement, attribute
-            from .circuits.export import save_graph
-            from .circuits.prune import graph_scores, node_influence, prune
+    out = out if out is not None else Path(run_dir) / "graphs" / f"{slugify(prompt)}.json"
+    for path in (out, pruned_out):
+        if path is not None:
+            refuse_to_replace(path, force)
+            check_writable(path.parent)  # before the work, not after
+    t0 = time.perf_counter()
+    loaded, coders, tokens = _load(model, run_dir, prompt, bos)
+    t_load = time.perf_counter()
+    constant = _constant_positions(loaded, tokens, bos)
+    rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer,
+                           constant_positions=constant)
+    targets = _targets(target_specs, loaded, coders, rep.logits)
+    graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
+    t_graph = time.perf_counter()
+    graph.meta.update(graph_identity(loaded, coders), run_dir=str(Path(run_dir).resolve()), prompt=prompt,
+                      constant_positions=list(constant))
+    node_influence(graph)
+    pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    full_s, pruned_s = graph_scores(graph), graph_scores(graph, pruned=pruned)
+    graph.meta["scores"] = {"full": full_s, "pruned": pruned_s}
+    t_scores = time.perf_counter()
+    save_graph(graph, out)
+    if pruned_out is not None:
+        pruned.meta = {**graph.meta, **pruned.meta}
+        save_graph(pruned, pruned_out)
+    t_save = time.perf_counter()
+    click.echo(f"prompt: {len(tokens)} tokens; {graph.meta['n_active_features']} active features; "
+               f"{graph.meta['feature_rows']} feature rows")
+    click.echo(f"graph: {graph.n_nodes} nodes, {graph.n_edges} edges; pruned: {pruned.n_nodes} nodes, {pruned.n_edges} edges")
+    click.echo(f"scores: replacement {full_s['replacement_score']:.3f}, completeness {full_s['completeness_score']:.3f} "
+               f"(pruned: {pruned_s['replacement_score']:.3f}, {pruned_s['completeness_score']:.3f})")
+    click.echo(f"time: {t_graph - t_load:.1f} s graph, {t_scores - t_graph:.1f} s influence/pruning/scores, "
+               f"{t_save - t_scores:.1f} s saving ({t_load - t0:.1f} s loading model and transcoders)")
+    click.echo("targets: " + ", ".join(f"{t.label}@{t.pos}={float(v):.3f}" for t, v in
+                                        zip(graph.targets, graph.value[graph.target_nodes])))
+    click.echo("top paths from the prompt's tokens (pruned graph):")
+    _print_paths(pruned, n_paths, rep=rep, source_kinds=["embedding"])
+    click.echo(f"wrote {out}" + (f" and {pruned_out}" if pruned_out is not None else ""))
 
-            t0 = time.perf_counter()
-            loaded, coders, tokens = _load(model, run_dir, prompt, bos)
-            t_load = time.perf_counter()
-            constant = _constant_positions(loaded, tokens, bos)
-            rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer,
-                                   constant_positions=constant)
-            targets = _targets(target_specs, loaded, coders, rep.logits)
-            graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
-            t_graph = time.perf_counter()
-            graph.meta.update(model=model, run_dir=str(run_dir), prompt=prompt, constant_positions=list(constant))
-            node_influence(graph)
-            pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
-            full_s, pruned_s = graph_scores(graph), graph_scores(graph, pruned=pruned)
-            graph.meta["scores"] = {"full": full_s, "pruned": pruned_s}
-            t_scores = time.perf_counter()
-            save_graph(graph, out)
-            if pruned_out is not None:
-                pruned.meta = {**graph.meta, **pruned.meta}
-                save_graph(pruned, pruned_out)
-            t_save = time.perf_counter()
-            click.echo(f"prompt: {len(tokens)} tokens; {graph.meta['n_active_features']} active features; "
-                       f"{graph.meta['feature_rows']} feature rows")
-            click.echo(f"graph: {graph.n_nodes} nodes, {graph.n_edges} edges; pruned: {pruned.n_nodes} nodes, "
-                       f"{pruned.n_edges} edges")
-            click.echo(f"scores: replacement {full_s['replacement_score']:.3f}, completeness "
-                       f"{full_s['completeness_score']:.3f} (pruned: {pruned_s['replacement_score']:.3f}, "
-                       f"{pruned_s['completeness_score']:.3f})")
-            click.echo(f"time: {t_graph - t_load:.1f} s graph, {t_scores - t_graph:.1f} s influence/pruning/scores, "
-                       f"{t_save - t_scores:.1f} s saving ({t_load - t0:.1f} s loading model and transcoders)")
-            click.echo("targets: " + ", ".join(f"{t.label}@{t.pos}={float(v):.3f}" for t, v in
-                                                zip(graph.targets, graph.value[graph.target_nodes])))
-            click.echo("top paths from the prompt's tokens (pruned graph):")
-            _print_paths(pruned, n_paths, rep=rep, source_kinds=["embedding"])
-            click.echo(f"wrote {out}" + (f" and {pruned_out}" if pruned_out is not None else ""))
 
-        run(go)
+def _split(value: str | None, cast=int) -> list | None:
+    return None if value is None else [cast(x) for x in value.split(",") if x.strip()]
 
-    @main.command()
-    @click.argument("graph_file", type=click.Path(path_type=Path))
-    @click.option("-n", "n", default=10, show_default=True)
-    @click.option("--greedy", is_flag=True, help="Dunefsky et al.'s greedy beam search instead of exact top-N")
-    @click.option("--beam", default=5, show_default=True)
-    @click.option("--depth", default=4, show_default=True)
-    @click.option("--layers", default=None, help="comma-separated layers allowed on a path")
-    @click.option("--positions", default=None, help="comma-separated positions allowed on a path")
-    @click.option("--kinds", default=None, help="comma-separated node kinds allowed inside a path (feature,error,...)")
-    @click.option("--sources", default=None, help="comma-separated node kinds a path may start at (embedding,feature,...)")
-    def paths(graph_file, n, greedy, beam, depth, layers, positions, kinds, sources):
-        """Print the strongest computational paths of a saved graph."""
 
-        def go():
-            from .circuits.export import load_graph
+@click.command()
+@click.argument("graph_file", type=click.Path(path_type=Path))
+@click.option("-n", "n", default=10, show_default=True)
+@click.option("--greedy", is_flag=True, help="Dunefsky et al.'s greedy beam search instead of exact top-N")
+@click.option("--beam", default=5, show_default=True)
+@click.option("--depth", default=4, show_default=True)
+@click.option("--layers", default=None, help="comma-separated layers allowed on a path")
+@click.option("--positions", default=None, help="comma-separated positions allowed on a path")
+@click.option("--kinds", default=None, help="comma-separated node kinds allowed inside a path (feature,error,...)")
+@click.option("--sources", default=None, help="comma-separated node kinds a path may start at (embedding,feature,...)")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+              help="also name the heads that carry each edge between positions (loads the model and transcoders, "
+                   "checked against the graph)")
+@click.option("--model", default=None, help="with --run-dir: the model [default: the graph's, if known locally]")
+@user_errors
+def paths(graph_file, n, greedy, beam, depth, layers, positions, kinds, sources, run_dir, model):
+    """Print the strongest computational paths of a saved graph."""
+    from .circuits.export import load_graph
 
-            graph = load_graph(graph_file)
-            split = lambda s, f=int: None if s is None else [f(x) for x in s.split(",")]  # noqa: E731
-            filters = {k: v for k, v in (("layers", split(layers)), ("positions", split(positions)),
-                                         ("kinds", split(kinds, str))) if v is not None}
-            if sources is not None:
-                if greedy:
-                    raise ValueError("--sources works with the exact search only; drop --greedy or --sources")
-                filters["source_kinds"] = split(sources, str)
-            _print_paths(graph, n, greedy, beam, depth, **filters)
+    graph = load_graph(graph_file)
+    filters = {k: v for k, v in (("layers", _split(layers)), ("positions", _split(positions)),
+                                 ("kinds", _split(kinds, str))) if v is not None}
+    if sources is not None:
+        if greedy:
+            raise ValueError("--sources works with the exact search only; drop --greedy or --sources")
+        filters["source_kinds"] = _split(sources, str)
+    rep = None
+    if run_dir is not None or model is not None:
+        rep = _replacement_for_graph(graph, graph_file, model, run_dir)
+    _print_paths(graph, n, greedy, beam, depth, rep=rep, **filters)
 
-        run(go)
 
-    @main.command()
-    @click.argument("run_dir", type=click.Path(path_type=Path))
-    @MODEL_OPT
-    @PROMPT_OPT
-    @TARGET_OPT
-    @click.option("--edit", "edit_specs", multiple=True, required=True,
-                  help="LAYER.FEATURE[@POS,...]=ablate|clamp:V|scale:F")
-    @click.option("--mode", type=click.Choice(["free", "frozen", "linear"]), default="free", show_default=True)
-    @click.option("--generate", "n_generate", default=0, help="also generate N tokens with the edits on generated positions")
-    @BOS_OPT
-    def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate, bos):
-        """Ablate, clamp or scale features and report the change in the targets."""
+def _replacement_for_graph(graph, graph_file: Path, model: str | None, run_dir: Path | None):
+    from .circuits import LocalReplacement
 
-        def go():
-            from .circuits import LocalReplacement
-            from .circuits.interventions import ReplacementRunner, intervene_frozen, parse_edit, steer
+    loaded, coders, _ = _load_for_graph(graph, graph_file, model, run_dir)
+    return LocalReplacement(loaded.adapter, coders, torch.tensor(graph.tokens),
+                            dtype=getattr(torch, graph.meta.get("dtype", "float32")),
+                            constant_positions=tuple(graph.meta.get("constant_positions", ())))
 
-            loaded, coders, tokens = _load(model, run_dir, prompt, bos)
-            d_sae = {layer: c.cfg.d_sae for layer, c in coders.items()}
-            edits = [parse_edit(s, n_layers=loaded.adapter.n_layers, d_sae=d_sae, n_pos=len(tokens)) for s in edit_specs]
-            runner = ReplacementRunner(loaded.adapter, coders, tokens)
-            targets = _targets(target_specs, loaded, coders, runner.run()["logits"])
-            if mode == "free":
-                before, after = runner.intervene(edits, targets)
-            else:
-                rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=torch.float64)
-                before, after = intervene_frozen(rep, edits, targets, features="held" if mode == "frozen" else "linear")
-            click.echo(f"{'target':<40} {'before':>10} {'after':>10} {'change':>10}")
-            for t, b, a in zip(targets, before.tolist(), after.tolist()):
-                click.echo(f"{t.label + '@' + str(t.pos if t.pos >= 0 else len(tokens) + t.pos):<40} {b:>10.4f} {a:>10.4f} {a - b:>+10.4f}")
-            if n_generate:
-                base, steered = steer(loaded.adapter, coders, loaded.tokenizer, prompt, edits, max_new_tokens=n_generate)
-                click.echo(f"generated (no edit): {base!r}")
-                click.echo(f"generated (edited):  {steered!r}")
 
-        run(go)
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@MODEL_OPT
+@PROMPT_OPT
+@TARGET_OPT
+@click.option("--edit", "edit_specs", multiple=True, required=True, help="LAYER.FEATURE[@POS,...]=ablate|clamp:V|scale:F")
+@click.option("--mode", type=click.Choice(["free", "frozen", "linear"]), default="free", show_default=True)
+@click.option("--generate", "n_generate", default=0, help="also generate N tokens with the edits on generated positions")
+@BOS_OPT
+@user_errors
+def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate, bos):
+    """Ablate, clamp or scale features and report the change in the targets."""
+    from .circuits import LocalReplacement
+    from .circuits.interventions import ReplacementRunner, intervene_frozen, parse_edit, steer
 
-    @main.command()
-    @click.argument("graph_file", type=click.Path(path_type=Path))
-    @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="[default: the graph's]")
-    @click.option("--model", default=None, help="[default: the graph's]")
-    @click.option("--top-edges", default=20, show_default=True)
-    @click.option("--top-nodes", default=10, show_default=True)
-    @click.option("--sizes", default=None, help="comma-separated circuit sizes for faithfulness [default: 1,5,10,...]")
-    @click.option("--mean-tokens", default=2048, show_default=True,
-                  help="held-out corpus tokens for the mean activations used in ablation (0: the prompt's mean)")
-    @click.option("--out", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
-    def verify(graph_file, run_dir, model, top_edges, top_nodes, sizes, mean_tokens, out):
-        """Check a saved graph against interventions: predicted versus measured effects and the
-        faithfulness of its top-k circuits."""
+    loaded, coders, tokens = _load(model, run_dir, prompt, bos)
+    d_sae = {layer: c.cfg.d_sae for layer, c in coders.items()}
+    edits = [parse_edit(s, n_layers=loaded.adapter.n_layers, d_sae=d_sae, n_pos=len(tokens)) for s in edit_specs]
+    runner = ReplacementRunner(loaded.adapter, coders, tokens)
+    targets = _targets(target_specs, loaded, coders, runner.run()["logits"])
+    if mode == "free":
+        before, after = runner.intervene(edits, targets)
+    else:
+        rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=torch.float64)
+        before, after = intervene_frozen(rep, edits, targets, features="held" if mode == "frozen" else "linear")
+    click.echo(f"{'target':<40} {'before':>10} {'after':>10} {'change':>10}")
+    for t, b, a in zip(targets, before.tolist(), after.tolist()):
+        where = t.pos if t.pos >= 0 else len(tokens) + t.pos
+        click.echo(f"{t.label + '@' + str(where):<40} {b:>10.4f} {a:>10.4f} {a - b:>+10.4f}")
+    if n_generate:
+        base, steered = steer(loaded.adapter, coders, loaded.tokenizer, prompt, edits, max_new_tokens=n_generate)
+        click.echo(f"generated (no edit): {base!r}")
+        click.echo(f"generated (edited):  {steered!r}")
 
-        def go():
-            from .circuits import LocalReplacement
-            from .circuits.export import load_graph
-            from .circuits.interventions import ReplacementRunner
-            from .circuits.verify import verify as run_verify
-            from .models.loading import load_model
-            from .circuits.session import load_layer_coders
 
-            graph = load_graph(graph_file)
-            m = model or graph.meta.get("model") or DEFAULT_MODEL
-            rd = run_dir or graph.meta.get("run_dir")
-            if rd is None:
-                raise ValueError("the graph does not name its transcoders; pass --run-dir")
-            loaded = load_model(m, dtype=torch.float32)
-            coders = load_layer_coders(rd, loaded)
-            tokens = torch.tensor(graph.tokens)
-            rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, graph.meta.get("dtype", "float32")),
-                                   constant_positions=tuple(graph.meta.get("constant_positions", ())))
-            runner = ReplacementRunner(loaded.adapter, coders, tokens)
-            means = None
-            if mean_tokens:
-                from .circuits.interventions import mean_activations
-                from .circuits.session import reference_tokens
+@click.command()
+@click.argument("graph_file", type=click.Path(path_type=Path))
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="[default: the graph's]")
+@click.option("--model", default=None, help="[default: the graph's, if it is a known local model]")
+@click.option("--top-edges", default=20, show_default=True)
+@click.option("--top-nodes", default=10, show_default=True)
+@click.option("--sizes", default=None, help="comma-separated circuit sizes for faithfulness [default: 1,5,10,...]")
+@click.option("--mean-tokens", default=2048, show_default=True,
+              help="held-out corpus tokens for the mean activations used in ablation (0: the prompt's mean)")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write the full report as JSON")
+@click.option("--force", is_flag=True, help="replace --out if it exists")
+@user_errors
+def verify(graph_file, run_dir, model, top_edges, top_nodes, sizes, mean_tokens, out, force):
+    """Check a saved graph against interventions: predicted versus measured effects and the
+    faithfulness of its top-k circuits."""
+    from .circuits import LocalReplacement
+    from .circuits.export import load_graph
+    from .circuits.interventions import ReplacementRunner
+    from .circuits.verify import verify as run_verify
 
-                means = mean_activations(loaded.adapter, coders, reference_tokens(loaded, mean_tokens))
-            report = run_verify(rep, graph, runner=runner, top_edges=top_edges, top_nodes=top_nodes,
-                                sizes=[int(x) for x in sizes.split(",")] if sizes else None, means=means)
-            s = report.summary
-            click.echo(f"edges (frozen model, {len(report.edges)} strongest): max |measured - predicted| = "
-                       f"{s['edge_max_abs_error']:.2e} (largest |edge| {s['edge_max_abs_weight']:.3f})")
-            click.echo(f"nodes ({len(report.nodes)} most influential, ablated): graph paths vs linearised model: "
-                       f"max gap {s['node_max_abs_gap_linear']:.2e}; vs free replacement model: mean gap "
-                       f"{s['node_mean_abs_gap_free']:.3f}")
-            for n in report.nodes[:5]:
-                click.echo(f"  {n['node']:<24} predicted {n['predicted'][0]:+.4f}  linear {n['measured_linear'][0]:+.4f}  "
-                           f"free {n['measured_free'][0]:+.4f}  ({n['targets'][0]})")
-            click.echo(f"faithfulness F(top-k features), rest mean-ablated ({'corpus' if means else 'prompt'} means, "
-                       "first position kept): " +
-                       ", ".join(f"k={f['k']}: {f['F_mean']:.3f}" for f in report.faithfulness))
-            if out is not None:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(report.to_dict(), indent=1))
-                click.echo(f"wrote {out}")
+    if out is not None:
+        refuse_to_replace(out, force)
+        check_writable(out.parent)
+    graph = load_graph(graph_file)
+    loaded, coders, _ = _load_for_graph(graph, graph_file, model, run_dir)
+    tokens = torch.tensor(graph.tokens)
+    rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, graph.meta.get("dtype", "float32")),
+                           constant_positions=tuple(graph.meta.get("constant_positions", ())))
+    runner = ReplacementRunner(loaded.adapter, coders, tokens)
+    means = None
+    if mean_tokens:
+        from .circuits.interventions import mean_activations
+        from .circuits.session import reference_tokens
 
-        run(go)
+        means = mean_activations(loaded.adapter, coders, reference_tokens(loaded, mean_tokens))
+    report = run_verify(rep, graph, runner=runner, top_edges=top_edges, top_nodes=top_nodes, sizes=_split(sizes),
+                        means=means)
+    s = report.summary
+    click.echo(f"edges (frozen model, {len(report.edges)} strongest): max |measured - predicted| = "
+               f"{s['edge_max_abs_error']:.2e} (largest |edge| {s['edge_max_abs_weight']:.3f})")
+    click.echo(f"nodes ({len(report.nodes)} most influential, ablated): graph paths vs linearised model: "
+               f"max gap {s['node_max_abs_gap_linear']:.2e}; vs free replacement model: mean gap "
+               f"{s['node_mean_abs_gap_free']:.3f}")
+    for node in report.nodes[:5]:
+        click.echo(f"  {node['node']:<24} predicted {node['predicted'][0]:+.4f}  linear {node['measured_linear'][0]:+.4f}  "
+                   f"free {node['measured_free'][0]:+.4f}  ({node['targets'][0]})")
+    click.echo(f"faithfulness F(top-k features), rest mean-ablated ({'corpus' if means else 'prompt'} means, "
+               "first position kept): " + ", ".join(f"k={f['k']}: {f['F_mean']:.3f}" for f in report.faithfulness))
+    if out is not None:
+        atomic_write_json(out, report.to_dict(), indent=1)
+        click.echo(f"wrote {out}")
 
-    @main.command()
-    @click.argument("run_dir", type=click.Path(path_type=Path))
-    @click.argument("feature_spec", metavar="LAYER.FEATURE")
-    @MODEL_OPT
-    @click.option("-k", "k", default=10, show_default=True, help="entries per list")
-    @click.option("--pullback-layer", type=int, default=None, help="earlier layer for the pullback [default: LAYER - 1]")
-    @click.option("--head", "heads", multiple=True, help="ATTN_LAYER.HEAD: also de-embed through this head's OV circuit")
-    def feature(run_dir, feature_spec, model, k, pullback_layer, heads):
-        """Input-invariant view of one feature, from weights alone: the tokens that excite it
-        directly (de-embedding) and through given heads, the logits it pushes, and the earlier
-        features that excite it (pullback)."""
 
-        def go():
-            from .circuits import weights as W
-            from .coders.io import check_compatible, load_coder
-            from .evaluation.run import find_coders
-            from .models.loading import load_model
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("feature_spec", metavar="LAYER.FEATURE")
+@MODEL_OPT
+@click.option("-k", "k", default=10, show_default=True, help="entries per list")
+@click.option("--pullback-layer", type=int, default=None, help="earlier layer for the pullback [default: LAYER - 1]")
+@click.option("--head", "heads", multiple=True, help="ATTN_LAYER.HEAD: also de-embed through this head's OV circuit")
+@user_errors
+def feature(run_dir, feature_spec, model, k, pullback_layer, heads):
+    """Input-invariant view of one feature, from weights alone: the tokens that excite it
+    directly (de-embedding) and through given heads, the logits it pushes, and the earlier
+    features that excite it (pullback)."""
+    from .circuits import weights as W
+    from .coders.io import check_compatible, load_coder
+    from .coders.run_folder import CoderKey, find_coders
+    from .models.loading import load_model
 
-            try:
-                layer, feat = (int(x) for x in feature_spec.split("."))
-            except ValueError:
-                raise ValueError(f"feature {feature_spec!r} must read LAYER.FEATURE, e.g. 12.345") from None
-            loaded = load_model(model, dtype=torch.float32)
-            ad, tok = loaded.adapter, loaded.tokenizer
-            found = find_coders(Path(run_dir))
-            src = layer - 1 if pullback_layer is None else pullback_layer
-            coders = {}
-            for wanted in {layer, src} - {-1}:
-                if str(wanted) not in found:
-                    raise ValueError(f"{run_dir} has no transcoder for layer {wanted}")
-                coders[wanted] = load_coder(found[str(wanted)]).requires_grad_(False)
-                check_compatible(coders[wanted], ad.d_model, ad.n_layers)
+    try:
+        layer, feat = (int(x) for x in feature_spec.split("."))
+    except ValueError:
+        raise ValueError(f"feature {feature_spec!r} must read LAYER.FEATURE, e.g. 12.345") from None
+    loaded = load_model(model, dtype=torch.float32)
+    ad, tok = loaded.adapter, loaded.tokenizer
+    found = find_coders(Path(run_dir))
+    src = layer - 1 if pullback_layer is None else pullback_layer
+    coders = {}
+    for wanted in {layer, src} - {-1}:
+        if CoderKey(wanted) not in found:
+            raise ValueError(f"{run_dir} has no transcoder for layer {wanted}")
+        coders[wanted] = load_coder(found[CoderKey(wanted)]).requires_grad_(False)
+        check_compatible(coders[wanted], ad.d_model, ad.n_layers)
 
-            def show(title, top):
-                click.echo(title)
-                for side, _, label, score in top.rows(tok):
-                    click.echo(f"  {side} {label:<24} {score:+.4f}")
+    def show(title, top):
+        click.echo(title)
+        for side, _, label, score in top.rows(tok):
+            click.echo(f"  {side} {label:<24} {score:+.4f}")
 
-            show(f"tokens that excite L{layer} f{feat} directly (de-embedding):", W.deembedding(ad, coders, layer, feat, k=k))
-            for spec in heads:
-                try:
-                    a_layer, head = (int(x) for x in spec.split("."))
-                except ValueError:
-                    raise ValueError(f"--head {spec!r} must read ATTN_LAYER.HEAD, e.g. 3.5") from None
-                show(f"tokens that excite it through head {a_layer}.{head}'s OV circuit:",
-                     W.head_deembedding(ad, coders, layer, feat, a_layer, head, k=k))
-            show(f"logits it pushes up (+) and down (-) directly, per unit of activation:",
-                 W.logit_effects(ad, coders, layer, feat, k=k))
-            if src >= 0:
-                show(f"layer-{src} features that excite it directly (pullback, virtual weights):",
-                     W.pullback(coders, layer, feat, src, ad, k=k))
+    show(f"tokens that excite L{layer} f{feat} directly (de-embedding):", W.deembedding(ad, coders, layer, feat, k=k))
+    for spec in heads:
+        try:
+            a_layer, head = (int(x) for x in spec.split("."))
+        except ValueError:
+            raise ValueError(f"--head {spec!r} must read ATTN_LAYER.HEAD, e.g. 3.5") from None
+        show(f"tokens that excite it through head {a_layer}.{head}'s OV circuit:",
+             W.head_deembedding(ad, coders, layer, feat, a_layer, head, k=k))
+    show("logits it pushes up (+) and down (-) directly, per unit of activation:", W.logit_effects(ad, coders, layer, feat, k=k))
+    if src >= 0:
+        show(f"layer-{src} features that excite it directly (pullback, virtual weights):",
+             W.pullback(coders, layer, feat, src, ad, k=k))
 
-        run(go)
 
+CIRCUIT_COMMANDS = (trace, paths, intervene, verify, feature)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path as FilePath
 
 import torch
 
+from ..files import atomic_write_text
 from .graph import BIAS, EMBEDDING, ERROR, FEATURE, KINDS, TARGET, Graph
 from .targets import Target
 
@@ -262,37 +262,8 @@ def save_graph(graph: Graph, path: str | os.PathLike, *, slug: str | None = None
     path = FilePath(path)
     obj = graph_to_json(graph, slug=slug or path.name.removesuffix(".json"), scan=scan, frontend=frontend)
     text = json.dumps(obj, allow_nan=False, separators=(",", ":"))
-    folder = path.parent if str(path.parent) else FilePath(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-    return path
+    return atomic_write_text(path, text)
 
-
-def _fsync_dir(folder: FilePath) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------- loading
 
 def load_graph(path: str | os.PathLike) -> Graph:
     """Read a graph written by :func:`save_graph` (exact round trip).

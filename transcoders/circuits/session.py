@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ..coders.coder import SparseCoder
-from ..coders.io import CoderFileError, check_compatible, load_coder
-from ..evaluation.run import find_coders
+from ..coders.io import CoderFileError, check_compatible, coders_fingerprint, load_coder
+from ..coders.run_folder import find_coders
 from ..models.loading import LoadedModel
 
 
@@ -23,11 +23,11 @@ def load_layer_coders(run_dir: str | Path, loaded: LoadedModel) -> dict[int, Spa
     ad = loaded.adapter
     coders = {}
     for key, folder in found.items():
-        if "/" in key:
+        if key.variant:
             continue  # sweep variants: pick them by pointing at their own folder
         coder = load_coder(folder, device=ad.device).requires_grad_(False)
         check_compatible(coder, ad.d_model, ad.n_layers)
-        coders[int(key)] = coder
+        coders[key.layer] = coder
     missing = [layer for layer in range(ad.n_layers) if layer not in coders]
     if missing:
         raise CoderFileError(
@@ -67,3 +67,41 @@ def reference_tokens(loaded: LoadedModel, n_tokens: int = 4096, ctx_len: int = 1
 
     split = build_token_split(None, loaded.tokenizer, ctx_len, max_train_tokens=ctx_len, max_eval_tokens=n_tokens)
     return split.eval
+
+
+class GraphMismatchError(ValueError):
+    """A saved graph was made with another model or other transcoders than those loaded."""
+
+
+def graph_identity(loaded: LoadedModel, coders: dict[int, SparseCoder]) -> dict:
+    """What a graph records of the model and transcoders it was made with (see
+    :func:`check_graph_matches`): the model's name, layer count, width and vocabulary size, each
+    layer's d_sae, and :func:`~transcoders.coders.io.coders_fingerprint`."""
+    ad = loaded.adapter
+    return {"model": loaded.name, "n_layers": ad.n_layers, "d_model": ad.d_model, "vocab_size": ad.vocab_size,
+            "d_sae": {str(layer): c.cfg.d_sae for layer, c in sorted(coders.items())},
+            "coders_fingerprint": coders_fingerprint(coders)}
+
+
+def check_graph_matches(graph, loaded: LoadedModel, coders: dict[int, SparseCoder]) -> None:
+    """Check that ``graph`` belongs to this model and these transcoders.
+
+    Raises:
+        GraphMismatchError: the layer count, width, vocabulary, d_sae or the coders'
+            fingerprint differ from what the graph recorded; the message lists every
+            difference. Graphs from before these records are checked on what they have.
+    """
+    have = graph_identity(loaded, coders)
+    meta = graph.meta
+    diffs = []
+    if graph.n_layers != have["n_layers"]:
+        diffs.append(f"layers: graph {graph.n_layers}, loaded {have['n_layers']}")
+    for key in ("d_model", "vocab_size", "d_sae", "coders_fingerprint"):
+        if key in meta and meta[key] != have[key]:
+            diffs.append(f"{key}: graph {meta[key]}, loaded {have[key]}")
+    if graph.tokens and max(graph.tokens) >= have["vocab_size"]:
+        diffs.append(f"the graph's tokens reach id {max(graph.tokens)}, past the loaded vocabulary ({have['vocab_size']})")
+    if diffs:
+        raise GraphMismatchError(f"the graph was made with another model or other transcoders than those loaded "
+                                 f"({meta.get('model')!r}, {meta.get('run_dir')!r}): {'; '.join(diffs)}. Pass the "
+                                 "--model and --run-dir it was traced with.")

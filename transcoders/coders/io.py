@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
+from ..files import atomic_save_tensors, atomic_write_bytes, signals_deferred
 from .coder import SparseCoder
 from .config import CoderConfig
+
+__all__ = ["CONFIG", "WEIGHTS", "CoderFileError", "atomic_save_tensors", "atomic_write_bytes", "check_compatible",
+           "load_coder", "save_coder"]
 
 WEIGHTS = "coder.safetensors"
 CONFIG = "cfg.json"
@@ -26,42 +29,19 @@ class CoderFileError(ValueError):
     """A coder folder is missing, truncated, corrupt, or does not match its config."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors`` save through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_coder(coder: SparseCoder, folder: str | os.PathLike) -> Path:
-    """Save ``coder`` into ``folder`` (created if needed); return the folder."""
+    """Save ``coder`` into ``folder`` (created if needed); return the folder.
+
+    The weights file carries a copy of the config in its metadata, and SIGINT/SIGTERM are held
+    back until both files are in place: a signal cannot leave new weights beside an old
+    ``cfg.json``, and :func:`load_coder` refuses a pair that does not belong together.
+    """
     folder = Path(folder)
     tensors = {name: p for name, p in coder.named_parameters()}
-    atomic_save_tensors(tensors, folder / WEIGHTS)
-    atomic_write_bytes(folder / CONFIG, coder.cfg.model_dump_json(indent=2).encode())
+    cfg_json = coder.cfg.model_dump_json(indent=2)
+    with signals_deferred():
+        atomic_save_tensors(tensors, folder / WEIGHTS, metadata={"cfg": cfg_json})
+        atomic_write_bytes(folder / CONFIG, cfg_json.encode())
     return folder
 
 
@@ -82,9 +62,21 @@ def load_coder(folder: str | os.PathLike, *, device: str | torch.device = "cpu")
     except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
         raise CoderFileError(f"{cfg_path} is not a valid coder config: {exc}") from exc
     try:
+        with safe_open(w_path, framework="pt") as fh:
+            saved_cfg = (fh.metadata() or {}).get("cfg")
         tensors = load_file(w_path, device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CoderFileError(f"{w_path} is truncated or corrupt ({exc}); re-save it or retrain (a checkpoint may remain in the run folder).") from exc
+    if saved_cfg is not None:
+        try:
+            # model_name may be corrected by hand (or by an alias); everything else pairs with the weights
+            saved = CoderConfig.model_validate(json.loads(saved_cfg)).model_dump(exclude={"model_name"})
+            paired = saved == cfg.model_dump(exclude={"model_name"})
+        except (json.JSONDecodeError, ValidationError):
+            paired = False
+        if not paired:
+            raise CoderFileError(f"{w_path} was saved with another config than {cfg_path} (an interrupted save?); "
+                                 "save the coder again or retrain it.")
     coder = SparseCoder(cfg, device=device)
     expected = {name: tuple(p.shape) for name, p in coder.named_parameters()}
     got = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -106,3 +98,20 @@ def check_compatible(coder: SparseCoder, d_model: int, n_layers: int) -> None:
         )
     if cfg.layer is not None and not 0 <= cfg.layer < n_layers:
         raise CoderFileError(f"coder is for layer {cfg.layer}, but this model has {n_layers} layers: load the model it was trained on.")
+
+
+def coders_fingerprint(coders: "dict[int, SparseCoder]") -> str:
+    """A short hash of a set of coders (``{layer: coder}``): their layers, shapes and every
+    weight's bytes. Two sets share a fingerprint only if they compute the same thing; a graph
+    records it so that tools reading the graph can tell it belongs to the coders they load."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    for layer in sorted(coders):
+        coder = coders[layer]
+        h.update(f"{layer}:{coder.cfg.kind}:{coder.cfg.activation}:{coder.cfg.k}".encode())
+        for name, p in sorted(coder.named_parameters()):
+            t = p.detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()

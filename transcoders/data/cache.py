@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..files import atomic_write_json, current_umask, fsync_dir
 from .activations import ActivationStream
 
 META = "meta.json"
@@ -44,9 +45,13 @@ def build_cache(stream: ActivationStream, folder: str | os.PathLike, n_tokens: i
     """Write the first ``n_tokens`` tokens of ``stream`` (every layer, input and output) into ``folder``.
 
     ``n_tokens`` is rounded down to whole batches of ``stream.batch_size``. The folder appears
-    only when complete (written under a temporary name, then renamed).
+    only when complete: written under a temporary name, every file flushed to disk, then
+    renamed. An existing folder is never replaced or deleted: only a missing or empty one is
+    filled.
 
     Raises:
+        ActivationCacheError: ``folder`` exists and is not empty (a cache of ours is opened
+            with :class:`CachedStream`, anything else is the user's and is left alone).
         ValueError: ``n_tokens`` smaller than one batch, or an unknown dtype.
     """
     if dtype not in _DTYPES:
@@ -56,8 +61,10 @@ def build_cache(stream: ActivationStream, folder: str | os.PathLike, n_tokens: i
         raise ValueError(f"n_tokens={n_tokens} is less than one batch ({stream.batch_size} tokens)")
     n_tokens = steps * stream.batch_size
     folder = Path(folder)
+    _refuse_non_empty(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp gives 0o700
     try:
         d_model = stream.adapter.d_model
         maps = {}
@@ -71,18 +78,33 @@ def build_cache(stream: ActivationStream, folder: str | os.PathLike, n_tokens: i
             for layer, (x, y) in batch.items():
                 maps[layer, "in"][rows] = x.to(_DTYPES[dtype])
                 maps[layer, "out"][rows] = y.to(_DTYPES[dtype])
-        del maps
+        del maps, batch
+        for layer in stream.layers:  # the maps are gone; flush what they wrote before the rename
+            for which in ("in", "out"):
+                with open(_file(tmp, layer, which), "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(_file(tmp, layer, which), 0o666 & ~current_umask())
         info = {"n_tokens": n_tokens, "d_model": d_model, "layers": stream.layers, "dtype": dtype,
                 "batch_size": stream.batch_size, "seed": stream.seed, "block_contexts": stream.block_contexts,
                 **(meta or {})}
-        (tmp / META).write_text(json.dumps(info, indent=2))
+        atomic_write_json(tmp / META, info)
+        fsync_dir(tmp)
+        _refuse_non_empty(folder)  # filled by someone else meanwhile?
         if folder.exists():
-            shutil.rmtree(folder)
+            folder.rmdir()  # empty, checked just above; rmdir refuses anything else
         os.replace(tmp, folder)
+        fsync_dir(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _refuse_non_empty(folder: Path) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        what = "a cache of other settings" if (folder / META).exists() else "not an activation cache of ours (no meta.json)"
+        raise ActivationCacheError(f"{folder} already exists and is {what}; nothing was changed. Pass an empty or "
+                                   "new --activation-cache folder.")
 
 
 def _map(path: Path, n: int, d: int, dtype: torch.dtype, create: bool = False) -> torch.Tensor:

@@ -7,10 +7,11 @@ import importlib.resources
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataSourceError", "Document", "DEFAULT_SOURCE", "load_documents", "describe_source"]
+__all__ = ["DataSourceError", "Document", "DEFAULT_SOURCE", "describe_source", "iter_jsonl", "load_documents"]
 
 DEFAULT_SOURCE = "sotu"
 _BUNDLED_ARCHIVE = "sotu-1790-2021.tar.xz"
@@ -77,21 +78,32 @@ def _text_of(record: object, text_field: str, where: str) -> str:
     return text
 
 
+def iter_jsonl(path: Path, text_field: str = "text") -> Iterator[Document]:
+    """Stream the documents of a JSON lines file, one line at a time (never the whole file in
+    memory). Lines end at ``\\n`` only: a record may hold U+2028, U+0085 or ``\\r`` in its text.
+
+    Raises:
+        DataSourceError: a line is not UTF-8 or not a JSON object with ``text_field``.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):  # binary file iteration splits on b"\n" only
+            line = _decode(raw, f"file {path}, line {lineno}")
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataSourceError(
+                    f"{path}, line {lineno} is not valid JSON ({e.msg}); each line of a .jsonl file "
+                    f"must be one JSON object such as {{\"{text_field}\": \"...\"}}."
+                ) from None
+            yield Document(f"{path.name}:{lineno}", _text_of(record, text_field, f"{path}, line {lineno}"))
+
+
 def _load_jsonl(path: Path, text_field: str) -> list[Document]:
-    docs = []
-    content = _decode(path.read_bytes(), f"file {path}")
-    for lineno, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataSourceError(
-                f"{path}, line {lineno} is not valid JSON ({e.msg}); each line of a .jsonl file "
-                f"must be one JSON object such as {{\"{text_field}\": \"...\"}}."
-            ) from None
-        docs.append(Document(f"{path.name}:{lineno}", _text_of(record, text_field, f"{path}, line {lineno}")))
-    return docs
+    return list(iter_jsonl(path, text_field))
 
 
 def _load_json(path: Path, text_field: str) -> list[Document]:
@@ -99,7 +111,7 @@ def _load_json(path: Path, text_field: str) -> list[Document]:
     try:
         records = json.loads(_decode(path.read_bytes(), f"file {path}"))
     except json.JSONDecodeError:
-        return _load_jsonl(path, text_field)
+        return _load_jsonl(path, text_field)  # JSON lines in a .json file
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..coders.io import atomic_write_bytes
+from ..files import atomic_savefig, atomic_write_bytes
 
 METRICS = "metrics.json"
 SUMMARY = "summary.md"
@@ -31,17 +31,17 @@ def plot_feature_density(frequencies: dict[str, torch.Tensor], path: Path) -> Pa
         ax.set_xlabel("log10 firing frequency on eval tokens")
         ax.set_ylabel("features")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
 def summary_text(metrics: dict, header: str = "") -> str:
     """A short human-readable table of the per-layer metrics."""
     lines = [f"# Evaluation{(' - ' + header) if header else ''}", "",
-             f"Held-out tokens: {metrics['eval_tokens']:,}. Cross-entropy in nats/token.", "",
+             f"Evaluation tokens: {metrics['eval_tokens']:,}. Cross-entropy in nats/token.", "",
              "| layer | L0 | FVU | dead | dense | CE clean | CE spliced | CE zero-abl. | CE mean-abl. | loss recovered | KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for layer, m in metrics["layers"].items():
@@ -55,7 +55,7 @@ def summary_text(metrics: dict, header: str = "") -> str:
 
 def write_report(run_dir: str | Path, metrics: dict, extra: dict | None = None, header: str = "") -> Path:
     """Write ``metrics.json`` (the JSON part of ``metrics`` plus ``extra``), ``summary.md`` and
-    the density plot into ``run_dir``; return the path of ``summary.md``."""
+    the density plot into ``run_dir`` (each atomically); return the path of ``summary.md``."""
     run_dir = Path(run_dir)
     data = {k: v for k, v in metrics.items() if k != "feature_frequency"}
     data.update(extra or {})

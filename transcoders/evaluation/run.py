@@ -9,85 +9,104 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from pydantic import ValidationError
+
 from ..coders.io import CoderFileError, check_compatible, load_coder
+from ..coders.run_folder import find_coders
 from ..data.sources import describe_source, load_documents
 from ..data.tokens import build_token_split, tokenize_documents
+from ..files import check_writable, slugify
 from ..models.loading import LoadedModel, load_model
+from ..models.trust import model_from_file
+from ..training.config import TrainConfig
 from .metrics import evaluate_coders
 from .report import write_report
 
 
-def find_coders(run_dir: Path) -> dict[str, Path]:
-    """``{key: folder}`` for every coder folder under ``run_dir``: key ``"6"`` for
-    ``layers.6.mlp/``, ``"6/k64"`` for a sweep variant ``layers.6.mlp/k64/``.
+def eval_folder(run_dir: str | Path, data: str | None) -> Path:
+    """Where an evaluation is written: the run folder for its own held-out split, else
+    ``run_dir/eval/<source-name>/`` (the run's own results are never replaced by results on
+    other text)."""
+    run_dir = Path(run_dir)
+    if data is None:
+        return run_dir
+    name = Path(data).expanduser().name if Path(data).expanduser().exists() else data
+    return run_dir / "eval" / slugify(Path(name).stem if "." in name else name)
+
+
+def read_train_config(run_dir: str | Path) -> TrainConfig | None:
+    """The run's ``train_config.json`` read through :class:`TrainConfig` (None if absent).
 
     Raises:
-        CoderFileError: the folder does not exist, holds no coder, or a coder names no layer.
+        CoderFileError: the file exists but is not a valid training config.
     """
-    if not run_dir.is_dir():
-        raise CoderFileError(f"run folder {run_dir} does not exist: pass the folder `transcoders train` wrote.")
-    found = {}
-    for cfg_path in sorted(run_dir.rglob("cfg.json")):
-        try:
-            layer = json.loads(cfg_path.read_text()).get("layer")
-        except (OSError, ValueError) as exc:
-            raise CoderFileError(f"{cfg_path} is unreadable: {exc}") from exc
-        if not isinstance(layer, int):
-            raise CoderFileError(f"{cfg_path} names no layer; cannot tell where to splice this coder.")
-        variant = cfg_path.parent.relative_to(run_dir).parts[1:]
-        found["/".join([str(layer), *variant])] = cfg_path.parent
-    if not found:
-        raise CoderFileError(f"no coders in {run_dir} (expected <hookpoint>/cfg.json + coder.safetensors); did training finish?")
-    return found
+    path = Path(run_dir) / "train_config.json"
+    if not path.exists():
+        return None
+    try:
+        return TrainConfig.model_validate_json(path.read_text())
+    except (ValidationError, OSError, UnicodeDecodeError) as exc:
+        raise CoderFileError(f"{path} is not a valid training config ({exc}); was it edited by hand?") from exc
 
 
-def evaluate_run(run_dir: str | Path, *, data: str | None = None, eval_tokens: int = 8192, batch_size: int = 8,
-                 loaded: LoadedModel | None = None, eval_split: torch.Tensor | None = None, progress: bool = True,
-                 extra: dict | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Path | None = None, model: str | None = None,
+                 eval_tokens: int = 8192, batch_size: int = 8, loaded: LoadedModel | None = None,
+                 eval_split: torch.Tensor | None = None, progress: bool = True, extra: dict | None = None) -> dict:
     """Evaluate every coder in ``run_dir`` and write ``metrics.json``, ``summary.md`` and
-    ``feature_density.png`` there.
+    ``feature_density.png``.
+
+    On the run's own held-out split they go into ``run_dir`` (keeping the training timings);
+    on other text (``data``) into ``out``, by default ``run_dir/eval/<source-name>/``. The
+    output folder is checked for writing before any time is spent.
 
     Args:
         data: a text source to measure on (all of it, up to ``eval_tokens``); default: the
             held-out split of the run's training text.
+        out: output folder (default: see above).
+        model: the model to load. Default: the coders' model, but only when it is the default
+            model or another known local model; a name taken from a file never makes us
+            download or import anything.
         eval_tokens: cap on evaluation tokens.
 
     Raises:
         CoderFileError: missing/corrupt coders, or coders that do not fit the model.
         DataSourceError: an empty or unreadable text source.
+        ModelLoadError: the coders name a model that is not known locally and ``model`` is not given.
+        OSError: the output folder cannot be written.
     """
     run_dir = Path(run_dir)
     coder_dirs = find_coders(run_dir)
+    out_dir = check_writable(Path(out) if out is not None else eval_folder(run_dir, data))
     coders = {key: load_coder(folder) for key, folder in coder_dirs.items()}
-    cfg_path = run_dir / "train_config.json"
-    train_cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    train_cfg = read_train_config(run_dir) or TrainConfig(skip_first_tokens=0)  # runs from before the option: every position
     model_name = next(iter(coders.values())).cfg.model_name
-    ctx_len = train_cfg.get("ctx_len", 256)
-    loaded = loaded or load_model(model_name)
+    if loaded is None:
+        loaded = load_model(model or model_from_file(model_name, f"the coders in {run_dir}"))
     for coder in coders.values():
         check_compatible(coder, loaded.adapter.d_model, loaded.adapter.n_layers)
         coder.to(loaded.adapter.device)
+    ctx_len = train_cfg.ctx_len
     if eval_split is not None:
-        tokens, source = eval_split, f"held-out split of {describe_source(train_cfg.get('data'))}"
+        tokens, source = eval_split, f"held-out split of {describe_source(train_cfg.data)}"
     elif data is not None:
         tokens = tokenize_documents(load_documents(data), loaded.tokenizer, ctx_len, max_tokens=eval_tokens)
         source = describe_source(data)
     else:
-        tokens = build_token_split(train_cfg.get("data"), loaded.tokenizer, ctx_len,
-                                   eval_fraction=train_cfg.get("eval_fraction", 0.05), max_train_tokens=ctx_len,
-                                   max_eval_tokens=eval_tokens).eval
-        source = f"held-out split of {describe_source(train_cfg.get('data'))}"
+        tokens = build_token_split(train_cfg.data, loaded.tokenizer, ctx_len, eval_fraction=train_cfg.eval_fraction,
+                                   max_train_tokens=ctx_len, max_eval_tokens=eval_tokens).eval
+        source = f"held-out split of {describe_source(train_cfg.data)}"
     tokens = tokens[: max(1, eval_tokens // tokens.shape[1])]
     means = {}
     for key, folder in coder_dirs.items():
         if (folder / "stats.safetensors").exists():
-            means[coders[key].cfg.layer] = load_file(folder / "stats.safetensors")["mlp_out_mean"]
+            means[key.layer] = load_file(folder / "stats.safetensors")["mlp_out_mean"]
     t0 = time.perf_counter()
-    skip = train_cfg.get("skip_first_tokens", 0)  # runs from before the option trained on every position
-    metrics = evaluate_coders(loaded.adapter, coders, tokens, mlp_out_means=means, batch_size=batch_size, progress=progress,
-                              skip_first=skip)
-    info = {"model": model_name, "eval_data": source, "eval_seconds": time.perf_counter() - t0, **(extra or {})}
-    summary = write_report(run_dir, metrics, extra=info, header=f"{model_name} on {source}")
+    metrics = evaluate_coders(loaded.adapter, {str(k): c for k, c in coders.items()}, tokens, mlp_out_means=means,
+                              batch_size=batch_size, progress=progress, skip_first=train_cfg.skip_first_tokens)
+    info = {"model": loaded.name, "eval_data": source, "eval_seconds": time.perf_counter() - t0, **(extra or {})}
+    if out_dir == run_dir and "training" not in info and (run_dir / "timing.json").exists():
+        info["training"] = json.loads((run_dir / "timing.json").read_text())  # keep the training timings
+    summary = write_report(out_dir, metrics, extra=info, header=f"{loaded.name} on {source}")
     metrics = {k: v for k, v in metrics.items() if k != "feature_frequency"} | info
     metrics["summary_path"] = str(summary)
     return metrics

@@ -10,6 +10,9 @@ from ..coders.config import Activation, Kind
 from ..models.loading import DEFAULT_MODEL
 
 
+# Settings a resumed run may change (with --override): the checkpoint does not depend on them.
+RESUME_OVERRIDABLE = frozenset({"total_tokens", "checkpoint_every", "log_every", "device", "model_batch", "decay_fraction"})
+
 SWEEPABLE = {"activation", "kind", "k", "d_sae", "expansion_factor", "l1_coefficient", "l0_coefficient", "lr", "auxk_coefficient"}
 
 
@@ -22,44 +25,46 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = DEFAULT_MODEL
-    data: str | None = Field(default=None, description="text source; None = bundled State of the Union corpus")
-    layers: list[int] | Literal["all"] = Field(default_factory=lambda: [6], description="layer indices, or 'all'")
-    kind: Kind = "transcoder"
-    activation: Activation = "topk"
-    expansion_factor: int = Field(default=16, gt=0)
+    model: str = Field(default=DEFAULT_MODEL, description="hub name, model folder, .gguf file or package shipping one")
+    data: str | None = Field(default=None, description="text file, folder of .txt, .jsonl, or dataset name "
+                             "[default: the bundled State of the Union corpus]")
+    layers: list[int] | Literal["all"] = Field(default_factory=lambda: [6], description="comma-separated layers, or 'all'")
+    kind: Kind = Field(default="transcoder", description="transcoder (MLP in -> MLP out), skip_transcoder (+ W_skip x), "
+                       "or sae (reconstructs the MLP input)")
+    activation: Activation = Field(default="topk", description="batchtopk is saved as jumprelu with its fitted threshold")
+    expansion_factor: int = Field(default=16, gt=0, description="d_sae = expansion_factor * d_model")
     d_sae: int | None = Field(default=None, gt=0, description="overrides expansion_factor * d_model")
-    k: int = Field(default=32, gt=0)
-    l1_coefficient: float = Field(default=1.0, ge=0)
+    k: int = Field(default=32, gt=0, description="active features per token (topk, batchtopk)")
+    l1_coefficient: float = Field(default=1.0, ge=0, description="L1 penalty weight (relu)")
     l1_warmup_fraction: float = Field(default=0.05, ge=0, le=1, description="share of steps over which L1/L0 coefficients ramp up")
     l0_coefficient: float = Field(default=2e-3, ge=0, description="L0 penalty weight (jumprelu)")
     jumprelu_bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width for JumpReLU thresholds")
-    auxk_coefficient: float = Field(default=1 / 32, ge=0)
+    auxk_coefficient: float = Field(default=1 / 32, ge=0, description="weight of the AuxK loss that revives dead features (topk)")
     # Gao et al. use 10M tokens for long runs; our default runs are ~1M tokens, and at 1M a
     # demo run ended with 43% of features silent and AuxK never having acted.
     dead_tokens: int = Field(default=250_000, gt=0, description="a feature silent this many tokens counts as dead (AuxK revives it)")
-    lr: float | None = Field(default=None, gt=0, description="None = min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))")
-    warmup_steps: int = Field(default=50, ge=0)
+    lr: float | None = Field(default=None, gt=0, description="Adam learning rate [default: min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))]")
+    warmup_steps: int = Field(default=50, ge=0, description="steps of linear learning-rate warm-up")
     decay_fraction: float = Field(default=0.2, ge=0, le=1, description="final share of steps with linear LR decay to 0")
     batch_size: int = Field(default=4096, gt=0, description="tokens per step")
-    total_tokens: int = Field(default=2_000_000, gt=0)
-    ctx_len: int = Field(default=256, gt=1)
+    total_tokens: int = Field(default=2_000_000, gt=0, description="training tokens")
+    ctx_len: int = Field(default=256, gt=1, description="tokens per context")
     skip_first_tokens: int = Field(
         default=1, ge=0,
         description="leading positions of every context left out of training and evaluation: position 0 is the "
                     "attention sink, whose MLP output can be 1000x any other (SmolLM2 layers 11 and 28)")
-    eval_fraction: float = Field(default=0.05, gt=0, lt=1)
-    seed: int = 0
+    eval_fraction: float = Field(default=0.05, gt=0, lt=1, description="share of documents held out for evaluation")
+    seed: int = Field(default=0, description="seed of the initialisation and the data shuffle")
     device: str = Field(default="auto", description="'auto' = cuda if available, else cpu")
     precision: Literal["bf16", "fp32"] = Field(default="bf16", description="autocast dtype of the coder's matmuls")
-    harvest_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    harvest_dtype: Literal["bfloat16", "float32"] = Field(default="bfloat16", description="dtype of the model when harvesting")
     block_contexts: int = Field(default=64, gt=0, description="contexts shuffled together (shuffle buffer)")
-    model_batch: int = Field(default=16, gt=0)
+    model_batch: int = Field(default=16, gt=0, description="contexts per forward pass of the model")
     shard_layers: bool = Field(default=False, description="under torchrun: each rank trains a share of the coders on the full stream (no gradient sync)")
     activation_cache: str | None = Field(default=None, description="folder of an on-disk activation cache to read (built first if absent)")
-    cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    cache_dtype: Literal["bfloat16", "float32"] = Field(default="bfloat16", description="dtype of the activation cache")
     checkpoint_every: int = Field(default=100, gt=0, description="steps between checkpoints")
-    log_every: int = Field(default=10, gt=0)
+    log_every: int = Field(default=10, gt=0, description="steps between log lines")
     sweep: list[dict[str, Any]] = Field(
         default_factory=list,
         description="variants trained side by side from the same activations, each a dict overriding "

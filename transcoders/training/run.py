@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from ..coders.io import CONFIG, WEIGHTS
 from ..data.tokens import build_token_split
+from ..files import OutputExistsError, atomic_write_json, atomic_write_text, folder_lock
 from ..models.loading import LoadedModel, load_model
 from .config import TrainConfig
 from .distributed import is_main
@@ -64,19 +70,86 @@ def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor, progress: 
     return cached
 
 
-def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-              loaded: LoadedModel | None = None, evaluate: bool = True, eval_tokens: int = 8192) -> dict:
+RUN_FILES = ("train_config.json", "train_log.jsonl", "timing.json", "metrics.json", "summary.md", "feature_density.png",
+             "overrides.json")
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files and coder folders a training run writes into ``run_dir`` that exist now
+    (never anything else the folder holds)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    found += sorted(run_dir.glob("checkpoint*.safetensors")) + sorted(run_dir.glob("train_log.rank*.jsonl"))
+    found += sorted({p.parent for p in run_dir.glob(f"*/{WEIGHTS}") if (p.parent / CONFIG).exists()})
+    return found
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # before the process group exists
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder holding another run unless asked to resume or overwrite;
+    with ``overwrite``, remove that run's files (only those: see :func:`run_files`).
+
+    Raises:
+        OutputExistsError: the folder holds a run and neither flag is given.
+    """
+    existing = run_files(run_dir)
+    if resume or not existing or not _rank0():
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in existing[:5]) + (", ..." if len(existing) > 5 else "")
+        raise OutputExistsError(f"{run_dir} already holds a training run ({names}); continue it with --resume {run_dir}, "
+                                "replace it with --overwrite, or choose another --run-dir.")
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def record_overrides(run_dir: Path, cfg: TrainConfig, changes: dict) -> None:
+    """Append ``changes`` (``{field: [saved, new]}``) to ``overrides.json`` with the time, and
+    save the changed settings as the run's ``train_config.json``."""
+    path = run_dir / "overrides.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    history.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "changes": changes})
+    atomic_write_json(path, history)
+    atomic_write_text(run_dir / "train_config.json", cfg.model_dump_json(indent=2))
+
+
+def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+              overrides: dict | None = None, progress: bool = True, loaded: LoadedModel | None = None,
+              evaluate: bool = True, eval_tokens: int = 8192) -> dict:
     """Train coders for ``cfg.layers`` and (optionally) evaluate them on held-out text.
+
+    The run folder is locked for the whole run (a second run into it refuses), and a folder
+    that already holds a run is refused unless ``resume`` or ``overwrite`` is set. A resumed
+    run may change the settings in ``RESUME_OVERRIDABLE``: ``overrides`` (``{field: [saved,
+    new]}``, see ``transcoders train --override``) are recorded in ``overrides.json``.
 
     Returns:
         ``{"run_dir", "timing": {harvest_s, train_s, tokens_per_s, ...}, "metrics"}``; the
         coders are saved under ``run_dir/<hookpoint>/``.
 
     Raises:
+        OutputExistsError: ``run_dir`` holds another run (see :func:`prepare_run_dir`).
+        FolderLockedError: another process is training into ``run_dir``.
         ModelLoadError, DataSourceError, AdapterError: bad model, text or layer.
         TrainingInterrupted, TrainingDiverged: see :class:`Trainer`.
     """
     run_dir = Path(run_dir)
+    lock = folder_lock(run_dir, "training run") if _rank0() else contextlib.nullcontext()
+    with lock:
+        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if resume and overrides and _rank0():
+            record_overrides(run_dir, cfg, overrides)
+        return _train_run(cfg, run_dir, resume=resume, progress=progress, loaded=loaded, evaluate=evaluate,
+                          eval_tokens=eval_tokens)
+
+
+def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, loaded: LoadedModel | None,
+               evaluate: bool, eval_tokens: int) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     loaded = loaded or load_model(cfg.model, device=device)
@@ -105,7 +178,7 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, pr
         "harvest_tokens_per_s": tokens / max(1e-9, trainer.timing["harvest_s"]),
         "coder_tokens_per_s": tokens / max(1e-9, trainer.timing["train_s"]),
     }
-    (run_dir / "timing.json").write_text(json.dumps(timing, indent=2))
+    atomic_write_json(run_dir / "timing.json", timing)
     result = {"run_dir": str(run_dir), "timing": timing, "metrics": None}
     if evaluate and eval_tokens > 0:
         from ..evaluation.run import evaluate_run

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -20,11 +19,13 @@ from tqdm.auto import tqdm
 
 from ..coders.coder import SparseCoder
 from ..coders.config import CoderConfig
-from ..coders.io import atomic_save_tensors, atomic_write_bytes, save_coder
+from ..coders.io import save_coder
+from ..coders.run_folder import CoderKey
+from ..files import atomic_save_tensors, atomic_write_bytes, signals_deferred
 from ..data.activations import rank_stream
 from ..models.adapters import ModelAdapter
 from .checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
-from .config import TrainConfig
+from .config import RESUME_OVERRIDABLE, TrainConfig
 from .distributed import Reducer, barrier, init_from_env, is_main
 from .losses import LOSSES
 
@@ -43,8 +44,7 @@ class TrainingDiverged(RuntimeError):
 class CoderState:
     """Everything that evolves for one coder (one layer, one sweep variant)."""
 
-    name: str  # "6", or "6/k64" for a sweep variant
-    layer: int
+    key: CoderKey  # (layer, sweep variant)
     cfg: TrainConfig  # the run's settings with this variant's overrides
     coder: SparseCoder
     optimizer: torch.optim.Adam
@@ -96,17 +96,18 @@ class Trainer:
         names = [(layer, suffix, variant) for layer in self.layers for suffix, variant in cfg.variants()]
         if cfg.shard_layers and self.world > 1:
             names = names[self.rank :: self.world]  # round-robin: this rank's coders only
-        self.states: dict[str, CoderState] = {}
+        self.states: dict[CoderKey, CoderState] = {}
         for layer, suffix, variant in names:
-            name = f"{layer}/{suffix}" if suffix else str(layer)
-            self.states[name] = self._new_state(name, layer, variant)
+            key = CoderKey(layer, suffix)
+            self.states[key] = self._new_state(key, variant)
         self.ckpt_name = f"checkpoint.rank{self.rank}.safetensors" if cfg.shard_layers and self.world > 1 else CHECKPOINT
         self.step = 0
         self.timing = {"harvest_s": 0.0, "train_s": 0.0}
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ setup
-    def _new_state(self, name: str, layer: int, cfg: TrainConfig) -> CoderState:
+    def _new_state(self, key: CoderKey, cfg: TrainConfig) -> CoderState:
+        layer = key.layer
         d = self.adapter.d_model
         d_sae = cfg.d_sae or cfg.expansion_factor * d
         hook = self.adapter.hookpoint(layer)
@@ -124,7 +125,7 @@ class Trainer:
         lr = cfg.lr or default_lr(d_sae)
         opt = torch.optim.Adam(coder.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)  # fused: ~3x faster step
         zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
-        return CoderState(name, layer, cfg, coder, opt, lr, zeros(d_sae, torch.int64), zeros(d_sae, torch.int64),
+        return CoderState(key, cfg, coder, opt, lr, zeros(d_sae, torch.int64), zeros(d_sae, torch.int64),
                           zeros(d, torch.float64), zeros(d, torch.float64))
 
     @property
@@ -202,7 +203,7 @@ class Trainer:
             opt_t, opt_meta = optimizer_tensors(st.optimizer, f"{key}.opt")
             tensors.update(opt_t)
             tensors.update({f"{key}.{attr}": getattr(st, attr) for attr in _COUNTERS})
-            state["coders"][key] = {"optimizer": opt_meta, "scale_in": st.scale_in, "scale_out": st.scale_out,
+            state["coders"][str(key)] = {"optimizer": opt_meta, "scale_in": st.scale_in, "scale_out": st.scale_out,
                                     "threshold_ema": st.threshold_ema}
         path = self.run_dir / self.ckpt_name
         if self.reducer.active:
@@ -224,14 +225,15 @@ class Trainer:
             saved = TrainConfig.model_validate(state["config"])
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint in {self.run_dir} has no valid config ({exc}); start a new run.") from exc
-        if saved != self.cfg:
-            diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.model_dump().items() if getattr(self.cfg, k) != v}
+        diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.model_dump().items()
+                if getattr(self.cfg, k) != v and k not in RESUME_OVERRIDABLE}
+        if diff:
             raise CheckpointError(f"checkpoint in {self.run_dir} was made with different settings {diff}; resume with the same settings.")
         self.step = state["step"]
         self.timing = state["timing"]
         torch.set_rng_state(tensors["rng.torch"])
         for key, st in self.states.items():
-            meta = state["coders"][key]
+            meta = state["coders"][str(key)]
             with torch.no_grad():
                 for name, p in st.coder.named_parameters():
                     p.copy_(tensors[f"{key}.coder.{name}"])
@@ -244,7 +246,7 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def fit(self, *, resume: bool = False, progress: bool = True, on_step=None) -> dict[int, SparseCoder]:
+    def fit(self, *, resume: bool = False, progress: bool = True, on_step=None) -> dict[CoderKey, SparseCoder]:
         """Train to ``cfg.total_tokens``; save the coders; return them (raw units, unfolded
         copies are not kept).
 
@@ -266,14 +268,14 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=total * self.cfg.batch_size, initial=self.step * self.cfg.batch_size, unit="tok",
                    unit_scale=True, disable=not (progress and is_main()), desc="train")
-        log = self._open_log(resume)
+        self._open_log(resume)
         try:
             batches = self.stream.batches(self.step)
             while self.step < total:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t1 = time.perf_counter()
-                metrics = {key: self._train_one(st, *batch[st.layer]) for key, st in self.states.items()}
+                metrics = {str(key): self._train_one(st, *batch[key.layer]) for key, st in self.states.items()}
                 t2 = time.perf_counter()
                 self.timing["harvest_s"] += t1 - t0
                 self.timing["train_s"] += t2 - t1
@@ -290,7 +292,7 @@ class Trainer:
                 self.step += 1
                 bar.update(self.cfg.batch_size)
                 if self.step % self.cfg.log_every == 0 or self.step == total:
-                    self._log(log, bar, metrics)
+                    self._log(bar, metrics)
                 if on_step is not None:
                     on_step(self, metrics)
                 if self.reducer.any_(self._stop_signal is not None):
@@ -304,35 +306,45 @@ class Trainer:
                     self.checkpoint()
             self.checkpoint()
         finally:
-            log.close()
             bar.close()
             for s, handler in old.items():
                 signal.signal(s, handler)
         return self.save_coders()
 
-    def _open_log(self, resume: bool):
-        """A fresh log, or on resume the old one cut back to the checkpoint's step (a crash may
-        have logged steps that the checkpoint does not hold)."""
-        path = self.run_dir / ("train_log.jsonl" if self.ckpt_name == CHECKPOINT else f"train_log.rank{self.rank}.jsonl")
+    def _open_log(self, resume: bool) -> None:
+        """Start the log: empty, or on resume the old one cut back to the checkpoint's step (a
+        crash may have logged steps that the checkpoint does not hold; a torn last line from a
+        log written by an older version is dropped)."""
+        self._log_path = self.run_dir / ("train_log.jsonl" if self.ckpt_name == CHECKPOINT else f"train_log.rank{self.rank}.jsonl")
+        self._log_lines: list[str] = []
         if self.reducer.active and not is_main():
-            return open(os.devnull, "w")  # data parallel: rank 0 logs the (global) metrics
-        kept = []
-        if resume and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
-        return open(path, "a")
+            self._log_path = None  # data parallel: rank 0 logs the (global) metrics
+            return
+        if resume and self._log_path.exists():
+            for line in self._log_path.read_text(errors="replace").split("\n"):
+                try:
+                    if line.strip() and json.loads(line)["step"] <= self.step:
+                        self._log_lines.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        self._write_log()
 
-    def _log(self, log, bar, metrics: dict[str, dict[str, float]]) -> None:
+    def _write_log(self) -> None:
+        # rewritten whole and atomically (a few hundred short lines): never a torn line
+        if self._log_path is not None:
+            atomic_write_bytes(self._log_path, "".join(line + "\n" for line in self._log_lines).encode())
+
+    def _log(self, bar, metrics: dict[str, dict[str, float]]) -> None:
         seen = self.step * self.cfg.batch_size
         wall = self.timing["harvest_s"] + self.timing["train_s"]
         record = {"step": self.step, "tokens": seen, "lr": self.lr_at(self.step - 1), "tokens_per_s": seen / max(wall, 1e-9),
                   "layers": metrics}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        self._log_lines.append(json.dumps(record))
+        self._write_log()
         first = next(iter(metrics.values()))
         bar.set_postfix(L0=f"{first['l0']:.1f}", FVU=f"{first['fvu']:.3f}", dead=f"{first['dead_fraction']:.1%}")
 
-    def save_coders(self) -> dict[str, SparseCoder]:
+    def save_coders(self) -> dict[CoderKey, SparseCoder]:
         """Fold normalisation into copies of the coders and save each to ``run_dir/<hookpoint>/``
         (``run_dir/<hookpoint>/<variant>/`` in a sweep) with ``stats.safetensors`` (mean MLP
         input/output in raw units, firing counts). BatchTopK coders are saved as JumpReLU with
@@ -355,15 +367,14 @@ class Trainer:
                 with torch.no_grad():
                     coder.threshold.fill_(st.threshold_ema)
             coder.fold_scales(st.scale_in, st.scale_out)
-            folder = self.run_dir / self.adapter.hookpoint(st.layer)
-            if "/" in key:
-                folder = folder / key.split("/", 1)[1]
-            save_coder(coder, folder)
-            atomic_save_tensors(
-                {"mlp_in_mean": (st.in_sum / tokens).float(), "mlp_out_mean": (st.out_sum / tokens).float(),
-                 "fire_count": st.fire_count, "tokens": torch.tensor(tokens)},
-                folder / STATS,
-            )
+            folder = key.folder(self.run_dir, self.adapter.hookpoint(key.layer))
+            with signals_deferred():  # a signal now cannot pair new weights with old stats
+                save_coder(coder, folder)
+                atomic_save_tensors(
+                    {"mlp_in_mean": (st.in_sum / tokens).float(), "mlp_out_mean": (st.out_sum / tokens).float(),
+                     "fire_count": st.fire_count, "tokens": torch.tensor(tokens)},
+                    folder / STATS,
+                )
             out[key] = coder
         if self.reducer.active:
             barrier()
