@@ -14,6 +14,7 @@ import torch
 from conftest import read_log as _log, D_MODEL, VOCAB, tiny_adapter
 
 import transcoders.training.losses as losses_mod
+from transcoders.coders.run_folder import CoderKey
 from transcoders.coders.coder import SparseCoder
 from transcoders.coders.config import CoderConfig
 from transcoders.coders.io import load_coder, save_coder
@@ -57,7 +58,7 @@ def batchtopk_run(tmp_path_factory, llama_adapter, train_tokens, single_thread):
     caught up enough for the saved JumpReLU coder to have an L0 near k."""
     run_dir = tmp_path_factory.mktemp("batchtopk")
     trainer = Trainer(make_cfg(activation="batchtopk", total_tokens=BATCH * BTK_STEPS), llama_adapter, train_tokens, run_dir)
-    coder = trainer.states["1"].coder
+    coder = trainer.states[CoderKey(1)].coder
     recorded = []
     real = coder.decode_sparse
 
@@ -103,20 +104,20 @@ def test_batchtopk_threshold_ema_follows_smallest_kept_activation(batchtopk_run)
     for step, values in enumerate(recorded):
         kth = float(values[values > 0].min())
         ema = kth if step == 0 else 0.95 * ema + 0.05 * kth
-    assert trainer.states["1"].threshold_ema == pytest.approx(ema, rel=1e-12)
-    assert trainer.states["1"].threshold_ema > 0
+    assert trainer.states[CoderKey(1)].threshold_ema == pytest.approx(ema, rel=1e-12)
+    assert trainer.states[CoderKey(1)].threshold_ema > 0
 
 
 def test_batchtopk_is_saved_as_jumprelu_with_the_fitted_threshold(batchtopk_run):
     trainer, coders, _, run_dir = batchtopk_run
-    st = trainer.states["1"]
+    st = trainer.states[CoderKey(1)]
     saved = load_coder(run_dir / "layers.1.mlp")
     assert saved.cfg.activation == "jumprelu"
     assert saved.cfg.d_sae == 64
     assert saved.threshold is not None and saved.threshold.shape == (64,)
     assert st.threshold_ema > 0
     assert torch.equal(saved.threshold, torch.full((64,), st.threshold_ema, dtype=torch.float32))
-    assert torch.equal(saved.threshold, coders["1"].threshold)
+    assert torch.equal(saved.threshold, coders[CoderKey(1)].threshold)
     # the training coder keeps its own (unused) threshold
     assert st.coder.cfg.activation == "batchtopk"
     assert TrainConfig.model_validate(saved.cfg.training).activation == "batchtopk"
@@ -194,7 +195,7 @@ def test_batchtopk_threshold_is_the_smallest_kept_activation_when_too_few_are_po
 def _jumprelu_run(tmp_path, adapter, tokens, l0_coefficient: float):
     trainer = Trainer(make_cfg(activation="jumprelu", l0_coefficient=l0_coefficient), adapter, tokens, tmp_path)
     minima = []
-    trainer.fit(progress=False, on_step=lambda t, m: minima.append(float(t.states["1"].coder.threshold.detach().min())))
+    trainer.fit(progress=False, on_step=lambda t, m: minima.append(float(t.states[CoderKey(1)].coder.threshold.detach().min())))
     return trainer, _log(tmp_path), minima
 
 
@@ -215,16 +216,16 @@ def test_jumprelu_training_reduces_fvu_keeps_thresholds_positive_and_l0_penalty_
 
     saved = load_coder(tmp_path / "strong" / "layers.1.mlp")
     assert saved.cfg.activation == "jumprelu"
-    assert torch.equal(saved.threshold, strong.states["1"].coder.threshold.detach())  # thresholds are not rescaled
+    assert torch.equal(saved.threshold, strong.states[CoderKey(1)].coder.threshold.detach())  # thresholds are not rescaled
     assert (saved.threshold >= 1e-4).all()
 
 
 def test_jumprelu_thresholds_are_clamped_to_1e_4(tmp_path, llama_adapter, train_tokens):
     trainer = Trainer(make_cfg(activation="jumprelu", total_tokens=BATCH * 2), llama_adapter, train_tokens, tmp_path)
     with torch.no_grad():
-        trainer.states["1"].coder.threshold[:8] = -1.0
+        trainer.states[CoderKey(1)].coder.threshold[:8] = -1.0
     trainer.fit(progress=False)
-    assert (trainer.states["1"].coder.threshold >= 1e-4).all()
+    assert (trainer.states[CoderKey(1)].coder.threshold >= 1e-4).all()
 
 
 # ---------------------------------------------------------------- straight-through estimators
@@ -366,7 +367,7 @@ def test_batchtopk_resume_after_sigterm_is_bitwise_identical(tmp_path, llama_ada
 
     b = Trainer(cfg, llama_adapter, train_tokens, run_b)
     b.fit(progress=False, resume=True)
-    sa, sb = a.states["1"], b.states["1"]
+    sa, sb = a.states[CoderKey(1)], b.states[CoderKey(1)]
     assert b.step == a.step == 12
     assert sa.threshold_ema == sb.threshold_ema > 0
     for (name, p), (_, q) in zip(sa.coder.named_parameters(), sb.coder.named_parameters()):

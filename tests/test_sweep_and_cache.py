@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import transcoders.data.activations as acts_mod
+from transcoders.coders.run_folder import CoderKey
 from transcoders.cli import main
 from transcoders.coders.io import load_coder
 from transcoders.data.activations import ActivationStream
@@ -24,6 +25,13 @@ from transcoders.models.loading import LoadedModel, load_model
 from transcoders.training.config import SWEEPABLE, TrainConfig
 from transcoders.training.run import open_cache, train_run
 from transcoders.training.trainer import Trainer
+
+
+def same_tensors(a, b) -> bool:
+    """Bitwise-equal tensors in two safetensors files (their metadata, which names the run's
+    own settings such as the cache folder, may differ)."""
+    ta, tb = load_file(a), load_file(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -85,7 +93,7 @@ def sweep_run(tmp_path_factory, llama_adapter, train_tokens, single_thread):
         real_train_one = trainer._train_one
 
         def train_one(st, x, y):
-            seen.append((trainer.step, st.name, x, y))
+            seen.append((trainer.step, str(st.key), x, y))
             return real_train_one(st, x, y)
 
         trainer._train_one = train_one
@@ -97,8 +105,9 @@ def sweep_run(tmp_path_factory, llama_adapter, train_tokens, single_thread):
 
 def test_sweep_trains_one_coder_per_variant_and_saves_them_in_variant_folders(sweep_run):
     trainer, coders, run_dir, _, _, _ = sweep_run
-    assert list(trainer.states) == ["1/k2", "1/k8"] and sorted(coders) == ["1/k2", "1/k8"]
-    assert [trainer.states[n].cfg.k for n in ("1/k2", "1/k8")] == [2, 8]
+    keys = [CoderKey(1, "k2"), CoderKey(1, "k8")]
+    assert list(trainer.states) == keys and sorted(coders) == keys
+    assert [trainer.states[n].cfg.k for n in keys] == [2, 8]
     assert all(trainer.states[n].cfg.sweep == [] for n in trainer.states)
     for name, k in (("k2", 2), ("k8", 8)):
         folder = run_dir / "layers.1.mlp" / name
@@ -106,10 +115,10 @@ def test_sweep_trains_one_coder_per_variant_and_saves_them_in_variant_folders(sw
         assert coder.cfg.k == k and coder.cfg.layer == 1 and coder.cfg.d_sae == 64
         assert TrainConfig.model_validate(coder.cfg.training).k == k
         assert int(load_file(folder / "stats.safetensors")["tokens"]) == BATCH * 6
-        for (pname, p), (_, q) in zip(coder.named_parameters(), coders[f"1/{name}"].named_parameters()):
+        for (pname, p), (_, q) in zip(coder.named_parameters(), coders[CoderKey(1, name)].named_parameters()):
             assert torch.equal(p, q), pname
     assert not (run_dir / "layers.1.mlp" / "coder.safetensors").exists()
-    assert not torch.equal(coders["1/k2"].W_enc, coders["1/k8"].W_enc)
+    assert not torch.equal(coders[CoderKey(1, "k2")].W_enc, coders[CoderKey(1, "k8")].W_enc)
     log = _log(run_dir)
     assert all(set(r["layers"]) == {"1/k2", "1/k8"} for r in log)
     assert all(r["layers"]["1/k2"]["l0"] <= 2 and r["layers"]["1/k8"]["l0"] <= 8 for r in log)
@@ -183,8 +192,8 @@ def test_one_variant_sweep_gives_bitwise_the_same_coder_as_no_sweep(tmp_path, ll
     plain.fit(progress=False)
     swept = Trainer(make_cfg(sweep=[{"k": 2}]), llama_adapter, train_tokens, tmp_path / "swept")
     swept.fit(progress=False)
-    assert list(swept.states) == ["1/k2"]
-    a, b = plain.states["1"], swept.states["1/k2"]
+    assert list(swept.states) == [CoderKey(1, "k2")]
+    a, b = plain.states[CoderKey(1)], swept.states[CoderKey(1, "k2")]
     for (name, p), (_, q) in zip(a.coder.named_parameters(), b.coder.named_parameters()):
         assert torch.equal(p, q), name
     for name in ("coder.safetensors", "stats.safetensors", "cfg.json"):
@@ -210,8 +219,8 @@ def test_sweep_resume_is_exact(tmp_path, llama_adapter, train_tokens):
     Trainer(cfg, llama_adapter, train_tokens, tmp_path / "b").fit(progress=False, resume=True)
     for variant in ("k2", "activation-relu_l1_coefficient0.1"):
         for name in ("coder.safetensors", "stats.safetensors"):
-            assert ((tmp_path / "a" / "layers.1.mlp" / variant / name).read_bytes()
-                    == (tmp_path / "b" / "layers.1.mlp" / variant / name).read_bytes()), (variant, name)
+            assert same_tensors(tmp_path / "a" / "layers.1.mlp" / variant / name,
+                                tmp_path / "b" / "layers.1.mlp" / variant / name), (variant, name)
 
 
 # ---------------------------------------------------------------- activation cache: reading back
@@ -319,12 +328,14 @@ def test_failed_cache_build_leaves_no_folder_and_no_temporary_files(tmp_path, ll
     assert list(parent.iterdir()) == []
 
 
-def test_failed_rebuild_keeps_the_previous_complete_cache(tmp_path, llama_adapter, train_tokens):
+def test_rebuild_over_a_complete_cache_is_refused_and_a_failed_build_leaves_nothing(tmp_path, llama_adapter, train_tokens):
     good = build_cache(_stream(llama_adapter, train_tokens), tmp_path / "cache", BATCH * 2, dtype="float32", progress=False)
     before = {p.name: p.read_bytes() for p in good.iterdir()}
+    with pytest.raises(ActivationCacheError, match="already exists"):
+        build_cache(_stream(llama_adapter, train_tokens), good, BATCH * 2, dtype="float32", progress=False)
     stream = _FailingStream(llama_adapter, train_tokens, [1], BATCH, block_contexts=4, model_batch=4)
     with pytest.raises(RuntimeError):
-        build_cache(stream, good, BATCH * 6, dtype="float32", progress=False)
+        build_cache(stream, tmp_path / "new", BATCH * 6, dtype="float32", progress=False)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
 
@@ -385,8 +396,8 @@ def test_trainer_on_float32_cache_is_bitwise_identical_to_live_training(tmp_path
     cached.fit(progress=False)
     for layer in (0, 1):
         for name in ("coder.safetensors", "stats.safetensors"):
-            assert ((tmp_path / "live" / f"layers.{layer}.mlp" / name).read_bytes()
-                    == (tmp_path / "cached" / f"layers.{layer}.mlp" / name).read_bytes()), (layer, name)
+            assert same_tensors(tmp_path / "live" / f"layers.{layer}.mlp" / name,
+                                tmp_path / "cached" / f"layers.{layer}.mlp" / name), (layer, name)
 
 
 WORDS = ("the state of union is strong citizens senate house representatives nation people congress "
@@ -441,20 +452,20 @@ def test_train_run_from_float32_cache_matches_live_run_and_reuses_the_cache(tmp_
     assert meta["ctx_len"] == 16 and meta["model"] == str(model_files["model"])
     assert result["timing"]["cache_build_s"] > 0
     for name in ("coder.safetensors", "stats.safetensors"):
-        assert (tmp_path / "live" / "layers.1.mlp" / name).read_bytes() == (tmp_path / "cached" / "layers.1.mlp" / name).read_bytes()
+        assert same_tensors(tmp_path / "live" / "layers.1.mlp" / name, tmp_path / "cached" / "layers.1.mlp" / name)
 
     # a second run with the same settings reads the cache as it is
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     train_run(cache_cfg, tmp_path / "again", progress=False, loaded=loaded, evaluate=False)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
-    assert ((tmp_path / "again" / "layers.1.mlp" / "coder.safetensors").read_bytes()
-            == (tmp_path / "live" / "layers.1.mlp" / "coder.safetensors").read_bytes())
+    assert same_tensors(tmp_path / "again" / "layers.1.mlp" / "coder.safetensors",
+                        tmp_path / "live" / "layers.1.mlp" / "coder.safetensors")
 
     # a sweep from the cache: every variant sees the cached data
     sweep_cfg = _run_cfg(model_files, activation_cache=str(folder), cache_dtype="float32", sweep=[{"k": 4}, {"k": 2}])
     train_run(sweep_cfg, tmp_path / "sweep", progress=False, loaded=loaded, evaluate=False)
-    assert ((tmp_path / "sweep" / "layers.1.mlp" / "k4" / "coder.safetensors").read_bytes()
-            == (tmp_path / "live" / "layers.1.mlp" / "coder.safetensors").read_bytes())
+    assert same_tensors(tmp_path / "sweep" / "layers.1.mlp" / "k4" / "coder.safetensors",
+                        tmp_path / "live" / "layers.1.mlp" / "coder.safetensors")
 
 
 @pytest.mark.parametrize("change", [
@@ -549,8 +560,7 @@ def test_cli_activation_cache_is_built_once_and_reused(tmp_path, model_files):
     second = _train(model_files, tmp_path / "b", "--activation-cache", cache, "--eval-tokens", "0")
     assert second.exit_code == 0, second.output
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
-    assert (tmp_path / "a" / "layers.1.mlp" / "coder.safetensors").read_bytes() == \
-        (tmp_path / "b" / "layers.1.mlp" / "coder.safetensors").read_bytes()
+    assert same_tensors(tmp_path / "a" / "layers.1.mlp" / "coder.safetensors", tmp_path / "b" / "layers.1.mlp" / "coder.safetensors")
     # other settings: a one-line error, exit code 2
     third = _train(model_files, tmp_path / "c", "--activation-cache", cache, "--eval-tokens", "0", "--ctx-len", "8")
     assert third.exit_code == 2, third.output

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import transcoders.training.losses as losses_mod
 import transcoders.training.trainer as trainer_mod
+from transcoders.coders.run_folder import CoderKey
 from transcoders.coders.io import load_coder
 from transcoders.data.activations import harvest
 from transcoders.training.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
@@ -77,7 +78,7 @@ def test_training_reduces_fvu_and_saves_loadable_coder_with_its_config(tmp_path,
     assert c.k == (4 if activation == "topk" else None)
     assert c.hookpoint_in == "layers.1.mlp.input"
     assert TrainConfig.model_validate(c.training) == cfg
-    for (name, p), (_, q) in zip(coder.named_parameters(), coders["1"].named_parameters()):
+    for (name, p), (_, q) in zip(coder.named_parameters(), coders[CoderKey(1)].named_parameters()):
         assert torch.equal(p, q), name
 
     stats = load_file(folder / "stats.safetensors")
@@ -94,7 +95,7 @@ def test_saved_coder_on_raw_activations_equals_trained_coder_in_normalised_space
         tmp_path, llama_adapter, train_tokens, kind, activation):
     trainer = Trainer(make_cfg(kind=kind, activation=activation, total_tokens=BATCH * 8), llama_adapter, train_tokens, tmp_path)
     trainer.fit(progress=False)
-    st = trainer.states["1"]
+    st = trainer.states[CoderKey(1)]
     saved = load_coder(tmp_path / "layers.1.mlp")
     x, _ = _harvested(llama_adapter, train_tokens, 1)
     with torch.no_grad():
@@ -107,7 +108,7 @@ def test_saved_coder_on_raw_activations_equals_trained_coder_in_normalised_space
 def test_saved_sae_reconstructs_raw_mlp_input_in_raw_units(tmp_path, llama_adapter, train_tokens, activation):
     trainer = Trainer(make_cfg(kind="sae", activation=activation, total_tokens=BATCH * 8), llama_adapter, train_tokens, tmp_path)
     trainer.fit(progress=False)
-    st = trainer.states["1"]
+    st = trainer.states[CoderKey(1)]
     saved = load_coder(tmp_path / "layers.1.mlp")
     x, _ = _harvested(llama_adapter, train_tokens, 1)
     with torch.no_grad():
@@ -141,7 +142,7 @@ def test_multiple_layers_train_from_one_activation_stream(tmp_path, llama_adapte
     trainer.stream.batches = recording
     coders = trainer.fit(progress=False)
 
-    assert trainer.layers == [0, 2] and sorted(coders) == ['0', '2']
+    assert trainer.layers == [0, 2] and sorted(coders) == [CoderKey(0), CoderKey(2)]
     # every forward pass harvested both layers together; one pass per block of 4 contexts
     # (batch == block here), plus at most one look-ahead block
     assert calls and all(c == [0, 2] for c in calls)
@@ -152,7 +153,7 @@ def test_multiple_layers_train_from_one_activation_stream(tmp_path, llama_adapte
         assert coder.cfg.layer == layer and coder.cfg.hookpoint_in == f"layers.{layer}.mlp.input"
         stats = load_file(folder / "stats.safetensors")
         torch.testing.assert_close(stats["mlp_in_mean"], (sums[layer] / (BATCH * steps)).float())
-    assert not torch.equal(coders["0"].W_enc, coders["2"].W_enc)
+    assert not torch.equal(coders[CoderKey(0)].W_enc, coders[CoderKey(2)].W_enc)
     assert all(set(r["layers"]) == {"0", "2"} for r in _log(tmp_path))
 
 
@@ -190,7 +191,7 @@ def _interrupt_at(step: int, signum=signal.SIGTERM):
 def _assert_same_state(a: Trainer, b: Trainer) -> None:
     assert a.step == b.step
     for layer in a.layers:
-        sa, sb = a.states[str(layer)], b.states[str(layer)]
+        sa, sb = a.states[CoderKey(layer)], b.states[CoderKey(layer)]
         for (name, p), (_, q) in zip(sa.coder.named_parameters(), sb.coder.named_parameters()):
             assert torch.equal(p, q), f"layer {layer} {name}"
         oa, ob = sa.optimizer.state_dict(), sb.optimizer.state_dict()
@@ -395,7 +396,7 @@ def test_lr_without_warmup_starts_at_full_rate(llama_adapter, train_tokens, tmp_
 def test_optimizer_uses_and_log_reports_the_scheduled_lr(tmp_path, llama_adapter, train_tokens):
     trainer = Trainer(make_cfg(warmup_steps=3, total_tokens=BATCH * 10, log_every=1), llama_adapter, train_tokens, tmp_path)
     used = []
-    trainer.fit(progress=False, on_step=lambda t, m: used.append(t.states["1"].optimizer.param_groups[0]["lr"]))
+    trainer.fit(progress=False, on_step=lambda t, m: used.append(t.states[CoderKey(1)].optimizer.param_groups[0]["lr"]))
     assert used == [trainer.lr_at(s) for s in range(10)]
     assert [r["lr"] for r in _log(tmp_path)] == pytest.approx(used)
 
@@ -428,11 +429,11 @@ def test_dead_feature_counters_follow_the_topk_selection(tmp_path, llama_adapter
     trainer = Trainer(cfg, llama_adapter, train_tokens, tmp_path)
     never = torch.arange(8)
     with torch.no_grad():
-        trainer.states["1"].coder.b_enc[never] = -1e4  # these can never be in a token's top k
+        trainer.states[CoderKey(1)].coder.b_enc[never] = -1e4  # these can never be in a token's top k
     snapshots = [(torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64))]
     reported = []
     trainer.fit(progress=False, on_step=lambda t, m: (
-        snapshots.append((t.states["1"].tokens_since_fired.clone(), t.states["1"].fire_count.clone())),
+        snapshots.append((t.states[CoderKey(1)].tokens_since_fired.clone(), t.states[CoderKey(1)].fire_count.clone())),
         reported.append(m["1"]["dead_fraction"])))
 
     assert len(calls) == steps
@@ -451,7 +452,7 @@ def test_dead_feature_counters_follow_the_topk_selection(tmp_path, llama_adapter
             assert call["k_aux"] == min(D_MODEL // 2, int(dead.sum()))
         else:
             assert call["dead"] is None and call["k_aux"] == 0
-    st = trainer.states["1"]
+    st = trainer.states[CoderKey(1)]
     assert (st.fire_count[never] == 0).all()
     assert (st.tokens_since_fired[never] == BATCH * steps).all()
     assert all(r >= 8 / 64 for r in reported[dead_tokens // BATCH:])
@@ -465,7 +466,7 @@ def test_relu_fire_counts_match_active_features(tmp_path, llama_adapter, train_t
     cfg = make_cfg(activation="relu", total_tokens=BATCH * 4, log_every=1)
     trainer = Trainer(cfg, llama_adapter, train_tokens, tmp_path)
     trainer.fit(progress=False)
-    st = trainer.states["1"]
+    st = trainer.states[CoderKey(1)]
     l0s = [r["layers"]["1"]["l0"] for r in _log(tmp_path)]
     assert int(st.fire_count.sum()) == round(sum(l0s) * BATCH)
     never_fired = st.fire_count == 0

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                         metadata: dict[str, str] | None = None) -> Path:
     """Atomically write ``tensors`` as a safetensors file (contiguous CPU copies)."""
     from safetensors.torch import save_file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +49,8 @@ def tokenize_prompt(loaded: LoadedModel, prompt: str, *, bos: bool = True) -> to
     Raises:
         ValueError: the prompt is empty or longer than the model's context.
     """
-    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids[0]
+    tokenizer: Any = loaded.tokenizer
+    ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
         raise ValueError("the prompt is empty; pass some text with --prompt")
     bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
