@@ -70,7 +70,9 @@ def _norm_weights(model_dir: Path, n_layers: int) -> list[float] | None:
     return [out[i] for i in range(n_layers)] if all(i in out for i in range(n_layers)) else None
 
 
-def random_coders(n_layers: int, d_model: int, d_sae: int, *, l0: float, model_dir: Path | None, seed: int) -> dict[int, SparseCoder]:
+def random_coders(
+    n_layers: int, d_model: int, d_sae: int, *, l0: float, model_dir: Path | None, seed: int
+) -> dict[int, SparseCoder]:
     """Random JumpReLU transcoders: unit-norm encoder and decoder rows, zero biases, one threshold
     per layer at the standard-normal quantile for ``l0 / d_sae`` firing, scaled by the expected
     pre-activation spread (|pre-MLP norm weight| / sqrt(d_model) when ``model_dir`` is given,
@@ -82,7 +84,8 @@ def random_coders(n_layers: int, d_model: int, d_sae: int, *, l0: float, model_d
     for layer in range(n_layers):
         cfg = CoderConfig(
             kind="transcoder", activation="jumprelu", d_in=d_model, d_out=d_model, d_sae=d_sae, k=None,
-            model_name="random", layer=layer, hookpoint_in=f"layers.{layer}.mlp.input", hookpoint_out=f"layers.{layer}.mlp.output",
+            model_name="random", layer=layer,
+            hookpoint_in=f"layers.{layer}.mlp.input", hookpoint_out=f"layers.{layer}.mlp.output",
         )
         coder = SparseCoder(cfg)
         spread = norms[layer] / d_model**0.5 if norms is not None else 1.0
@@ -102,16 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", nargs="?", type=Path, help="run folder with layers.{i}.mlp/ coders (ours)")
     ap.add_argument("dest", type=Path, help="folder to write config.yaml + layer_{i}.safetensors into")
-    ap.add_argument("--random", type=int, metavar="N_LAYERS", help="write random JumpReLU transcoders for N_LAYERS layers instead")
+    ap.add_argument("--random", type=int, metavar="N_LAYERS",
+                    help="write random JumpReLU transcoders for N_LAYERS layers instead")
     ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--d-sae", type=int, default=2304)
     ap.add_argument("--random-l0", type=float, default=32.0, help="target features per token of --random")
     ap.add_argument("--model", type=Path, help="model folder (safetensors) to scale --random thresholds by")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--allow-topk", action="store_true",
-                    help="write TopK coders as `activation: topk` (circuit-tracer >= 0.5 only; its TopK has no ReLU, so it differs "
-                         "from ours on tokens with fewer than k positive pre-activations)")
-    ap.add_argument("--absolute-paths", action="store_true", help="list absolute file paths in config.yaml (circuit-tracer resolves relative ones against its working directory)")
+                    help="write TopK coders as `activation: topk` (circuit-tracer >= 0.5 only; its TopK has no ReLU, "
+                         "so it differs from ours on tokens with fewer than k positive pre-activations)")
+    ap.add_argument("--absolute-paths", action="store_true",
+                    help="list absolute file paths in config.yaml "
+                         "(circuit-tracer resolves relative ones against its working directory)")
     args = ap.parse_args(argv)
 
     if args.random is not None:
@@ -130,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         if m and int(m.group(1)) not in coders:
             stale.unlink()
     try:
-        write_circuit_tracer(coders, args.dest, model_name=model_name, absolute_paths=args.absolute_paths, allow_topk=args.allow_topk)
+        write_circuit_tracer(coders, args.dest, model_name=model_name, absolute_paths=args.absolute_paths,
+                             allow_topk=args.allow_topk)
     except ValueError as exc:
         sys.exit(f"{exc}{' (here: --allow-topk)' if 'allow_topk' in str(exc) else ''}")
 
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         if coder.threshold is not None and not torch.equal(back[layer].threshold, coder.threshold.detach().float()):
             sys.exit(f"layer {layer}: threshold did not survive the round trip")
     c0 = coders[0].cfg
-    print(f"wrote {len(coders)} transcoders ({c0.kind}, {', '.join(acts)}, d_model {c0.d_in}, d_sae {c0.d_sae}) to {args.dest}/config.yaml")
+    print(f"wrote {len(coders)} transcoders ({c0.kind}, {', '.join(acts)}, d_model {c0.d_in}, d_sae {c0.d_sae}) "
+          f"to {args.dest}/config.yaml")
 
 
 if __name__ == "__main__":

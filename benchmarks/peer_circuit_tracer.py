@@ -127,7 +127,9 @@ def load_transcoder_set(folder: Path, *, lazy_decoder: bool, lazy_encoder: bool)
     if "transcoders" not in config:
         n = len(list(cfg_path.parent.glob("layer_*.safetensors")))
         config["transcoders"] = [f"layer_{i}.safetensors" for i in range(n)]
-    config["transcoders"] = [p if p.startswith("hf://") or os.path.isabs(p) else str((cfg_path.parent / p).resolve()) for p in config["transcoders"]]
+    config["transcoders"] = [
+        p if p.startswith("hf://") or os.path.isabs(p) else str((cfg_path.parent / p).resolve()) for p in config["transcoders"]
+    ]
     config.setdefault("scan", f"local:{cfg_path.parent.resolve()}")
     transcoders = load_transcoders(config, torch.device("cpu"), torch.float32, lazy_encoder, lazy_decoder)
     return transcoders, config
@@ -137,8 +139,8 @@ def check_activations(transcoders, config: dict) -> dict:
     """Each layer's activation function against its file: JumpReLU with the file's threshold
     when the file has ``activation_function.threshold``, else ReLU."""
     import torch
-    from safetensors import safe_open
     from circuit_tracer.transcoder.activation_functions import JumpReLU
+    from safetensors import safe_open
 
     kinds, bad = [], []
     for layer, path in enumerate(config["transcoders"]):
@@ -194,7 +196,10 @@ def load_replacement_model(model_dir: Path, transcoders, backend: str, tl_n_ctx:
 
     device = torch.device("cpu")
     if backend == "nnsight":
-        return ReplacementModel.from_pretrained_and_transcoders(str(model_dir), transcoders, backend="nnsight", device=device, dtype=torch.float32), None
+        model = ReplacementModel.from_pretrained_and_transcoders(
+            str(model_dir), transcoders, backend="nnsight", device=device, dtype=torch.float32
+        )
+        return model, None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     theta = _patch_transformerlens_for_local(model_dir)
@@ -202,7 +207,8 @@ def load_replacement_model(model_dir: Path, transcoders, backend: str, tl_n_ctx:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     extra = {"n_ctx": tl_n_ctx} if tl_n_ctx else {}
     model = ReplacementModel.from_pretrained_and_transcoders(
-        str(model_dir), transcoders, backend="transformerlens", device=device, dtype=torch.float32, hf_model=hf_model, tokenizer=tokenizer, **extra,
+        str(model_dir), transcoders, backend="transformerlens", device=device, dtype=torch.float32,
+        hf_model=hf_model, tokenizer=tokenizer, **extra,
     )
     del hf_model
     if abs(float(model.cfg.rotary_base) - theta) > 1e-6:
@@ -220,7 +226,9 @@ def check_logits(model, model_dir: Path, ids: list[int], tol: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ids_file, out_file = os.path.join(tmp, "ids.json"), os.path.join(tmp, "ref.pt")
         Path(ids_file).write_text(json.dumps(ids))
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--reference-logits", str(model_dir), ids_file, out_file], check=True)
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--reference-logits", str(model_dir), ids_file, out_file], check=True
+        )
         ref = torch.load(out_file)
     logits, acts = model.get_activations(torch.tensor(ids))
     logits = logits.detach().float().reshape(-1, ref.shape[-1])
@@ -231,15 +239,17 @@ def check_logits(model, model_dir: Path, ids: list[int], tol: float) -> dict:
     try:
         dense = acts.to_dense() if acts.is_sparse else acts
         l0 = (dense[:, 1:] != 0).sum(-1).float().mean(-1).tolist()  # per layer, position 0 (BOS) left out
-    except Exception:  # noqa: BLE001 - only a diagnostic
+    except Exception:
         pass
     del acts
     gc.collect()
     out = {"max_abs_diff": diff, "max_abs_ref": scale, "rel_diff": diff / scale, "tolerance_rel": tol,
            "same_top1": top_ours == top_ref, "top1_token_id": top_ref, "l0_per_layer": l0}
-    print(f"logit check vs transformers: max |diff| {diff:.3g} (largest |logit| {scale:.3g}, relative {diff / scale:.3g}); top-1 {'agrees' if top_ours == top_ref else 'DIFFERS'}")
+    print(f"logit check vs transformers: max |diff| {diff:.3g} (largest |logit| {scale:.3g}, relative {diff / scale:.3g}); "
+          f"top-1 {'agrees' if top_ours == top_ref else 'DIFFERS'}")
     if not diff <= tol * scale:
-        sys.exit(f"logits differ from transformers by {diff:.3g} (> {tol:g} x {scale:.3g}): the model did not load right; not timing it")
+        sys.exit(f"logits differ from transformers by {diff:.3g} (> {tol:g} x {scale:.3g}): "
+                 "the model did not load right; not timing it")
     return out
 
 
@@ -261,7 +271,8 @@ def describe_graph(graph, tokenizer, top_edges: int) -> dict:
         if i < err0:
             af = int(graph.selected_features[i])
             layer, pos, feat = (int(v) for v in graph.active_features[af])
-            return {"type": "feature", "layer": layer, "pos": pos, "feature": feat, "token": tokens[pos], "activation": float(graph.activation_values[af])}
+            return {"type": "feature", "layer": layer, "pos": pos, "feature": feat, "token": tokens[pos],
+                    "activation": float(graph.activation_values[af])}
         if i < tok0:
             layer, pos = divmod(i - err0, n_pos)
             return {"type": "error", "layer": layer, "pos": pos, "token": tokens[pos]}
@@ -269,7 +280,8 @@ def describe_graph(graph, tokenizer, top_edges: int) -> dict:
             pos = i - tok0
             return {"type": "token", "pos": pos, "token": tokens[pos], "token_id": int(graph.input_tokens[pos])}
         t = graph.logit_targets[i - logit0]
-        return {"type": "logit", "token": t.token_str, "token_id": int(t.vocab_idx), "prob": float(graph.logit_probabilities[i - logit0])}
+        return {"type": "logit", "token": t.token_str, "token_id": int(t.vocab_idx),
+                "prob": float(graph.logit_probabilities[i - logit0])}
 
     row = A[logit0]  # the top logit target (targets are in probability order)
     order = torch.argsort(row.abs(), descending=True)[:top_edges]
@@ -284,7 +296,10 @@ def describe_graph(graph, tokenizer, top_edges: int) -> dict:
         "n_active_features": int(graph.active_features.shape[0]),
         "adjacency_shape": list(A.shape),
         "adjacency_dtype": str(A.dtype),
-        "logit_targets": [{"token": t.token_str, "token_id": int(t.vocab_idx), "prob": float(p)} for t, p in zip(graph.logit_targets, graph.logit_probabilities)],
+        "logit_targets": [
+            {"token": t.token_str, "token_id": int(t.vocab_idx), "prob": float(p)}
+            for t, p in zip(graph.logit_targets, graph.logit_probabilities)
+        ],
         "top_logit": node(logit0),
         "top_edges_into_top_logit": edges,
     }
@@ -299,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description="One circuit-tracer attribution graph: time, memory, graph summary.")
     ap.add_argument("--model", type=Path, required=True, help="model folder (transformers format, with the 4.57 fixes)")
-    ap.add_argument("--transcoders", type=Path, required=True, help="circuit-tracer transcoder set folder (config.yaml + layer_{i}.safetensors)")
+    ap.add_argument("--transcoders", type=Path, required=True,
+                    help="circuit-tracer transcoder set folder (config.yaml + layer_{i}.safetensors)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-feature-nodes", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=8, help="source nodes per backward pass (small is fastest on CPU)")
@@ -310,11 +326,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="TransformerLens backend: context length of the HookedTransformer (its n_ctx; 0 = the model's "
                          "max_position_embeddings, 8192 for SmolLM2). TransformerLens caps its own Llama configs at 2048; "
                          "8192 makes attribution several times slower and loading take ~6 GiB (n_ctx x n_ctx masks per layer)")
-    ap.add_argument("--eager-decoder", action="store_true", help="load W_dec into memory (circuit-tracer's from_pretrained reads it lazily from the files by default)")
+    ap.add_argument("--eager-decoder", action="store_true",
+                    help="load W_dec into memory (circuit-tracer's from_pretrained reads it lazily from the files by default)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--repeat", type=int, default=1, help="build the graph this many times; attribution_s is the fastest")
     ap.add_argument("--top-edges", type=int, default=20)
-    ap.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference allowed, relative to the largest logit")
+    ap.add_argument("--tolerance", type=float, default=1e-3,
+                    help="largest logit difference allowed, relative to the largest logit")
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     ap.add_argument("--graph-pt", type=Path, default=None, help="also save circuit-tracer's Graph (Graph.to_pt)")
     ap.add_argument("--verbose", action="store_true", help="circuit-tracer's phase log and progress bar")
@@ -334,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     t_imports = time.perf_counter() - T_START
 
     t0 = time.perf_counter()
-    transcoders, tc_config = load_transcoder_set(args.transcoders.resolve(), lazy_decoder=not args.eager_decoder, lazy_encoder=False)
+    transcoders, tc_config = load_transcoder_set(
+        args.transcoders.resolve(), lazy_decoder=not args.eager_decoder, lazy_encoder=False
+    )
     tc_info = check_activations(transcoders, tc_config)
     t_transcoders = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -427,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
         f"circuit-tracer[{args.backend}] {len(ids)} pos, {summary['n_active_features']} active features, "
         f"{summary['n_feature_nodes']} feature nodes, batch {args.batch_size}: attribution {best['attribution_s']:.2f} s, "
         f"total {result['total_s']:.1f} s, peak RSS {peak_attr:.0f} MiB (attr) / {result['peak_rss_mib']:.0f} MiB (process); "
-        f"graph {summary['n_nodes']} nodes, {summary['n_edges_nonzero']} nonzero edges; top logit {top['token']!r} p={top['prob']:.3f}; "
+        f"graph {summary['n_nodes']} nodes, {summary['n_edges_nonzero']} nonzero edges; "
+        f"top logit {top['token']!r} p={top['prob']:.3f}; "
         f"replacement {replacement:.3f}, completeness {completeness:.3f} -> {args.out}"
     )
 

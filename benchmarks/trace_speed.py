@@ -75,7 +75,8 @@ def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: st
     result = {
         "tokens": len(tokens), "active_features": graph.meta["n_active_features"], "feature_nodes": graph.meta["feature_rows"],
         "nodes": graph.n_nodes, "edges": graph.n_edges, "pruned_nodes": pruned.n_nodes, "seconds_graph": min(times),
-        "seconds_runs": times, "seconds_pruning_scores": t_prune, "peak_rss_mib": peak_attr if reset else max(peak_attr, peak_load),
+        "seconds_runs": times, "seconds_pruning_scores": t_prune,
+        "peak_rss_mib": peak_attr if reset else max(peak_attr, peak_load),
         "peak_rss_load_mib": peak_load, "peak_reset": reset, **scores,
         "targets": [t.label for t in targets], "top_target_prob": targets[0].weight,
     }

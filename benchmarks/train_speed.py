@@ -123,7 +123,7 @@ def ours_coder_step(loaded, xs, ys, precision: str, steps: int, warmup: int, wor
     trainer.stream = FixedStream(xs, ys)
     per_step, last = [], [0.0]
 
-    def on_step(tr, metrics):
+    def on_step(tr, _metrics):
         per_step.append(tr.timing["train_s"] - last[0])
         last[0] = tr.timing["train_s"]
 
@@ -174,11 +174,12 @@ def _pct(x, peak):
 def report(r: dict, args) -> str:
     m, a, d = r["machine"], r["ours_e2e"], r.get("peer_e2e")
     b, e, c = r["ours_step"], r.get("peer_step"), r["peak"]
-    ratio = lambda x, y: f"{x / y:.2f}x" if x and y else "n/a"  # noqa: E731
+    ratio = lambda x, y: f"{x / y:.2f}x" if x and y else "n/a"
     lines = [
         f"- date: {r['date']}; label: {args.label or 'full run'}",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads; "
-        f"load average at start {m['load_avg_start'][0]:.2f}, at end {m['load_avg_end'][0]:.2f} (the end figure is this benchmark's own load)",
+        f"load average at start {m['load_avg_start'][0]:.2f}, at end {m['load_avg_end'][0]:.2f} "
+        "(the end figure is this benchmark's own load)",
         f"- ours: torch {m['torch']}, transformers {m['transformers']}"
         + (f"; peer: eai-sparsify {d['versions']['sparsify']}, torch {d['versions']['torch']}, "
            f"transformers {d['versions']['transformers']}" if d else "; peer: not run"),
@@ -222,7 +223,8 @@ def report(r: dict, args) -> str:
         f"Matmul peak, ({BATCH}x576)@(576x{D_SAE}), best of {args.peak_reps} (as `a @ b` / as `F.linear(a, W, bias)`): "
         f"fp32 {c['fp32']['best']:.0f} GFLOP/s ({c['fp32']['a@b']:.0f} / {c['fp32']['linear']:.0f}), "
         f"bf16 {c['bf16']['best']:.0f} GFLOP/s ({c['bf16']['a@b']:.0f} / {c['bf16']['linear']:.0f}); "
-        f"ours' bf16 encoder matmul reaches {fmt(_pct(b['bf16'].get('enc_matmul_gflops'), c['bf16']['best']))}% of the bf16 peak.",
+        f"ours' bf16 encoder matmul reaches {fmt(_pct(b['bf16'].get('enc_matmul_gflops'), c['bf16']['best']))}% "
+        "of the bf16 peak.",
     ]
     if r["tokens"] < 307_200:
         lines.insert(2, f"- **small budget** ({r['tokens']} tokens, reference 307200): the FVUs say nothing about quality "
@@ -298,7 +300,9 @@ def main() -> None:
         r["peak"] = {name: matmul_gflops(dt, args.peak_reps) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
         print("[b] our coder step", flush=True)
-        r["ours_step"] = {p_: ours_coder_step(loaded, xs, ys, p_, args.coder_steps, args.coder_warmup, work) for p_ in ("bf16", "fp32")}
+        r["ours_step"] = {
+            p_: ours_coder_step(loaded, xs, ys, p_, args.coder_steps, args.coder_warmup, work) for p_ in ("bf16", "fp32")
+        }
 
         if not args.no_peer:
             print("[e] sparsify coder step (peer venv)", flush=True)

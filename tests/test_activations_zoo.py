@@ -5,19 +5,19 @@ gradients, the JumpReLU SparseCoder, and exact resume of a BatchTopK run."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
 import torch
-from conftest import read_log as _log, D_MODEL, VOCAB, tiny_adapter
+from conftest import D_MODEL, VOCAB
+from conftest import read_log as _log
 
 import transcoders.training.losses as losses_mod
-from transcoders.coders.run_folder import CoderKey
 from transcoders.coders.coder import SparseCoder
 from transcoders.coders.config import CoderConfig
 from transcoders.coders.io import load_coder, save_coder
+from transcoders.coders.run_folder import CoderKey
 from transcoders.evaluation.metrics import evaluate_coders
 from transcoders.training.checkpoint import load_checkpoint
 from transcoders.training.config import TrainConfig
@@ -146,7 +146,9 @@ def _batchtopk_step(coder, x):
     cfg = TrainConfig(activation="batchtopk", d_sae=16, k=2, precision="fp32", device="cpu", auxk_coefficient=0)
     kept = []
     real = coder.decode_sparse
-    coder.decode_sparse = lambda values, indices, x=None, mask=None: (kept.append((values.detach(), indices)), real(values, indices, x, mask))[1]
+    coder.decode_sparse = lambda values, indices, x=None, mask=None: (
+        kept.append((values.detach(), indices)), real(values, indices, x, mask)
+    )[1]
     result = losses_mod.batchtopk_loss(cfg, coder, x, x, torch.zeros(16, dtype=torch.bool), 0)
     return result, *kept[0]
 
@@ -195,7 +197,7 @@ def test_batchtopk_threshold_is_the_smallest_kept_activation_when_too_few_are_po
 def _jumprelu_run(tmp_path, adapter, tokens, l0_coefficient: float):
     trainer = Trainer(make_cfg(activation="jumprelu", l0_coefficient=l0_coefficient), adapter, tokens, tmp_path)
     minima = []
-    trainer.fit(progress=False, on_step=lambda t, m: minima.append(float(t.states[CoderKey(1)].coder.threshold.detach().min())))
+    trainer.fit(progress=False, on_step=lambda t, _m: minima.append(float(t.states[CoderKey(1)].coder.threshold.detach().min())))
     return trainer, _log(tmp_path), minima
 
 

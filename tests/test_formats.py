@@ -154,7 +154,10 @@ def write_saelens_by_hand(folder: Path, case: str, seed: int = 0) -> tuple[dict,
     """A SAELens folder as ``SAE.save_model`` writes it (v6 layout unless the case says pre-6)."""
     g = torch.Generator().manual_seed(seed)
     d_out = D_OUT if "transcoder" in case else D
-    t = {"W_enc": randn(g, D, D_SAE), "b_enc": randn(g, D_SAE, scale=0.5), "W_dec": randn(g, D_SAE, d_out), "b_dec": randn(g, d_out)}
+    t = {
+        "W_enc": randn(g, D, D_SAE), "b_enc": randn(g, D_SAE, scale=0.5),
+        "W_dec": randn(g, D_SAE, d_out), "b_dec": randn(g, d_out),
+    }
     meta = {"sae_lens_version": "6.5.0", "model_name": "gpt2", "hook_name": "blocks.2.ln2.hook_normalized"}
     cfg: dict = {"architecture": case, "d_in": D, "d_sae": D_SAE, "dtype": "float32", "device": "cpu",
                  "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none", "metadata": meta}
@@ -363,8 +366,13 @@ def test_circuit_tracer_refusals(tmp_path):
     (tmp_path / "set" / "layer_1.safetensors").unlink()
     with pytest.raises(CoderFileError, match="layer_1.safetensors"):
         read_coder(tmp_path / "set")
-    save_file({"W_enc": torch.zeros(D_SAE, D), "W_dec": torch.zeros(D_SAE, D + 1), "b_enc": torch.zeros(D_SAE), "b_dec": torch.zeros(D)},
-              tmp_path / "set" / "layer_1.safetensors")
+    save_file(
+        {
+            "W_enc": torch.zeros(D_SAE, D), "W_dec": torch.zeros(D_SAE, D + 1),
+            "b_enc": torch.zeros(D_SAE), "b_dec": torch.zeros(D),
+        },
+        tmp_path / "set" / "layer_1.safetensors",
+    )
     with pytest.raises(CoderFileError, match="W_dec"):
         read_circuit_tracer(tmp_path / "set")
 
@@ -537,7 +545,8 @@ def test_round_trip_keeps_forward_and_is_auto_detected(tmp_path, x, fmt, kind, a
     if fmt == "circuit-tracer":
         assert sorted(back) == [0]
         back = back[0]
-    assert (back.cfg.kind, back.cfg.activation, back.cfg.d_in, back.cfg.d_out, back.cfg.d_sae) == (kind, activation, D, d_out, D_SAE)
+    got = (back.cfg.kind, back.cfg.activation, back.cfg.d_in, back.cfg.d_out, back.cfg.d_sae)
+    assert got == (kind, activation, D, d_out, D_SAE)
     assert back.cfg.k == (K if activation == "topk" else None) or fmt == "transcoders"
     close(back(x), coder(x))
 

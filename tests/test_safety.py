@@ -370,7 +370,7 @@ def test_a_model_named_in_a_coder_config_is_not_loaded_unless_known_locally(trai
     cfg_path.write_text(json.dumps(cfg))
     import transcoders.models.loading as loading
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(loading, "load_model", lambda *_a, **_k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert_one_line_error(invoke("evaluate", run, "--quiet"), "someone/remote-code-model", "--model")
 
 
@@ -421,7 +421,7 @@ def test_train_defaults_are_the_python_apis(setup, monkeypatch, tmp_path):
     from transcoders.training.config import TrainConfig
 
     seen = {}
-    monkeypatch.setattr(training_run, "train_run", lambda cfg, folder, **kw: seen.update(cfg=cfg, kw=kw) or {"timing": {}})
+    monkeypatch.setattr(training_run, "train_run", lambda cfg, _folder, **kw: seen.update(cfg=cfg, kw=kw) or {"timing": {}})
     result = invoke("train", "--run-dir", tmp_path / "r", "--quiet")
     assert result.exit_code == 0, result.output
     assert seen["cfg"] == TrainConfig()

@@ -10,14 +10,15 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import read_log as _log, D_MODEL, N_LAYERS, VOCAB, build_tiny_tokenizer, tiny_adapter
+from conftest import D_MODEL, N_LAYERS, VOCAB, build_tiny_tokenizer
+from conftest import read_log as _log
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import transcoders.data.activations as acts_mod
-from transcoders.coders.run_folder import CoderKey
 from transcoders.cli import main
 from transcoders.coders.io import load_coder
+from transcoders.coders.run_folder import CoderKey
 from transcoders.data.activations import ActivationStream
 from transcoders.data.cache import ActivationCacheError, CachedStream, build_cache
 from transcoders.evaluation.run import evaluate_run
@@ -560,7 +561,9 @@ def test_cli_activation_cache_is_built_once_and_reused(tmp_path, model_files):
     second = _train(model_files, tmp_path / "b", "--activation-cache", cache, "--eval-tokens", "0")
     assert second.exit_code == 0, second.output
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
-    assert same_tensors(tmp_path / "a" / "layers.1.mlp" / "coder.safetensors", tmp_path / "b" / "layers.1.mlp" / "coder.safetensors")
+    assert same_tensors(
+        tmp_path / "a" / "layers.1.mlp" / "coder.safetensors", tmp_path / "b" / "layers.1.mlp" / "coder.safetensors"
+    )
     # other settings: a one-line error, exit code 2
     third = _train(model_files, tmp_path / "c", "--activation-cache", cache, "--eval-tokens", "0", "--ctx-len", "8")
     assert third.exit_code == 2, third.output

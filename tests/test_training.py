@@ -4,20 +4,20 @@ schedule and dead-feature bookkeeping)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 
 import pytest
 import torch
-from conftest import read_log as _log, D_MODEL, N_LAYERS, VOCAB, tiny_adapter
+from conftest import D_MODEL, N_LAYERS, tiny_adapter
+from conftest import read_log as _log
 from safetensors.torch import load_file
 
 import transcoders.training.losses as losses_mod
 import transcoders.training.trainer as trainer_mod
-from transcoders.coders.run_folder import CoderKey
 from transcoders.coders.io import load_coder
+from transcoders.coders.run_folder import CoderKey
 from transcoders.data.activations import harvest
 from transcoders.training.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from transcoders.training.config import TrainConfig
@@ -233,7 +233,8 @@ def test_resume_after_sigterm_is_bitwise_identical_to_uninterrupted_run(tmp_path
     _assert_same_state(a, b2)
     for layer in (0, 2):
         for name in ("coder.safetensors", "stats.safetensors"):
-            assert (tmp_path / "a" / f"layers.{layer}.mlp" / name).read_bytes() == (run_b / f"layers.{layer}.mlp" / name).read_bytes()
+            folder = f"layers.{layer}.mlp"
+            assert (tmp_path / "a" / folder / name).read_bytes() == (run_b / folder / name).read_bytes()
     # the log has every step exactly once
     assert [r["step"] for r in _log(run_b)] == [r["step"] for r in _log(tmp_path / "a")]
 
@@ -396,7 +397,7 @@ def test_lr_without_warmup_starts_at_full_rate(llama_adapter, train_tokens, tmp_
 def test_optimizer_uses_and_log_reports_the_scheduled_lr(tmp_path, llama_adapter, train_tokens):
     trainer = Trainer(make_cfg(warmup_steps=3, total_tokens=BATCH * 10, log_every=1), llama_adapter, train_tokens, tmp_path)
     used = []
-    trainer.fit(progress=False, on_step=lambda t, m: used.append(t.states[CoderKey(1)].optimizer.param_groups[0]["lr"]))
+    trainer.fit(progress=False, on_step=lambda t, _m: used.append(t.states[CoderKey(1)].optimizer.param_groups[0]["lr"]))
     assert used == [trainer.lr_at(s) for s in range(10)]
     assert [r["lr"] for r in _log(tmp_path)] == pytest.approx(used)
 

@@ -90,7 +90,9 @@ def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int 
             parts = [c for c in split_edge_last(rep, graph, src, dst) if c.kind == "head"]
             total = sum(c.weight for c in parts) or 1.0
             heads = ", ".join(f"{c.layer}.{c.head} ({100 * c.weight / total:+.0f}%)" for c in parts[:3])
-            click.echo(f"      {graph.label(src)} -> {graph.label(dst)}: moved into pos{int(graph.pos[dst])} mostly by heads {heads}")
+            click.echo(
+                f"      {graph.label(src)} -> {graph.label(dst)}: moved into pos{int(graph.pos[dst])} mostly by heads {heads}"
+            )
 
 
 

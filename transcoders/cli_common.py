@@ -128,7 +128,7 @@ def config_options(model: type[BaseModel], *, exclude: tuple[str, ...] = ()) -> 
             annotation = _strip_optional(field.annotation)
             if name in PARSERS:
                 parser, metavar = PARSERS[name]
-                kw.update(type=str, callback=lambda ctx, param, v, p=parser: p(v), metavar=metavar,
+                kw.update(type=str, callback=lambda _ctx, _param, v, p=parser: p(v), metavar=metavar,
                           default=",".join(map(str, default)) if isinstance(default, list) and name == "layers"
                           else json.dumps(default) if isinstance(default, list) else default)
             elif annotation is bool:

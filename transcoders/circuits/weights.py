@@ -110,8 +110,8 @@ class TopVirtualWeights:
     dst: torch.Tensor
     weight: torch.Tensor
 
-    def rows(self, tokenizer=None) -> list[tuple[int, int, float]]:
-        """``(src, dst, weight)`` triples (``tokenizer`` is accepted for a uniform interface)."""
+    def rows(self) -> list[tuple[int, int, float]]:
+        """``(src, dst, weight)`` triples."""
         return list(zip(self.src.tolist(), self.dst.tolist(), self.weight.tolist()))
 
     def __iter__(self) -> Iterator[tuple[int, int, float]]:
@@ -143,7 +143,7 @@ class OVFeatureTable:
     def n_heads(self) -> int:
         return int(self.weight.shape[0])
 
-    def rows(self, tokenizer=None) -> list[tuple[int, int, int, float]]:
+    def rows(self) -> list[tuple[int, int, int, float]]:
         """``(head, src, dst, weight)`` per entry, head by head."""
         out = []
         for h in range(self.n_heads):
@@ -483,7 +483,7 @@ def head_read_direction(
     bi = adapter.block_internals(attn_layer)
     ov = bi.ov
     head = _check_head(adapter, attn_layer, head)
-    cast = lambda t: t.to(device=read.device, dtype=read.dtype)  # noqa: E731
+    cast = lambda t: t.to(device=read.device, dtype=read.dtype)
     r = norm_read(read, bi.attn_out_norm, attn_out_denom)
     z = r @ cast(ov.W_O[head]).T  # [..., d_head]
     v = z @ cast(ov.W_V[ov.kv_head(head)]).T  # [..., d_model]
@@ -646,6 +646,6 @@ def ov_feature_table(
         for h, acc in enumerate(accs):
             acc.update(values[ov.kv_head(h)] @ right[h].T, start)
     rows = [acc.result() for acc in accs]
-    stack = lambda i: torch.stack([r[i] for r in rows])  # noqa: E731
+    stack = lambda i: torch.stack([r[i] for r in rows])
     norms = ov_norms(adapter, dtype=dtype, layers=[attn_layer])[0].to(device)
     return OVFeatureTable(src_layer, dst_layer, attn_layer, stack(0), stack(1), stack(2), norms)

@@ -94,7 +94,9 @@ def detect_format(path: PathLike) -> str:
     """
     path = Path(path)
     if not path.exists():
-        raise CoderFileError(f"{path} does not exist: expected a coder folder or file in one of the formats {', '.join(FORMATS)}.")
+        raise CoderFileError(
+            f"{path} does not exist: expected a coder folder or file in one of the formats {', '.join(FORMATS)}."
+        )
     if path.is_file():
         if path.suffix in (".pt", ".pth"):
             return "dunefsky"
@@ -105,7 +107,10 @@ def detect_format(path: PathLike) -> str:
             return by_name[path.name]
         if path.name == CONFIG:
             return detect_format(path.parent)
-        raise ValueError(f"cannot tell the coder format of file {path}: expected a folder, a .pt file (dunefsky) or a config.yaml (circuit-tracer); formats are {', '.join(FORMATS)}.")
+        raise ValueError(
+            f"cannot tell the coder format of file {path}: expected a folder, a .pt file (dunefsky) "
+            f"or a config.yaml (circuit-tracer); formats are {', '.join(FORMATS)}."
+        )
     if (path / WEIGHTS).is_file():
         return "transcoders"
     if (path / SPARSIFY_WEIGHTS).is_file():
@@ -116,10 +121,15 @@ def detect_format(path: PathLike) -> str:
         return "circuit-tracer"
     nested = sorted(p.parent.name for name in (WEIGHTS, SPARSIFY_WEIGHTS, SAELENS_WEIGHTS) for p in path.glob(f"*/{name}"))
     hint = f" It has coder subfolders ({', '.join(nested[:8])}): pass one of them." if nested else ""
-    raise ValueError(f"cannot tell the coder format of folder {path}: it holds none of {WEIGHTS}, {SPARSIFY_WEIGHTS}, {SAELENS_WEIGHTS}, {CIRCUIT_TRACER_CONFIG}; formats are {', '.join(FORMATS)}.{hint}")
+    raise ValueError(
+        f"cannot tell the coder format of folder {path}: it holds none of {WEIGHTS}, {SPARSIFY_WEIGHTS}, "
+        f"{SAELENS_WEIGHTS}, {CIRCUIT_TRACER_CONFIG}; formats are {', '.join(FORMATS)}.{hint}"
+    )
 
 
-def read_coder(path: PathLike, format: str | None = None, *, device: str | torch.device = "cpu", **kwargs: Any) -> SparseCoder | dict[int, SparseCoder]:
+def read_coder(
+    path: PathLike, format: str | None = None, *, device: str | torch.device = "cpu", **kwargs: Any
+) -> SparseCoder | dict[int, SparseCoder]:
     """Read a coder (or, for ``circuit-tracer``, a ``{layer: coder}`` set) in any of ``FORMATS``.
 
     ``format=None`` detects it from the files (:func:`detect_format`). Extra keyword arguments
@@ -146,7 +156,10 @@ def write_coder(coder_or_coders: SparseCoder | Mapping[int, SparseCoder], path: 
     if fmt == "circuit-tracer":
         return write_circuit_tracer(coder_or_coders, path, **kwargs)  # type: ignore[arg-type]
     if not isinstance(coder_or_coders, SparseCoder):
-        raise TypeError(f"format {fmt!r} holds one coder, got {type(coder_or_coders).__name__}; write each coder of a set to its own path (only circuit-tracer holds a set).")
+        raise TypeError(
+            f"format {fmt!r} holds one coder, got {type(coder_or_coders).__name__}; "
+            "write each coder of a set to its own path (only circuit-tracer holds a set)."
+        )
     if fmt == "transcoders":
         return save_coder(coder_or_coders, path, **kwargs)
     return _WRITERS[fmt](coder_or_coders, path, **kwargs)
@@ -188,7 +201,9 @@ def _require(tensors: Mapping[str, Any], names: tuple[str, ...], path: Path) -> 
 
 def _check_shape(path: Path, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(t.shape) != shape:
-        raise CoderFileError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape} from the other tensors and the config.")
+        raise CoderFileError(
+            f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape} from the other tensors and the config."
+        )
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -245,7 +260,9 @@ def _build(
     if threshold is not None:
         _check_shape(path, "threshold", threshold, (d_sae,))
     try:
-        cfg = CoderConfig(kind=kind, activation=activation, d_in=d_in, d_out=d_out, d_sae=d_sae, k=k if activation == "topk" else None, **meta)
+        cfg = CoderConfig(
+            kind=kind, activation=activation, d_in=d_in, d_out=d_out, d_sae=d_sae, k=k if activation == "topk" else None, **meta
+        )
     except ValidationError as exc:
         raise CoderFileError(f"{path} does not describe a valid coder: {exc}") from exc
     coder = SparseCoder(cfg, device=device)
@@ -263,7 +280,10 @@ def _check_writable(coder: SparseCoder, fmt: str, kinds: dict[str, tuple[str, ..
     """Raise ValueError unless ``(kind, activation)`` is in ``kinds`` (kind -> activations)."""
     kind, act = coder.cfg.kind, coder.cfg.activation
     if act == "batchtopk":
-        raise ValueError(f"{fmt} cannot hold a BatchTopK coder mid-training: finish training (saved BatchTopK coders are JumpReLU) and write that.")
+        raise ValueError(
+            f"{fmt} cannot hold a BatchTopK coder mid-training: "
+            "finish training (saved BatchTopK coders are JumpReLU) and write that."
+        )
     if act not in kinds.get(kind, ()):
         ok = "; ".join(f"{k}: {', '.join(a)}" for k, a in kinds.items())
         raise ValueError(f"{fmt} cannot express a {kind} with {act} activation exactly; it supports {ok}.")
@@ -416,7 +436,11 @@ def write_sparsify(coder: SparseCoder, path: PathLike) -> Path:
 
 # ====================================================================== SAELens
 _SAELENS_SAE = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
-_SAELENS_TRANSCODER = {"transcoder": ("transcoder", "relu"), "skip_transcoder": ("skip_transcoder", "relu"), "jumprelu_transcoder": ("transcoder", "jumprelu")}
+_SAELENS_TRANSCODER = {
+    "transcoder": ("transcoder", "relu"),
+    "skip_transcoder": ("skip_transcoder", "relu"),
+    "jumprelu_transcoder": ("transcoder", "jumprelu"),
+}
 
 
 def read_saelens(path: PathLike, *, device: str | torch.device = "cpu") -> SparseCoder:
@@ -468,18 +492,25 @@ def read_saelens(path: PathLike, *, device: str | torch.device = "cpu") -> Spars
     elif arch in _SAELENS_TRANSCODER:
         kind, activation = _SAELENS_TRANSCODER[arch]
     else:
-        raise ValueError(f"{cfg_path}: SAELens architecture {arch!r} is not supported; supported: {', '.join([*_SAELENS_SAE, *_SAELENS_TRANSCODER])}.")
+        raise ValueError(
+            f"{cfg_path}: SAELens architecture {arch!r} is not supported; "
+            f"supported: {', '.join([*_SAELENS_SAE, *_SAELENS_TRANSCODER])}."
+        )
     norm = raw.get("normalize_activations", "none")
     if norm is True:
         norm = "expected_average_only_in"
     if norm not in (None, False, "none", "expected_average_only_in"):
-        raise ValueError(f"{cfg_path}: normalize_activations={norm!r} rescales every token at run time, which a linear coder cannot express.")
+        raise ValueError(
+            f"{cfg_path}: normalize_activations={norm!r} rescales every token at run time, which a linear coder cannot express."
+        )
 
     _require(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), w_path)
     W_enc_t, W_dec = _f32(tensors["W_enc"]), _f32(tensors["W_dec"])
     b_enc, b_dec = _f64(tensors["b_enc"]), _f64(tensors["b_dec"])
     if W_enc_t.ndim != 2 or W_dec.ndim != 2:
-        raise CoderFileError(f"{w_path}: W_enc and W_dec should be matrices, found shapes {tuple(W_enc_t.shape)} and {tuple(W_dec.shape)}.")
+        raise CoderFileError(
+            f"{w_path}: W_enc and W_dec should be matrices, found shapes {tuple(W_enc_t.shape)} and {tuple(W_dec.shape)}."
+        )
     d_in, d_sae = int(raw.get("d_in", W_enc_t.shape[0])), int(raw.get("d_sae", W_enc_t.shape[1]))
     d_out = int(raw.get("d_out", d_in))
     _check_shape(w_path, "W_enc", W_enc_t, (d_in, d_sae))
@@ -491,7 +522,10 @@ def read_saelens(path: PathLike, *, device: str | torch.device = "cpu") -> Spars
     scale = tensors.get("scaling_factor", tensors.get("finetuning_scaling_factor"))
     if scale is not None and not torch.all(scale == 1):
         if not raw.get("finetuning_scaling_factor", "finetuning_scaling_factor" in tensors):
-            raise CoderFileError(f"{w_path} has a scaling_factor but {cfg_path} says finetuning_scaling_factor is false (SAELens refuses this too).")
+            raise CoderFileError(
+                f"{w_path} has a scaling_factor but {cfg_path} says finetuning_scaling_factor is false "
+                "(SAELens refuses this too)."
+            )
         _check_shape(w_path, "scaling_factor", scale, (d_sae,))
         W_dec = W_dec * _f32(scale)[:, None]
 
@@ -547,15 +581,23 @@ def write_saelens(coder: SparseCoder, path: PathLike, *, hook_name: str | None =
     ``hook_name_out``. SAELens has no TopK transcoder and no JumpReLU skip transcoder, and its
     JumpReLU applies a ReLU first, so a negative threshold cannot be written (ValueError).
     """
-    _check_writable(coder, "SAELens", {"sae": ("relu", "jumprelu", "topk"), "transcoder": ("relu", "jumprelu"), "skip_transcoder": ("relu",)})
+    _check_writable(
+        coder, "SAELens", {"sae": ("relu", "jumprelu", "topk"), "transcoder": ("relu", "jumprelu"), "skip_transcoder": ("relu",)}
+    )
     cfg = coder.cfg
     if coder.threshold is not None and bool((coder.threshold < 0).any()):
         n = int((coder.threshold < 0).sum())
-        raise ValueError(f"SAELens JumpReLU computes relu(pre) * (pre > threshold), so it cannot express our {n} negative threshold(s), which let negative activations through.")
+        raise ValueError(
+            f"SAELens JumpReLU computes relu(pre) * (pre > threshold), so it cannot express our {n} negative threshold(s), "
+            "which let negative activations through."
+        )
     if cfg.kind == "sae":
         arch = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[cfg.activation]
     else:
-        arch = {"skip_transcoder": "skip_transcoder", "transcoder": "transcoder" if cfg.activation == "relu" else "jumprelu_transcoder"}[cfg.kind]
+        arch = {
+            "skip_transcoder": "skip_transcoder",
+            "transcoder": "transcoder" if cfg.activation == "relu" else "jumprelu_transcoder",
+        }[cfg.kind]
     tensors = {"W_enc": _f32(coder.W_enc).T, "b_enc": _f32(coder.b_enc), "W_dec": _f32(coder.W_dec), "b_dec": _f32(coder.b_dec)}
     if coder.threshold is not None:
         tensors["threshold"] = _f32(coder.threshold)
@@ -603,7 +645,9 @@ def _yaml():
     return yaml
 
 
-def read_circuit_tracer(path: PathLike, *, allow_topk: bool = False, device: str | torch.device = "cpu") -> dict[int, SparseCoder]:
+def read_circuit_tracer(
+    path: PathLike, *, allow_topk: bool = False, device: str | torch.device = "cpu"
+) -> dict[int, SparseCoder]:
     """Read a circuit-tracer transcoder set: ``config.yaml`` + per-layer ``.safetensors``.
 
     ``config.yaml`` (github.com/decoderesearch/circuit-tracer, ``utils/hf_utils.py``) holds
@@ -632,7 +676,9 @@ def read_circuit_tracer(path: PathLike, *, allow_topk: bool = False, device: str
     path = Path(path)
     cfg_path = path if path.is_file() else path / CIRCUIT_TRACER_CONFIG
     if not cfg_path.is_file():
-        raise CoderFileError(f"{cfg_path} is missing: expected a circuit-tracer transcoder set (config.yaml + layer_{{i}}.safetensors).")
+        raise CoderFileError(
+            f"{cfg_path} is missing: expected a circuit-tracer transcoder set (config.yaml + layer_{{i}}.safetensors)."
+        )
     folder = cfg_path.parent
     try:
         raw = _yaml().safe_load(cfg_path.read_text())
@@ -642,11 +688,18 @@ def read_circuit_tracer(path: PathLike, *, allow_topk: bool = False, device: str
         raise CoderFileError(f"{cfg_path} should hold a YAML mapping, found {type(raw).__name__}.")
     model_kind = raw.get("model_kind")
     if model_kind != "transcoder_set":
-        raise ValueError(f"{cfg_path}: model_kind {model_kind!r} is not supported; only per-layer transcoder sets (model_kind: transcoder_set) are.")
+        raise ValueError(
+            f"{cfg_path}: model_kind {model_kind!r} is not supported; "
+            "only per-layer transcoder sets (model_kind: transcoder_set) are."
+        )
     activation = raw.get("activation")
     if activation == "topk":
         if not allow_topk:
-            raise ValueError(f"{cfg_path} holds TopK transcoders: circuit-tracer's TopK keeps negative values among the top k, ours zeroes them, so they agree only on tokens with at least k positive pre-activations; pass allow_topk=True to read them as our TopK anyway.")
+            raise ValueError(
+                f"{cfg_path} holds TopK transcoders: circuit-tracer's TopK keeps negative values among the top k, "
+                "ours zeroes them, so they agree only on tokens with at least k positive pre-activations; "
+                "pass allow_topk=True to read them as our TopK anyway."
+            )
         if raw.get("k") is None:
             raise CoderFileError(f"{cfg_path}: activation topk needs 'k'.")
     hook_in, hook_out = str(raw.get("feature_input_hook", "")), str(raw.get("feature_output_hook", ""))
@@ -658,7 +711,10 @@ def read_circuit_tracer(path: PathLike, *, allow_topk: bool = False, device: str
         files = []
         for entry in entries:
             if entry.startswith("hf://"):
-                raise ValueError(f"{cfg_path} names a Hugging Face file ({entry}): download the set (e.g. with huggingface_hub.snapshot_download) and point its config at the local files.")
+                raise ValueError(
+                    f"{cfg_path} names a Hugging Face file ({entry}): download the set "
+                    "(e.g. with huggingface_hub.snapshot_download) and point its config at the local files."
+                )
             p = Path(entry)
             files.append(p if p.is_absolute() else folder / p)
     else:
@@ -746,7 +802,11 @@ def write_circuit_tracer(
         if (c.d_in, c.d_sae, c.kind, c.activation == "topk", c.k if c.activation == "topk" else None) != (
             first.d_in, first.d_sae, first.kind, first.activation == "topk", first.k if first.activation == "topk" else None
         ):
-            raise ValueError(f"circuit-tracer needs every layer alike: layer {layer} has d_model={c.d_in}, d_sae={c.d_sae}, kind={c.kind}, activation={c.activation} but layer 0 has {first.d_in}, {first.d_sae}, {first.kind}, {first.activation}.")
+            raise ValueError(
+                f"circuit-tracer needs every layer alike: layer {layer} has d_model={c.d_in}, d_sae={c.d_sae}, "
+                f"kind={c.kind}, activation={c.activation} but layer 0 has "
+                f"{first.d_in}, {first.d_sae}, {first.kind}, {first.activation}."
+            )
     folder = Path(path)
     names = []
     for layer in layers:
@@ -866,7 +926,9 @@ def read_dunefsky(path: PathLike, *, device: str | torch.device = "cpu") -> Spar
     W_enc_t, W_dec = _f32(state["W_enc"]), _f32(state["W_dec"])
     b_enc, b_dec_in = _f64(state["b_enc"]), _f64(state["b_dec"])
     if W_enc_t.ndim != 2 or W_dec.ndim != 2:
-        raise CoderFileError(f"{path}: W_enc and W_dec should be matrices, found shapes {tuple(W_enc_t.shape)} and {tuple(W_dec.shape)}.")
+        raise CoderFileError(
+            f"{path}: W_enc and W_dec should be matrices, found shapes {tuple(W_enc_t.shape)} and {tuple(W_dec.shape)}."
+        )
     d_in, d_sae = W_enc_t.shape
     d_out = W_dec.shape[1]
     _check_shape(path, "W_dec", W_dec, (d_sae, d_out))
@@ -903,7 +965,9 @@ def write_dunefsky(coder: SparseCoder, path: PathLike) -> Path:
     if coder.cfg.kind == "sae":
         state = {"W_enc": W_enc.T, "b_enc": b_enc + _matvec(W_enc, b_dec), "W_dec": _f32(coder.W_dec), "b_dec": b_dec}
     else:
-        state = {"W_enc": W_enc.T, "b_enc": b_enc, "W_dec": _f32(coder.W_dec), "b_dec": torch.zeros(coder.cfg.d_in), "b_dec_out": b_dec}
+        state = {
+            "W_enc": W_enc.T, "b_enc": b_enc, "W_dec": _f32(coder.W_dec), "b_dec": torch.zeros(coder.cfg.d_in), "b_dec_out": b_dec
+        }
     buf = _io.BytesIO()
     torch.save({n: t.float().contiguous() for n, t in state.items()}, buf)
     path = Path(path)

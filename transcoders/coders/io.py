@@ -56,7 +56,9 @@ def load_coder(folder: str | os.PathLike, *, device: str | torch.device = "cpu")
     cfg_path, w_path = folder / CONFIG, folder / WEIGHTS
     for path in (cfg_path, w_path):
         if not path.is_file():
-            raise CoderFileError(f"{path} is missing: expected a coder folder with {CONFIG} and {WEIGHTS} (written by `transcoders train`).")
+            raise CoderFileError(
+                f"{path} is missing: expected a coder folder with {CONFIG} and {WEIGHTS} (written by `transcoders train`)."
+            )
     try:
         cfg = CoderConfig.model_validate(json.loads(cfg_path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
@@ -66,7 +68,9 @@ def load_coder(folder: str | os.PathLike, *, device: str | torch.device = "cpu")
             saved_cfg = (fh.metadata() or {}).get("cfg")
         tensors = load_file(w_path, device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CoderFileError(f"{w_path} is truncated or corrupt ({exc}); re-save it or retrain (a checkpoint may remain in the run folder).") from exc
+        raise CoderFileError(
+            f"{w_path} is truncated or corrupt ({exc}); re-save it or retrain (a checkpoint may remain in the run folder)."
+        ) from exc
     if saved_cfg is not None:
         try:
             # model_name may be corrected by hand (or by an alias); everything else pairs with the weights
@@ -97,10 +101,12 @@ def check_compatible(coder: SparseCoder, d_model: int, n_layers: int) -> None:
             f"but this model has d_model={d_model}: load the model it was trained on."
         )
     if cfg.layer is not None and not 0 <= cfg.layer < n_layers:
-        raise CoderFileError(f"coder is for layer {cfg.layer}, but this model has {n_layers} layers: load the model it was trained on.")
+        raise CoderFileError(
+            f"coder is for layer {cfg.layer}, but this model has {n_layers} layers: load the model it was trained on."
+        )
 
 
-def coders_fingerprint(coders: "dict[int, SparseCoder]") -> str:
+def coders_fingerprint(coders: dict[int, SparseCoder]) -> str:
     """A short hash of a set of coders (``{layer: coder}``): their layers, shapes and every
     weight's bytes. Two sets share a fingerprint only if they compute the same thing; a graph
     records it so that tools reading the graph can tell it belongs to the coders they load."""

@@ -134,12 +134,16 @@ class CachedStream:
         self.folder = Path(folder)
         meta_path = self.folder / META
         if not meta_path.is_file():
-            raise ActivationCacheError(f"{self.folder} is not a complete activation cache (no {META}); build it with `transcoders cache`.")
+            raise ActivationCacheError(
+                f"{self.folder} is not a complete activation cache (no {META}); build it with `transcoders cache`."
+            )
         self.meta = json.loads(meta_path.read_text())
         self.layers = sorted(layers if layers is not None else self.meta["layers"])
         missing = set(self.layers) - set(self.meta["layers"])
         if missing:
-            raise ActivationCacheError(f"cache {self.folder} holds layers {self.meta['layers']}, not {sorted(missing)}: rebuild it with those layers.")
+            raise ActivationCacheError(
+                f"cache {self.folder} holds layers {self.meta['layers']}, not {sorted(missing)}: rebuild it with those layers."
+            )
         self.batch_size = batch_size
         self.n_tokens = self.meta["n_tokens"]
         dtype = _DTYPES[self.meta["dtype"]]
@@ -155,7 +159,9 @@ class CachedStream:
             start = int(idx[0])
             if start + self.batch_size <= self.n_tokens:  # contiguous: a cheap slice of the map
                 rows = slice(start, start + self.batch_size)
-                yield {layer: (self.maps[layer, "in"][rows].clone(), self.maps[layer, "out"][rows].clone()) for layer in self.layers}
+                yield {
+                    layer: (self.maps[layer, "in"][rows].clone(), self.maps[layer, "out"][rows].clone()) for layer in self.layers
+                }
             else:
                 yield {layer: (self.maps[layer, "in"][idx], self.maps[layer, "out"][idx]) for layer in self.layers}
             step += 1

@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..coders.config import Activation, Kind
 from ..models.loading import DEFAULT_MODEL
 
-
 # Settings a resumed run may change (with --override): the checkpoint does not depend on them.
 RESUME_OVERRIDABLE = frozenset({"total_tokens", "checkpoint_every", "log_every", "device", "model_batch", "decay_fraction"})
 
@@ -36,14 +35,20 @@ class TrainConfig(BaseModel):
     d_sae: int | None = Field(default=None, gt=0, description="overrides expansion_factor * d_model")
     k: int = Field(default=32, gt=0, description="active features per token (topk, batchtopk)")
     l1_coefficient: float = Field(default=1.0, ge=0, description="L1 penalty weight (relu)")
-    l1_warmup_fraction: float = Field(default=0.05, ge=0, le=1, description="share of steps over which L1/L0 coefficients ramp up")
+    l1_warmup_fraction: float = Field(
+        default=0.05, ge=0, le=1, description="share of steps over which L1/L0 coefficients ramp up"
+    )
     l0_coefficient: float = Field(default=2e-3, ge=0, description="L0 penalty weight (jumprelu)")
     jumprelu_bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width for JumpReLU thresholds")
     auxk_coefficient: float = Field(default=1 / 32, ge=0, description="weight of the AuxK loss that revives dead features (topk)")
     # Gao et al. use 10M tokens for long runs; our default runs are ~1M tokens, and at 1M a
     # demo run ended with 43% of features silent and AuxK never having acted.
-    dead_tokens: int = Field(default=250_000, gt=0, description="a feature silent this many tokens counts as dead (AuxK revives it)")
-    lr: float | None = Field(default=None, gt=0, description="Adam learning rate [default: min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))]")
+    dead_tokens: int = Field(
+        default=250_000, gt=0, description="a feature silent this many tokens counts as dead (AuxK revives it)"
+    )
+    lr: float | None = Field(
+        default=None, gt=0, description="Adam learning rate [default: min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))]"
+    )
     warmup_steps: int = Field(default=50, ge=0, description="steps of linear learning-rate warm-up")
     decay_fraction: float = Field(default=0.2, ge=0, le=1, description="final share of steps with linear LR decay to 0")
     batch_size: int = Field(default=4096, gt=0, description="tokens per step")
@@ -60,8 +65,13 @@ class TrainConfig(BaseModel):
     harvest_dtype: Literal["bfloat16", "float32"] = Field(default="bfloat16", description="dtype of the model when harvesting")
     block_contexts: int = Field(default=64, gt=0, description="contexts shuffled together (shuffle buffer)")
     model_batch: int = Field(default=16, gt=0, description="contexts per forward pass of the model")
-    shard_layers: bool = Field(default=False, description="under torchrun: each rank trains a share of the coders on the full stream (no gradient sync)")
-    activation_cache: str | None = Field(default=None, description="folder of an on-disk activation cache to read (built first if absent)")
+    shard_layers: bool = Field(
+        default=False,
+        description="under torchrun: each rank trains a share of the coders on the full stream (no gradient sync)",
+    )
+    activation_cache: str | None = Field(
+        default=None, description="folder of an on-disk activation cache to read (built first if absent)"
+    )
     cache_dtype: Literal["bfloat16", "float32"] = Field(default="bfloat16", description="dtype of the activation cache")
     checkpoint_every: int = Field(default=100, gt=0, description="steps between checkpoints")
     log_every: int = Field(default=10, gt=0, description="steps between log lines")
@@ -72,7 +82,7 @@ class TrainConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.d_sae is not None and self.activation in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}: pick k <= d_sae")
         for variant in self.sweep:
@@ -81,7 +91,7 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"sweep variant {variant} sets {sorted(unknown)}; only {sorted(SWEEPABLE)} can vary in a sweep")
         return self
 
-    def variants(self) -> list[tuple[str, "TrainConfig"]]:
+    def variants(self) -> list[tuple[str, TrainConfig]]:
         """``[(suffix, settings)]``: one entry with suffix ``""`` without a sweep, else one per
         variant, suffixed like ``k64`` or ``activation-relu_l1_coefficient0.5``."""
         if not self.sweep:

@@ -50,7 +50,7 @@ def _matmul_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def topk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
+def topk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, _step: int, red: Reducer = _SINGLE) -> StepResult:
     """TopK (Gao et al. 2024) with AuxK; encoder and decoder backward touch only active features."""
     k_aux = min(coder.cfg.d_out // 2, int(dead.sum())) if cfg.auxk_coefficient > 0 else 0
     values, indices, aux_values, aux_indices = sparse_topk_encode(
@@ -63,7 +63,9 @@ def topk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, st
     return StepResult(loss, fvu, active.sum() / x.shape[0], counts)
 
 
-def batchtopk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
+def batchtopk_loss(
+    cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, _step: int, red: Reducer = _SINGLE
+) -> StepResult:
     """BatchTopK (Bussmann, Leask & Nanda 2024): keep the ``k * n`` largest activations of the
     whole batch, so tokens may use more or fewer than k features. Candidates are each token's
     top ``4k`` (a token can use at most 4k features), which keeps the work sparse."""
@@ -121,7 +123,9 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / ctx.eps) * window * grad).sum(0), None
 
 
-def jumprelu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
+def jumprelu_loss(
+    cfg: TrainConfig, coder: SparseCoder, x, y, _dead: torch.Tensor, step: int, red: Reducer = _SINGLE
+) -> StepResult:
     """JumpReLU trained directly: FVU + lambda * L0, with straight-through estimates for the
     thresholds (Rajamanoharan et al. 2024, "Jumping Ahead"); lambda warms up like the L1."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -135,7 +139,7 @@ def jumprelu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor
     return StepResult(fvu + lam * l0, fvu, l0.detach(), counts)
 
 
-def relu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
+def relu_loss(cfg: TrainConfig, coder: SparseCoder, x, y, _dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
     """ReLU + L1 weighted by decoder row norms (Dunefsky et al. 2024; Anthropic, April 2024):
     FVU + lambda * mean_t sum_i f_i ||W_dec_i|| / sqrt(d_out)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -113,7 +113,7 @@ def record_overrides(run_dir: Path, cfg: TrainConfig, changes: dict) -> None:
     save the changed settings as the run's ``train_config.json``."""
     path = run_dir / "overrides.json"
     history = json.loads(path.read_text()) if path.exists() else []
-    history.append({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "changes": changes})
+    history.append({"time": datetime.now(UTC).isoformat(timespec="seconds"), "changes": changes})
     atomic_write_json(path, history)
     atomic_write_text(run_dir / "train_config.json", cfg.model_dump_json(indent=2))
 
@@ -183,5 +183,7 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
     if evaluate and eval_tokens > 0:
         from ..evaluation.run import evaluate_run
 
-        result["metrics"] = evaluate_run(run_dir, loaded=loaded, eval_split=split.eval, progress=progress, extra={"training": timing})
+        result["metrics"] = evaluate_run(
+            run_dir, loaded=loaded, eval_split=split.eval, progress=progress, extra={"training": timing}
+        )
     return result

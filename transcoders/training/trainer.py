@@ -21,8 +21,8 @@ from ..coders.coder import SparseCoder
 from ..coders.config import CoderConfig
 from ..coders.io import save_coder
 from ..coders.run_folder import CoderKey
-from ..files import atomic_save_tensors, atomic_write_bytes, signals_deferred
 from ..data.activations import rank_stream
+from ..files import atomic_save_tensors, atomic_write_bytes, signals_deferred
 from ..models.adapters import ModelAdapter
 from .checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from .config import RESUME_OVERRIDABLE, TrainConfig
@@ -124,7 +124,7 @@ class Trainer:
         coder.to(self.device)
         lr = cfg.lr or default_lr(d_sae)
         opt = torch.optim.Adam(coder.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)  # fused: ~3x faster step
-        zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
+        zeros = lambda n, dt: torch.zeros(n, dtype=dt, device=self.device)
         return CoderState(key, cfg, coder, opt, lr, zeros(d_sae, torch.int64), zeros(d_sae, torch.int64),
                           zeros(d, torch.float64), zeros(d, torch.float64))
 
@@ -228,7 +228,9 @@ class Trainer:
         diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.model_dump().items()
                 if getattr(self.cfg, k) != v and k not in RESUME_OVERRIDABLE}
         if diff:
-            raise CheckpointError(f"checkpoint in {self.run_dir} was made with different settings {diff}; resume with the same settings.")
+            raise CheckpointError(
+                f"checkpoint in {self.run_dir} was made with different settings {diff}; resume with the same settings."
+            )
         self.step = state["step"]
         self.timing = state["timing"]
         torch.set_rng_state(tensors["rng.torch"])
@@ -243,7 +245,7 @@ class Trainer:
             st.scale_in, st.scale_out, st.threshold_ema = meta["scale_in"], meta["scale_out"], meta["threshold_ema"]
 
     # ------------------------------------------------------------------ the loop
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
 
     def fit(self, *, resume: bool = False, progress: bool = True, on_step=None) -> dict[CoderKey, SparseCoder]:
@@ -286,7 +288,8 @@ class Trainer:
                     kept = (f"{ckpt} still holds the last good state (or --resume from it)" if ckpt.exists()
                             else "no checkpoint had been written yet")
                     raise TrainingDiverged(
-                        f"loss became {metrics[bad[0]]['loss'] if bad[0] in metrics else 'NaN'} at step {self.step} (coders {bad}); stopped without "
+                        f"loss became {metrics[bad[0]]['loss'] if bad[0] in metrics else 'NaN'} at step {self.step} "
+                        f"(coders {bad}); stopped without "
                         f"saving: {kept}. Lower --lr (or the L1 coefficient), check the data for inf/NaN, and start again."
                     )
                 self.step += 1
@@ -315,7 +318,8 @@ class Trainer:
         """Start the log: empty, or on resume the old one cut back to the checkpoint's step (a
         crash may have logged steps that the checkpoint does not hold; a torn last line from a
         log written by an older version is dropped)."""
-        self._log_path = self.run_dir / ("train_log.jsonl" if self.ckpt_name == CHECKPOINT else f"train_log.rank{self.rank}.jsonl")
+        log_name = "train_log.jsonl" if self.ckpt_name == CHECKPOINT else f"train_log.rank{self.rank}.jsonl"
+        self._log_path = self.run_dir / log_name
         self._log_lines: list[str] = []
         if self.reducer.active and not is_main():
             self._log_path = None  # data parallel: rank 0 logs the (global) metrics
