@@ -16,6 +16,7 @@ from .coders.formats import FORMATS
 from .files import refuse_to_replace
 from .training.checkpoint import CheckpointError
 from .training.config import RESUME_OVERRIDABLE, TrainConfig
+
 DEMO_TOKENS = 1_228_800
 
 

@@ -34,7 +34,7 @@ class CoderConfig(BaseModel):
     format_version: int = 1
 
     @model_validator(mode="after")
-    def _check(self) -> "CoderConfig":
+    def _check(self) -> CoderConfig:
         if self.activation in ("topk", "batchtopk") and (self.k is None or self.k > self.d_sae):
             raise ValueError(f"topk needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
         if self.kind == "sae" and self.d_in != self.d_out:

@@ -18,7 +18,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-
 CHUNK = 512  # tokens per matmul + top-k block
 
 

@@ -130,7 +130,7 @@ def _load_hf_dataset(name: str, text_field: str, split: str) -> list[Document]:
         import datasets
 
         ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - anything the hub/datasets raises is reported the same way
+    except Exception as e:
         raise DataSourceError(
             f"could not load {name!r} as a Hugging Face dataset (split {split!r}): {type(e).__name__}: {e}. "
             f"It is not an existing local path either. Check the name and split; if this machine is offline, "

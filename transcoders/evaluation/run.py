@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from ..coders.io import CoderFileError, check_compatible, load_coder
 from ..coders.run_folder import find_coders
