@@ -54,13 +54,6 @@ def _load_for_graph(graph, graph_file: Path, model: str | None, run_dir: Path | 
     return loaded, coders, Path(rd)
 
 
-def _constant_positions(loaded, tokens: torch.Tensor, bos: bool) -> tuple[int, ...]:
-    """``(0,)`` when the prompt starts with the BOS token: that position never depends on the
-    prompt, so its features are folded into the bias nodes."""
-    bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
-    return (0,) if bos and bos_id is not None and int(tokens[0]) == bos_id else ()
-
-
 def _targets(specs, loaded, coders, logits: torch.Tensor):
     from .circuits.targets import parse_target, top_logit_targets
 
@@ -120,6 +113,7 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
     from .circuits import LocalReplacement, attribute
     from .circuits.export import save_graph
     from .circuits.prune import graph_scores, node_influence, prune
+    from .circuits.replacement import bos_constant_positions
     from .circuits.session import graph_identity
 
     out = out if out is not None else Path(run_dir) / "graphs" / f"{slugify(prompt)}.json"
@@ -130,7 +124,7 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
     t0 = time.perf_counter()
     loaded, coders, tokens = _load(model, run_dir, prompt, bos)
     t_load = time.perf_counter()
-    constant = _constant_positions(loaded, tokens, bos)
+    constant = bos_constant_positions(loaded.adapter, tokens, loaded.tokenizer) if bos else ()
     rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer,
                            constant_positions=constant)
     targets = _targets(target_specs, loaded, coders, rep.logits)
@@ -230,7 +224,8 @@ def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate
     if mode == "free":
         before, after = runner.intervene(edits, targets)
     else:
-        rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=torch.float64)
+        rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=torch.float64, tokenizer=loaded.tokenizer,
+                               constant_positions=None if bos else ())  # as trace folds it
         before, after = intervene_frozen(rep, edits, targets, features="held" if mode == "frozen" else "linear")
     click.echo(f"{'target':<40} {'before':>10} {'after':>10} {'change':>10}")
     for t, b, a in zip(targets, before.tolist(), after.tolist()):

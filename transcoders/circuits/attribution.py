@@ -90,9 +90,16 @@ class SourceIndex:
 
 
 def target_read(rep: LocalReplacement, t: Target) -> Read:
-    """The :class:`Read` of a target (or of a feature row when ``t.kind == 'feature'``)."""
+    """The :class:`Read` of a target (or of a feature row when ``t.kind == 'feature'``); its
+    ``value`` is :meth:`Target.value` on the replacement model's own run.
+
+    Raises:
+        TargetError: the position is outside the prompt, or the kind is unknown.
+    """
+    t = t.resolved(rep.n_pos)
     T, d = rep.n_pos, rep.d_model
     g = torch.zeros(T, d, dtype=rep.dtype, device=rep.device)
+    value = float(t.value(rep.logits, mlp_in=[fl.mlp_in for fl in rep.layers], resid_pre=rep.resid_pre, coders=rep.coders))
     if t.kind in ("logit", "logit_diff"):
         u = rep.W_U[:, t.token] - (rep.W_U[:, t.token_b] if t.kind == "logit_diff" else 0)
         g[t.pos] = u
@@ -101,7 +108,6 @@ def target_read(rep: LocalReplacement, t: Target) -> Read:
             const += float(rep.b_U[t.token] - (rep.b_U[t.token_b] if t.kind == "logit_diff" else 0))
         if rep.final_norm.bias is not None:
             const += float(rep.final_norm.bias @ u)
-        value = float(rep.logits[t.pos, t.token] - (rep.logits[t.pos, t.token_b] if t.kind == "logit_diff" else 0))
         return Read(("post", rep.n_layers - 1), rep.final_norm.transpose(g), value, const)
     if t.kind == "feature":
         fl = rep.layers[t.layer]
@@ -109,12 +115,10 @@ def target_read(rep: LocalReplacement, t: Target) -> Read:
         b = float(rep.coders[t.layer].b_enc.detach()[t.feature])
         g[t.pos] = w
         const = b + (float(fl.ln_mlp.bias @ w) if fl.ln_mlp.bias is not None else 0.0)
-        return Read(("mlp", t.layer), fl.ln_mlp.transpose(g), float(fl.mlp_in[t.pos] @ w) + b, const)
-    if t.kind == "direction":
-        v = t.direction.to(rep.device, rep.dtype)
-        g[t.pos] = v
-        return Read(("post", t.layer - 1), g, float(rep.resid_pre[t.layer][t.pos] @ v), 0.0)
-    raise TargetError(f"unknown target kind {t.kind!r}")
+        return Read(("mlp", t.layer), fl.ln_mlp.transpose(g), value, const)
+    # direction (Target.value has rejected unknown kinds)
+    g[t.pos] = t.direction.to(rep.device, rep.dtype)
+    return Read(("post", t.layer - 1), g, value, 0.0)
 
 
 @torch.no_grad()
@@ -137,7 +141,7 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         inject.setdefault(r.site, []).append((b, r.grad))
     top = max(r.site[1] for r in reads)
     G = torch.zeros(B, T, d, dtype=rep.dtype, device=rep.device)
-    bias_cols = lambda layer: slice(index.bias0 + layer * T, index.bias0 + (layer + 1) * T)  # noqa: E731
+    bias_cols = lambda layer: slice(index.bias0 + layer * T, index.bias0 + (layer + 1) * T)
     for layer in range(top, -1, -1):
         fl = rep.layers[layer]
         for b, g in inject.get(("post", layer), ()):
@@ -228,7 +232,6 @@ def attribute(
     *,
     max_feature_nodes: int | None = None,
     batch_size: int = 64,
-    progress: bool = False,
 ) -> Graph:
     """Compute the attribution graph of ``targets`` on the prompt of ``rep``.
 

@@ -17,6 +17,7 @@ Edit specs (CLI ``--edit``): ``LAYER.FEATURE[@POS[,POS...]]=ablate|clamp:VALUE|s
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from ..data.activations import harvest
 from ..evaluation.splice import splice_mlps
 from ..models.adapters import ModelAdapter
 from .replacement import FrozenRun, LocalReplacement
-from .targets import Target
+from .targets import Target, target_values
 
 
 class EditError(ValueError):
@@ -86,7 +87,7 @@ def parse_edit(spec: str, *, n_layers: int, d_sae: dict[int, int], n_pos: int | 
         value = float(val) if val else (0.0 if mode == "ablate" else float("nan"))
     except ValueError:
         raise EditError(f"edit {spec!r}: {val!r} is not a number") from None
-    if mode != "ablate" and value != value:
+    if mode != "ablate" and math.isnan(value):
         raise EditError(f"edit {spec!r}: {mode} needs a number, e.g. {mode}:2")
     if not 0 <= layer < n_layers:
         raise EditError(f"edit {spec!r}: layer {layer} is out of range (0..{n_layers - 1})")
@@ -101,20 +102,9 @@ def parse_edit(spec: str, *, n_layers: int, d_sae: dict[int, int], n_pos: int | 
 
 # ---------------------------------------------------------------------------- frozen / linear
 def frozen_target_values(rep: LocalReplacement, run: FrozenRun, targets: list[Target]) -> torch.Tensor:
-    """``[n_targets]`` target values in a frozen run (logits before any soft-cap)."""
-    out = []
-    for t in targets:
-        t = t.resolved(rep.n_pos)
-        if t.kind == "logit":
-            out.append(run.logits[t.pos, t.token])
-        elif t.kind == "logit_diff":
-            out.append(run.logits[t.pos, t.token] - run.logits[t.pos, t.token_b])
-        elif t.kind == "feature":
-            w, b = rep.coder_weight(t.layer, "W_enc")[t.feature], rep.coder_weight(t.layer, "b_enc")[t.feature]
-            out.append(run.mlp_in[t.layer][t.pos] @ w + b)
-        else:
-            out.append(run.resid_pre[t.layer][t.pos] @ t.direction.to(rep.device, rep.dtype))
-    return torch.stack(out)
+    """``[n_targets]`` target values (:meth:`Target.value`) in a frozen run, in ``rep.dtype``
+    (logits before any soft-cap)."""
+    return target_values(targets, run.logits, mlp_in=run.mlp_in, resid_pre=run.resid_pre, coders=rep.coders)
 
 
 @torch.no_grad()
@@ -122,6 +112,10 @@ def intervene_frozen(rep: LocalReplacement, edits: list[FeatureEdit], targets: l
                      *, features: str = "held") -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``edits`` in the frozen (``features="held"``) or linearised (``"linear"``) local
     replacement model.
+
+    Features folded into the bias nodes (``rep.constant_positions``, e.g. a BOS position) can be
+    edited too: their change is written like any feature's, but in ``"linear"`` mode other folded
+    features do not respond to it (they are constants of the graph).
 
     Returns:
         ``(before, after)``, each ``[n_targets]`` in ``rep.dtype``.
@@ -135,6 +129,10 @@ def intervene_frozen(rep: LocalReplacement, edits: list[FeatureEdit], targets: l
         current = torch.zeros(rep.n_pos, dtype=rep.dtype, device=rep.device)
         here = f.feature == e.feature
         current[f.pos[here]] = f.activation[here]
+        folded = rep.layers[e.layer].folded
+        if folded is not None:
+            at = folded.feature == e.feature
+            current[folded.pos[at]] = folded.activation[at]
         change = torch.where(pos_mask, e.apply(current) - current, torch.zeros_like(current))
         delta[e.layer] = delta.get(e.layer, 0) + change[:, None] * W_dec
         pin = here & pos_mask[f.pos]
@@ -211,7 +209,7 @@ class ReplacementRunner:
             return fn
 
         def pre(layer):
-            def fn(module, args, kwargs):
+            def fn(_module, args, kwargs):
                 cap["resid_pre"][layer] = (args[0] if args else kwargs["hidden_states"])[0]
 
             return fn
@@ -228,22 +226,9 @@ class ReplacementRunner:
         return cap
 
     def target_values(self, cap: dict, targets: list[Target]) -> torch.Tensor:
-        """``[n_targets]`` target values (float64) from a :meth:`run`."""
-        T = self.tokens.numel()
-        out = []
-        for t in targets:
-            t = t.resolved(T)
-            lg = cap["logits"].double()
-            if t.kind == "logit":
-                out.append(lg[t.pos, t.token])
-            elif t.kind == "logit_diff":
-                out.append(lg[t.pos, t.token] - lg[t.pos, t.token_b])
-            elif t.kind == "feature":
-                c = self.coders[t.layer]
-                out.append(cap["mlp_in"][t.layer][t.pos].double() @ c.W_enc[t.feature].double() + c.b_enc[t.feature].double())
-            else:
-                out.append(cap["resid_pre"][t.layer][t.pos].double() @ t.direction.double())
-        return torch.stack(out).detach()
+        """``[n_targets]`` target values (:meth:`Target.value`, float64) from a :meth:`run`."""
+        return target_values(targets, cap["logits"], mlp_in=cap["mlp_in"], resid_pre=cap["resid_pre"],
+                             coders=self.coders, dtype=torch.float64).detach()
 
     def intervene(self, edits: list[FeatureEdit], targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(before, after)`` target values ``[n_targets]`` (float64) in the free replacement model."""
@@ -287,39 +272,26 @@ def steer(adapter: ModelAdapter, coders: dict[int, SparseCoder], tokenizer, prom
     """
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(adapter.device)
     n_prompt = ids.shape[1]
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
     base = adapter.model.generate(ids, **gen)[0, n_prompt:]
     seen = {"len": 0, "offset": 0}
-    inputs: dict[int, torch.Tensor] = {}
-    handles = []
 
-    def pre(layer):
-        def fn(module, args, kwargs):
-            inputs[layer] = args[0] if args else next(iter(kwargs.values()))
-
-        return fn
-
-    def post(layer, layer_edits):
+    def post(layer, x, out):
         coder = coders[layer]
+        x = x.to(coder.W_enc.dtype)
+        acts = coder.encode(x)  # [B, t, d_sae]
+        # Absolute positions of this call's tokens (generation feeds one token at a time).
+        absolute = torch.arange(x.shape[1], device=x.device) + seen["offset"]
+        new = out
+        for e in by_layer[layer]:
+            a = acts[..., e.feature]
+            delta = e.apply(a) - a
+            if only_generated:
+                delta = delta * (absolute >= n_prompt)
+            new = new + (delta[..., None] * coder.W_dec[e.feature]).to(out.dtype)
+        return new
 
-        def fn(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            x = inputs[layer].to(coder.W_enc.dtype)
-            acts = coder.encode(x)  # [B, t, d_sae]
-            # Absolute positions of this call's tokens (generation feeds one token at a time).
-            absolute = torch.arange(x.shape[1], device=x.device) + seen["offset"]
-            new = out
-            for e in layer_edits:
-                a = acts[..., e.feature]
-                delta = e.apply(a) - a
-                if only_generated:
-                    delta = delta * (absolute >= n_prompt)
-                new = new + (delta[..., None] * coder.W_dec[e.feature]).to(out.dtype)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        return fn
-
-    def count(module, args, kwargs):
+    def count(_module, args, kwargs):
         x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
         seen["offset"] = seen["len"]
         seen["len"] += x.shape[1]
@@ -327,13 +299,10 @@ def steer(adapter: ModelAdapter, coders: dict[int, SparseCoder], tokenizer, prom
     by_layer: dict[int, list[FeatureEdit]] = {}
     for e in edits:
         by_layer.setdefault(e.layer, []).append(e)
+    handle = adapter.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        handles.append(adapter.model.register_forward_pre_hook(count, with_kwargs=True))
-        for layer, le in by_layer.items():
-            handles.append(adapter.mlp_in_module(layer).register_forward_pre_hook(pre(layer), with_kwargs=True))
-            handles.append(adapter.mlp_out_module(layer).register_forward_hook(post(layer, le)))
-        steered = adapter.model.generate(ids, **gen)[0, n_prompt:]
+        with adapter.hook_mlps(by_layer, on_output=post):
+            steered = adapter.model.generate(ids, **gen)[0, n_prompt:]
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     return tokenizer.decode(base), tokenizer.decode(steered)

@@ -98,6 +98,7 @@ class FrozenLayer:
     error: torch.Tensor = None  # [T, d]
     attn_const: torch.Tensor = None  # [T, d]: what attention writes with a zero input
     mlp_const: torch.Tensor = None  # [T, d]: b_dec (+ ln bias @ W_skip; + features at constant positions)
+    folded: ActiveFeatures = None  # the active features at constant positions (their writes are in mlp_const)
 
     @property
     def group(self) -> int:
@@ -166,26 +167,23 @@ def _capture(adapter: ModelAdapter, tokens: torch.Tensor, internals: list[BlockI
     handles = []
 
     def pre(key):
-        def fn(module, args, kwargs):
+        def fn(_module, args, kwargs):
             rec["norm_in"][key] = _first_tensor(args, kwargs)[0]
 
         return fn
 
     def attn_hook(layer):
-        def fn(module, args, output):
+        def fn(_module, _args, output):
             if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
                 raise ReplacementError("the attention module returned no pattern; eager attention is required")
             rec["pattern"][layer] = output[1][0]
 
         return fn
 
-    def out_hook(layer):
-        def fn(module, args, output):
-            rec["mlp_out"][layer] = (output[0] if isinstance(output, tuple) else output)[0]
+    def mlp_out(layer, _x, out):
+        rec["mlp_out"][layer] = out[0]
 
-        return fn
-
-    def resid0(module, args, kwargs):
+    def resid0(_module, args, kwargs):
         rec["resid0"] = _first_tensor(args, kwargs)[0]
 
     try:
@@ -198,16 +196,38 @@ def _capture(adapter: ModelAdapter, tokens: torch.Tensor, internals: list[BlockI
                     bi.attn_out_norm.module.register_forward_pre_hook(pre(("attn_out", layer)), with_kwargs=True)
                 )
             handles.append(bi.attention.register_forward_hook(attn_hook(layer)))
-            handles.append(adapter.mlp_out_module(layer).register_forward_hook(out_hook(layer)))
         final = adapter.final_norm()
         handles.append(final.module.register_forward_pre_hook(pre(("final", 0)), with_kwargs=True))
-        with _eager_attention(adapter.model):
+        with _eager_attention(adapter.model), adapter.hook_mlps(range(len(internals)), on_output=mlp_out):
             out = adapter.model(input_ids=tokens[None].to(adapter.device), output_attentions=True)
         rec["logits"] = out.logits[0]
     finally:
         for h in handles:
             h.remove()
     return rec
+
+
+def bos_constant_positions(adapter: ModelAdapter, tokens: torch.Tensor, tokenizer=None) -> tuple[int, ...]:
+    """The positions whose features attribution folds into the bias nodes by default: ``(0,)``
+    when the prompt starts with the BOS token, else ``()``.
+
+    A BOS at position 0 sees only itself, so everything there is the same on every prompt (and
+    it is the attention sink, whose features circuit-tracer leaves out of graphs too). The BOS
+    id is the tokenizer's ``bos_token_id`` when ``tokenizer`` is given, else the model config's
+    ``bos_token_id``; with none, nothing is folded. ``transcoders trace`` and
+    :class:`LocalReplacement` (``constant_positions=None``) both use this.
+
+    Args:
+        adapter: the model's adapter.
+        tokens: ``[T]`` prompt token ids.
+        tokenizer: the model's tokenizer, or None.
+    """
+    tokens = torch.as_tensor(tokens).flatten()
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else getattr(adapter.config, "bos_token_id", None)
+    if bos is None or tokens.numel() == 0:
+        return ()
+    ids = {int(b) for b in bos} if isinstance(bos, list | tuple) else {int(bos)}
+    return (0,) if int(tokens[0]) in ids else ()
 
 
 class LocalReplacement:
@@ -217,19 +237,25 @@ class LocalReplacement:
         adapter: the model's adapter.
         coders: ``{layer: transcoder}`` for *every* layer (transcoders or skip transcoders,
             any activation); the features of all layers become graph nodes.
-        tokens: ``[T]`` prompt token ids (include BOS yourself if the model wants one).
+        tokens: ``[T]`` prompt token ids (include BOS yourself if the model wants one, e.g. with
+            :func:`~transcoders.circuits.session.tokenize_prompt`).
         dtype: compute dtype; float64 makes every identity exact to ~1e-12.
-        constant_positions: positions whose features are folded into the bias nodes (use
-            ``(0,)`` when the prompt starts with BOS: that position never depends on the prompt).
+        tokenizer: the model's tokenizer (optional): names tokens in graphs, and gives the BOS id.
+        constant_positions: positions whose features are folded into the bias nodes. None (the
+            default, as ``transcoders trace``): :func:`bos_constant_positions`, i.e. ``(0,)`` when
+            the prompt starts with BOS (that position never depends on the prompt), else ``()``.
+            Pass ``()`` to keep every position's features as nodes.
 
     Attributes:
-        tokens ``[T]``; ``resid0 [T, d]`` (embedding nodes' writes); ``layers`` (one
+        tokens ``[T]``; ``constant_positions`` (``[n]`` long, the folded positions, sorted);
+        ``resid0 [T, d]`` (embedding nodes' writes); ``layers`` (one
         :class:`FrozenLayer` each); ``final_norm``; ``W_U [d, vocab]``, ``b_U``;
         ``model_logits [T, vocab]`` (the real model's, float32) and ``logits`` (recomputed).
 
     Raises:
         ReplacementError: a layer has no coder, a coder is an SAE or does not match d_model,
-            or the prompt is empty or longer than the model's context.
+            or the prompt is empty or longer than the model's context, or a constant position is
+            outside the prompt.
     """
 
     def __init__(
@@ -240,7 +266,7 @@ class LocalReplacement:
         *,
         dtype: torch.dtype = torch.float32,
         tokenizer=None,
-        constant_positions: tuple[int, ...] = (),
+        constant_positions: tuple[int, ...] | None = None,
     ):
         tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         if tokens.numel() == 0:
@@ -267,11 +293,17 @@ class LocalReplacement:
                 )
         self.adapter, self.coders, self.dtype, self.tokens = adapter, coders, dtype, tokens
         self.tokenizer = tokenizer
+        if constant_positions is None:
+            constant_positions = bos_constant_positions(adapter, tokens, tokenizer)
+        T = tokens.numel()
+        constant_positions = sorted({int(p) + T if int(p) < 0 else int(p) for p in constant_positions})
+        if any(not 0 <= p < T for p in constant_positions):
+            raise ReplacementError(f"constant_positions {constant_positions} reach outside the {T}-token prompt")
         self.constant_positions = torch.tensor(sorted(constant_positions), dtype=torch.long, device=adapter.device)
         self.device = adapter.device
         internals = [adapter.block_internals(layer) for layer in range(n)]
         rec = _capture(adapter, tokens, internals)
-        cast = lambda t: None if t is None else t.to(device=self.device, dtype=dtype)  # noqa: E731
+        cast = lambda t: None if t is None else t.to(device=self.device, dtype=dtype)
 
         def frozen(spec: NormSpec, key) -> FrozenNorm:
             return FrozenNorm(spec.kind, cast(spec.weight), cast(spec.bias), spec.denom(cast(rec["norm_in"][key])))
@@ -353,6 +385,7 @@ class LocalReplacement:
                 fixed = torch.isin(f.pos, self.constant_positions)
                 fl.mlp_const += self.feature_write(layer, f.activation * fixed)
                 fl.features = ActiveFeatures(f.pos[~fixed], f.feature[~fixed], f.activation[~fixed], f.pre_act[~fixed])
+                fl.folded = ActiveFeatures(f.pos[fixed], f.feature[fixed], f.activation[fixed], f.pre_act[fixed])
             if fl.W_skip is not None:
                 recon = recon + fl.mlp_in @ fl.W_skip
             fl.error = fl.mlp_out - recon

@@ -15,9 +15,13 @@ Spec strings (CLI ``--target``, Python :func:`parse_target`), each optionally en
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+# Per-layer ``[T, d_model]`` tensors: a list indexed by layer or a ``{layer: tensor}`` dict.
+PerLayer = Sequence[torch.Tensor] | Mapping[int, torch.Tensor]
 
 
 class TargetError(ValueError):
@@ -56,6 +60,79 @@ class Target:
         if not 0 <= pos < n_pos:
             raise TargetError(f"target position {self.pos} is outside the {n_pos}-token prompt")
         return Target(**{**self.__dict__, "pos": pos})
+
+    def value(self, logits: torch.Tensor, *, mlp_in: PerLayer | None = None, resid_pre: PerLayer | None = None,
+              coders: Mapping | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The target's value in one run of a model: the one definition every caller uses
+        (attribution rows, frozen and free interventions, verification).
+
+        - ``logit``: ``logits[pos, token]``; ``logit_diff``: ``logits[pos, token] - logits[pos, token_b]``
+          (pass logits *before* any final soft-cap: that is what graphs explain);
+        - ``feature``: the pre-activation ``mlp_in[layer][pos] @ W_enc[feature] + b_enc[feature]``
+          of ``coders[layer]``;
+        - ``direction``: ``resid_pre[layer][pos] @ direction`` (``resid_pre[n_layers]`` is the final
+          residual stream).
+
+        Args:
+            logits: ``[T, vocab]``; ``T`` also resolves a negative ``pos``.
+            mlp_in: per layer ``[T, d_model]``, the transcoder inputs (``feature`` targets).
+            resid_pre: per layer (plus the final stream) ``[T, d_model]`` (``direction`` targets).
+            coders: ``{layer: coder}`` with ``W_enc [d_sae, d_model]`` and ``b_enc [d_sae]`` (``feature``).
+            dtype: compute dtype (default: that of the tensor read, ``logits`` or ``mlp_in``/``resid_pre``).
+
+        Returns:
+            a 0-dim tensor in ``dtype`` on the device of the tensor read.
+
+        Raises:
+            TargetError: the position is outside the prompt, a quantity the kind needs was not
+                given, or the kind is unknown.
+        """
+        if self.kind not in ("logit", "logit_diff", "feature", "direction"):
+            raise TargetError(f"unknown target kind {self.kind!r}; use logit, logit_diff, feature or direction")
+        t = self.resolved(int(logits.shape[0]))
+        if t.kind in ("logit", "logit_diff"):
+            lg = logits[t.pos] if dtype is None else logits[t.pos].to(dtype)
+            if t.token is None:
+                raise TargetError(f"{t.kind} target {t.label!r} names no token")
+            if t.kind == "logit":
+                return lg[t.token]
+            if t.token_b is None:
+                raise TargetError(f"logit_diff target {t.label!r} names no second token")
+            return lg[t.token] - lg[t.token_b]
+        if t.layer is None:
+            raise TargetError(f"{t.kind} target {t.label!r} names no layer")
+        if t.kind == "feature":
+            if mlp_in is None or coders is None:
+                raise TargetError(f"the value of feature target {t.label or t.kind} needs the MLP inputs and the coders")
+            if t.feature is None:
+                raise TargetError(f"feature target {t.label!r} names no feature")
+            x = mlp_in[t.layer][t.pos]
+            x = x if dtype is None else x.to(dtype)
+            c = coders[t.layer]
+            w = c.W_enc.detach()[t.feature].to(device=x.device, dtype=x.dtype)
+            b = c.b_enc.detach()[t.feature].to(device=x.device, dtype=x.dtype)
+            return x @ w + b
+        # direction
+        if resid_pre is None:
+            raise TargetError(f"the value of direction target {t.label or t.kind} needs the residual streams")
+        if t.direction is None:
+            raise TargetError(f"direction target {t.label!r} has no direction vector")
+        x = resid_pre[t.layer][t.pos]
+        x = x if dtype is None else x.to(dtype)
+        return x @ t.direction.to(device=x.device, dtype=x.dtype)
+
+
+def target_values(targets: Sequence[Target], logits: torch.Tensor, *, mlp_in: PerLayer | None = None,
+                  resid_pre: PerLayer | None = None, coders: Mapping | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[n_targets]``: :meth:`Target.value` of each target (same arguments).
+
+    Raises:
+        TargetError: as :meth:`Target.value`; also when ``targets`` is empty.
+    """
+    if not targets:
+        raise TargetError("no targets: give at least one")
+    return torch.stack([t.value(logits, mlp_in=mlp_in, resid_pre=resid_pre, coders=coders, dtype=dtype) for t in targets])
 
 
 def _token_id(text: str, tokenizer, vocab_size: int) -> int:

@@ -22,7 +22,12 @@ import torch
 
 from .graph import FEATURE, TARGET, Graph
 from .heads import source_write
-from .interventions import FeatureEdit, ReplacementRunner, frozen_target_values, intervene_frozen
+from .interventions import (
+    FeatureEdit,
+    ReplacementRunner,
+    frozen_target_values,
+    intervene_frozen,
+)
 from .replacement import LocalReplacement
 
 

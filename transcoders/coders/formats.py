@@ -47,6 +47,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..models.loading import canonical_model_name
 from .coder import SparseCoder
 from .config import CoderConfig
 from .io import CONFIG, WEIGHTS, CoderFileError, atomic_save_tensors, atomic_write_bytes, load_coder, save_coder
@@ -607,7 +608,7 @@ def write_saelens(coder: SparseCoder, path: PathLike, *, hook_name: str | None =
     metadata: dict[str, Any] = {
         "sae_lens_version": SAELENS_VERSION_WRITTEN,
         "sae_lens_training_version": SAELENS_VERSION_WRITTEN,
-        "model_name": cfg.model_name,
+        "model_name": canonical_model_name(cfg.model_name),
         "hook_name": hook_in,
         "hook_layer": cfg.layer,
         "hook_head_index": None,
@@ -821,7 +822,7 @@ def write_circuit_tracer(
         names.append(str(file.resolve()) if absolute_paths else file.name)
     raw: dict[str, Any] = {
         "model_kind": "transcoder_set",
-        "model_name": model_name if model_name is not None else first.model_name,
+        "model_name": model_name if model_name is not None else canonical_model_name(first.model_name),
         "feature_input_hook": feature_input_hook,
         "feature_output_hook": feature_output_hook,
     }

@@ -24,10 +24,6 @@ class _StopForward(Exception):
     """Raised by the last hook to end the forward pass early."""
 
 
-def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else next(iter(kwargs.values()))
-
-
 @torch.inference_mode()
 def harvest(
     adapter: ModelAdapter, input_ids: torch.Tensor, layers: Sequence[int]
@@ -49,35 +45,19 @@ def harvest(
     if not layers:
         raise ValueError("harvest needs at least one layer")
     last = layers[-1]
-    captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    handles = []
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def pre_hook(layer):
-        def fn(module, args, kwargs):
-            captured[layer].append(_first_input(args, kwargs))
+    def grab(layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        captured[layer] = (x, y)
+        if layer == last:
+            raise _StopForward
 
-        return fn
-
-    def out_hook(layer):
-        def fn(module, args, output):
-            captured[layer].append(output[0] if isinstance(output, tuple) else output)
-            if layer == last:
-                raise _StopForward
-
-        return fn
-
-    try:
-        for layer in layers:
-            handles.append(adapter.mlp_in_module(layer).register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
-            handles.append(adapter.mlp_out_module(layer).register_forward_hook(out_hook(layer)))
+    with adapter.hook_mlps(layers, on_output=grab):
         try:
             adapter.decoder()(input_ids.to(adapter.device), use_cache=False)
         except _StopForward:
             pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: (captured[layer][0], captured[layer][1]) for layer in layers}
+    return {layer: captured[layer] for layer in layers}
 
 
 class ActivationStream:

@@ -19,7 +19,9 @@ def splice_mlps(adapter: ModelAdapter, replacements: dict[int, Replacement]) -> 
     Args:
         adapter: the model's adapter.
         replacements: ``{layer: fn}``, ``fn: [batch, pos, d_model] -> [batch, pos, d_model]``
-            taking the MLP input (after the pre-MLP norm). Use it to splice in a transcoder
+            taking the MLP input (after the pre-MLP norm) and returning what replaces the MLP
+            output (for Gemma 2/3, the output after ``post_feedforward_layernorm``; see
+            :meth:`ModelAdapter.hook_mlps`). Use it to splice in a transcoder
             (``coder``), zero-ablate (``torch.zeros_like``) or mean-ablate the MLP. A
             replacement that calls the hooked MLP itself must call ``mlp.forward(x)`` (which
             skips hooks); calling ``mlp(x)`` would re-enter this splice.
@@ -28,34 +30,8 @@ def splice_mlps(adapter: ModelAdapter, replacements: dict[int, Replacement]) -> 
         AdapterError: a layer is out of range.
         ValueError: a replacement returns the wrong shape.
     """
-    handles = []
-    inputs: dict[int, torch.Tensor] = {}
-
-    def pre_hook(layer):
-        def fn(module, args, kwargs):
-            inputs[layer] = args[0] if args else next(iter(kwargs.values()))
-
-        return fn
-
-    def out_hook(layer, replace):
-        def fn(module, args, output):
-            ref = output[0] if isinstance(output, tuple) else output
-            new = replace(inputs.pop(layer))
-            if new.shape != ref.shape:
-                raise ValueError(f"replacement for layer {layer} returned shape {tuple(new.shape)}, expected {tuple(ref.shape)}")
-            new = new.to(ref.dtype)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        return fn
-
-    try:
-        for layer, replace in replacements.items():
-            handles.append(adapter.mlp_in_module(layer).register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
-            handles.append(adapter.mlp_out_module(layer).register_forward_hook(out_hook(layer, replace)))
+    with adapter.hook_mlps(replacements, on_output=lambda layer, x, _out: replacements[layer](x)):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def keep_first(replace: Replacement, adapter: ModelAdapter, layer: int, n: int) -> Replacement:

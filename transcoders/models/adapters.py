@@ -17,11 +17,25 @@ Families:
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+
+InputHook = Callable[[int, torch.Tensor], None]
+OutputHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def mlp_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The MLP input from the positional and keyword arguments of an :meth:`ModelAdapter.mlp_in_module`
+    call: the first positional argument, else ``kwargs["hidden_states"]``, else the first keyword
+    argument (every supported family calls ``mlp(hidden_states)`` positionally)."""
+    if args:
+        return args[0]
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
 
 
 class AdapterError(ValueError):
@@ -90,7 +104,8 @@ def norm_spec(module: nn.Module) -> NormSpec:
     """
     if isinstance(module, nn.LayerNorm):
         d = module.normalized_shape[-1]
-        w = module.weight.detach() if module.weight is not None else torch.ones(d)  # no affine weight: callers move it to their device
+        # No affine weight: ones on the CPU (callers move it to their device).
+        w = module.weight.detach() if module.weight is not None else torch.ones(d)
         b = module.bias.detach() if module.bias is not None else None
         return NormSpec(module, "layernorm", w, b, float(module.eps))
     name = type(module).__name__
@@ -157,6 +172,81 @@ class ModelAdapter:
         return self.layers()[self.check_layer(layer)].mlp.forward(x)
 
     # --- generic ---------------------------------------------------------------------------
+    @contextmanager
+    def hook_mlps(
+        self, layers: Iterable[int], *, on_input: InputHook | None = None, on_output: OutputHook | None = None
+    ) -> Iterator[list]:
+        """Within the ``with`` block, call back on every forward pass through the MLPs of ``layers``.
+
+        The one place where forward hooks go on MLPs (splicing, harvesting, steering, the local
+        replacement model's capture); the hooks are removed on leaving the block, also when it
+        raises (including an exception raised by a callback, e.g. to stop the forward pass early).
+
+        Args:
+            layers: layer indices (each checked with :meth:`check_layer`).
+            on_input: ``on_input(layer, mlp_in)``, called before the MLP runs. ``mlp_in
+                [batch, pos, d_model]`` is the MLP input as the MLP sees it: the residual stream
+                after the pre-MLP norm (Llama/Gemma ``post_attention_layernorm`` or
+                ``pre_feedforward_layernorm``, GPT-2 ``ln_2``, GPT-NeoX ``post_attention_layernorm``),
+                taken from the call of :meth:`mlp_in_module` by :func:`mlp_input`. Its return value
+                is ignored.
+            on_output: ``on_output(layer, mlp_in, mlp_out)``, called after the MLP runs. ``mlp_out
+                [batch, pos, d_model]`` is what :meth:`mlp_out_module` returns (the first element if
+                it returns a tuple): what the MLP adds to the residual stream (for Gemma 2/3 the
+                output *after* ``post_feedforward_layernorm``). ``mlp_in`` is the same call's input
+                (as ``on_input`` gets it). Returning a tensor replaces ``mlp_out`` (it must have the
+                same shape and is cast to its dtype); returning None keeps it.
+
+        Yields:
+            the list of hook handles (removed on exit; callers need not touch them).
+
+        Raises:
+            AdapterError: a layer is out of range (no hook is left behind).
+            ValueError: ``on_output`` returns a tensor of the wrong shape.
+
+        A callback that runs the hooked MLP itself must call ``mlp.forward(x)`` (or
+        :meth:`mlp_forward`), which skips hooks; calling ``mlp(x)`` would re-enter these hooks.
+        """
+        handles: list = []
+        inputs: dict[int, torch.Tensor] = {}
+
+        def pre_hook(layer: int):
+            def fn(_module, args, kwargs):
+                x = mlp_input(args, kwargs)
+                if on_output is not None:
+                    inputs[layer] = x
+                if on_input is not None:
+                    on_input(layer, x)
+
+            return fn
+
+        def out_hook(layer: int, callback: OutputHook):
+            def fn(_module, _args, output):
+                ref = output[0] if isinstance(output, tuple) else output
+                new = callback(layer, inputs.pop(layer), ref)
+                if new is None:
+                    return None
+                if new.shape != ref.shape:
+                    raise ValueError(
+                        f"the MLP output hook of layer {layer} returned shape {tuple(new.shape)}, expected {tuple(ref.shape)}"
+                    )
+                new = new.to(ref.dtype)
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+
+            return fn
+
+        try:
+            for layer in layers:
+                layer = self.check_layer(layer)
+                if on_input is not None or on_output is not None:
+                    handles.append(self.mlp_in_module(layer).register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
+                if on_output is not None:
+                    handles.append(self.mlp_out_module(layer).register_forward_hook(out_hook(layer, on_output)))
+            yield handles
+        finally:
+            for handle in handles:
+                handle.remove()
+
     @property
     def config(self):
         return self.model.config
@@ -182,7 +272,7 @@ class ModelAdapter:
     def max_context(self) -> int:
         """Longest prompt in tokens the model accepts."""
         c = self.config
-        return int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions"))
+        return int(getattr(c, "max_position_embeddings", None) or c.n_positions)
 
     def hookpoint(self, layer: int) -> str:
         """The family-independent name of a layer's MLP hookpoint, e.g. ``layers.6.mlp``."""

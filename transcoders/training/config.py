@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..coders.config import Activation, Kind
-from ..models.loading import DEFAULT_MODEL
+from ..models.loading import DEFAULT_MODEL, canonical_model_name
 
 # Settings a resumed run may change (with --override): the checkpoint does not depend on them.
 RESUME_OVERRIDABLE = frozenset({"total_tokens", "checkpoint_every", "log_every", "device", "model_batch", "decay_fraction"})
@@ -80,6 +80,12 @@ class TrainConfig(BaseModel):
         description="variants trained side by side from the same activations, each a dict overriding "
         f"some of {sorted(SWEEPABLE)}, e.g. [{{'k': 16}}, {{'k': 64}}]",
     )
+
+    @field_validator("model")
+    @classmethod
+    def _canonical_model(cls, name: str) -> str:
+        # the package alias of a known model is saved under the model's own hub name
+        return canonical_model_name(name)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -16,7 +16,7 @@ import torch
 from ..coders.io import CONFIG, WEIGHTS
 from ..data.tokens import build_token_split
 from ..files import OutputExistsError, atomic_write_json, atomic_write_text, folder_lock
-from ..models.loading import LoadedModel, load_model
+from ..models.loading import LoadedModel, canonical_model_name, load_model
 from .config import TrainConfig
 from .distributed import is_main
 from .trainer import Trainer
@@ -63,7 +63,8 @@ def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor, progress: 
                                   skip_first=cfg.skip_first_tokens)
         build_cache(stream, folder, cfg.total_tokens, dtype=cfg.cache_dtype, meta=identity, progress=progress)
     cached = CachedStream(folder, cfg.batch_size, layers)
-    differs = {k: (cached.meta.get(k), v) for k, v in identity.items() if cached.meta.get(k) != v}
+    built = {**cached.meta, "model": canonical_model_name(str(cached.meta.get("model")))}  # caches of the old alias
+    differs = {k: (built.get(k), v) for k, v in identity.items() if built.get(k) != v}
     if differs:
         raise ActivationCacheError(f"activation cache {folder} was built with other settings (cache, run): {differs}; "
                                    "use another --activation-cache folder or delete this one.")
