@@ -76,6 +76,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, mode:
     return path
 
 
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new empty folder next to ``path`` (same file system, so it can be renamed into place
+    once complete) with the permissions ``mkdir`` would give (``mkdtemp`` alone gives 0o700)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Atomically write ``data`` to ``path`` (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))

@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..files import atomic_write_json, current_umask, fsync_dir
+from ..files import atomic_write_json, current_umask, fsync_dir, temp_dir_beside
 from .activations import ActivationStream
 
 META = "meta.json"
@@ -62,9 +61,7 @@ def build_cache(stream: ActivationStream, folder: str | os.PathLike, n_tokens: i
     n_tokens = steps * stream.batch_size
     folder = Path(folder)
     _refuse_non_empty(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp gives 0o700
+    tmp = temp_dir_beside(folder)
     try:
         d_model = stream.adapter.d_model
         maps = {}
