@@ -169,7 +169,12 @@ PROGRESS = re.compile(r"\|[^|]*\| *\d+/\d+ \[")
 
 def assert_one_line_error(result, *needles: str) -> str:
     """A click result that failed as the CLI promises: exit 2, one ``error:`` line naming each
-    of ``needles``, no traceback. Returns that line."""
+    of ``needles``, no traceback. Returns that line.
+
+    At least one needle is required: a test must say which problem the message has to name
+    (any one-line error would otherwise pass)."""
+    if not needles:
+        raise TypeError("assert_one_line_error needs at least one substring naming the problem")
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output

@@ -13,8 +13,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import FAMILIES, build_tiny_model
+
 from transcoders.circuits import LocalReplacement, ReplacementError, Target, TargetError, attribute
 from transcoders.circuits.graph import BIAS, EMBEDDING, ERROR, FEATURE
 from transcoders.circuits.heads import split_edge, split_edge_last
@@ -160,28 +160,82 @@ def test_noop_interventions_change_nothing(setup):
     b, a = runner.intervene(noop, graph.targets)
     assert torch.equal(a, b)
     # The free replacement model with error nodes held reproduces the frozen one on the clean prompt.
-    assert torch.allclose(b, torch.tensor([float(v) for v in graph.value[graph.target_nodes]], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    clean = torch.tensor([float(v) for v in graph.value[graph.target_nodes]], dtype=torch.float64)
+    assert torch.allclose(b, clean, rtol=1e-6, atol=1e-6)
 
 
-def test_exact_transcoders_have_no_error_contribution():
-    """A 'transcoder' that is the MLP itself (an identity-like exact coder is impossible for a
-    nonlinear MLP, so zero the MLPs instead): with zero MLPs and zero-output coders, error nodes
-    carry nothing and every edge from them is zero."""
-    model = build_tiny_model("llama", dtype=torch.float64)
-    with torch.no_grad():
-        for block in model.model.layers:
-            block.mlp.down_proj.weight.zero_()
+def test_error_edges_vanish_for_an_exact_transcoder_and_equal_injection_effects_otherwise():
+    """Layer 1's MLP is made a ReLU MLP, ``relu(x W1 + b1) W2 + b2``, and its transcoder *is* that
+    MLP (``W_enc = W1^T``, ``b_enc = b1``, ``W_dec = W2``, ``b_dec = b2``), so its error node is zero
+    by construction while the MLP itself writes a nonzero output: every edge out of a layer-1 error node must
+    vanish. Layers 0 and 2 keep GELU MLPs and random transcoders, so their error nodes are not zero:
+    each of their edges must equal the change in its row when that error vector, computed here
+    from the real model's MLP input and output, is removed from the frozen model."""
+    from transcoders.circuits.interventions import frozen_target_values
+
+    model = build_tiny_model("gpt2", dtype=torch.float64)
+    mlp1 = model.transformer.h[1].mlp
+    mlp1.act = torch.nn.ReLU()
     adapter = adapter_for(model)
     coders = make_coders(adapter.n_layers, "transcoder", "topk")
-    for c in coders.values():
-        with torch.no_grad():
-            c.W_dec.zero_()
-            c.b_dec.zero_()
-    rep = LocalReplacement(adapter, coders, torch.arange(3, 11), dtype=torch.float64)
-    graph = attribute(rep, [Target("logit", -1, token=5)])
-    from_error = graph.kind[graph.edge_src] == ERROR
-    assert graph.edge_weight[from_error].abs().max() == 0 if from_error.any() else True
-    assert all(float(fl.error.abs().max()) == 0 for fl in rep.layers)
+    exact = SparseCoder(CoderConfig(kind="transcoder", activation="relu", d_in=D, d_out=D, d_sae=4 * D, layer=1),
+                        dtype=torch.float64)
+    with torch.no_grad():  # Conv1D computes x @ weight + bias
+        exact.W_enc.copy_(mlp1.c_fc.weight.T)
+        exact.b_enc.copy_(mlp1.c_fc.bias)
+        exact.W_dec.copy_(mlp1.c_proj.weight)
+        exact.b_dec.copy_(mlp1.c_proj.bias)
+    coders[1] = exact.requires_grad_(False)
+    tokens = torch.arange(3, 11)
+    T = tokens.numel()
+
+    # The error nodes, computed from the real model's MLP inputs and outputs.
+    x, y = {}, {}
+
+    def record(module, args, out):
+        x[module.index], y[module.index] = args[0][0], out[0]
+
+    hooks = []
+    for i, block in enumerate(model.transformer.h):
+        block.mlp.index = i
+        hooks.append(block.mlp.register_forward_hook(record))
+    with torch.no_grad():
+        model(input_ids=tokens[None])
+    for h in hooks:
+        h.remove()
+    error = {layer: y[layer] - (c.encode(x[layer]) @ c.W_dec + c.b_dec) for layer, c in coders.items()}
+    assert y[1].norm(dim=-1).min() > 1e-2  # the MLP writes something ...
+    assert error[1].abs().max() < 1e-12  # ... and the transcoder reproduces all of it
+    assert all(error[layer].norm(dim=-1).min() > 1e-2 for layer in (0, 2))
+
+    rep = LocalReplacement(adapter, coders, tokens, dtype=torch.float64, constant_positions=())
+    for layer in (0, 2):
+        torch.testing.assert_close(rep.layers[layer].error, error[layer], rtol=1e-9, atol=1e-12)
+    f2 = rep.layers[2].features
+    targets = [Target("logit", -1, token=5), Target("logit_diff", 4, token=7, token_b=9),
+               Target("feature", 6, layer=2, feature=int(f2.feature[f2.pos == 6][0]))]
+    graph = attribute(rep, targets)
+
+    def edge(src: int, dst: int) -> float:
+        return float(graph.edge_weight[(graph.edge_src == src) & (graph.edge_dst == dst)].double().sum())
+
+    is_error = graph.kind == ERROR
+    largest = float(graph.edge_weight.abs().max())
+    from_exact = is_error[graph.edge_src] & (graph.layer[graph.edge_src] == 1)
+    assert int((is_error & (graph.layer == 1)).sum()) == T  # the nodes exist; their edges are zero
+    assert float(graph.edge_weight[from_exact].double().abs().sum()) <= 1e-12 * largest  # measured: ~1e-17 each
+
+    base = frozen_target_values(rep, rep.forward(), targets)
+    biggest = 0.0
+    for node in (is_error & (graph.layer != 1)).nonzero().flatten().tolist():
+        layer, pos = int(graph.layer[node]), int(graph.pos[node])
+        delta = torch.zeros(T, D, dtype=torch.float64)
+        delta[pos] = -error[layer][pos]
+        measured = base - frozen_target_values(rep, rep.forward({layer: delta}), targets)
+        predicted = torch.tensor([edge(node, int(t)) for t in graph.target_nodes], dtype=torch.float64)
+        torch.testing.assert_close(measured, predicted, rtol=1e-6, atol=1e-9 * largest)
+        biggest = max(biggest, float(predicted.abs().max()))
+    assert biggest > 1e-2  # nonzero errors do reach the targets
 
 
 def test_budget_keeps_most_influential_features_and_stays_complete():
@@ -213,7 +267,8 @@ def test_bad_inputs_raise_clear_errors():
         LocalReplacement(adapter, {0: coders[0]}, torch.arange(5))
     with pytest.raises(ReplacementError, match="context"):
         LocalReplacement(adapter, coders, torch.zeros(adapter.max_context + 1, dtype=torch.long))
-    wrong = {l: SparseCoder(CoderConfig(kind="transcoder", activation="topk", d_in=16, d_out=16, d_sae=8, k=2)) for l in coders}
+    wrong = {layer: SparseCoder(CoderConfig(kind="transcoder", activation="topk", d_in=16, d_out=16, d_sae=8, k=2))
+             for layer in coders}
     with pytest.raises(ReplacementError, match="d_model"):
         LocalReplacement(adapter, wrong, torch.arange(5))
     rep = LocalReplacement(adapter, coders, torch.arange(5), dtype=torch.float64)
@@ -235,8 +290,8 @@ def test_faithfulness_is_one_for_the_whole_graph_and_means_match_a_direct_comput
     means = mean_activations(adapter, coders, contexts, batch_size=2)
     # Direct: the real model's MLP inputs, positions 1.. of each context.
     captured = {}
-    hooks = [adapter.mlp_in_module(l).register_forward_pre_hook(
-        lambda m, a, l=l: captured.__setitem__(l, a[0])) for l in coders]
+    hooks = [adapter.mlp_in_module(layer).register_forward_pre_hook(
+        lambda _m, a, layer=layer: captured.__setitem__(layer, a[0])) for layer in coders]
     model(input_ids=contexts)
     for h in hooks:
         h.remove()

@@ -81,7 +81,7 @@ def random_graph(seed: int, n_layers: int = 3, n_pos: int = 3, p_edge: float = 0
     pos), 0..max_feats features per (layer, pos), logit targets; edges only from lower layers (or a
     same-layer bias into features) at earlier-or-equal positions; rows satisfy the value identity."""
     gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
+    rnd = lambda *s: torch.rand(*s, generator=gen)
     nodes = [(EMBEDDING, -1, p, -1) for p in range(n_pos)]
     nodes += [(k, layer, p, -1) for k in (BIAS, ERROR) for layer in range(n_layers) for p in range(n_pos)]
     for layer in range(n_layers):
@@ -237,7 +237,9 @@ def test_edge_influence_definition(real):
 # ----------------------------------------------------------------------------- pruning
 
 @HYP
-@given(st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=30), st.floats(0.01, 0.99))
+# no subnormal scores: with [5e-324] and thr 0.5, ``thr * total`` underflows to 0 and the check below
+# cannot hold (found with pytest-randomly, which reseeds hypothesis on every run)
+@given(st.lists(st.floats(0, 10, allow_nan=False, allow_subnormal=False), min_size=1, max_size=30), st.floats(0.01, 0.99))
 def test_top_mass_is_smallest_prefix(scores, thr):
     s = torch.tensor(scores, dtype=torch.float64)
     keep = _top_mass(s, thr)
@@ -413,7 +415,7 @@ def test_top_paths_max_depth_and_filters(seed, depth):
     got = top_paths(g, n=5, max_depth=depth)
     assert [abs(p.weight) for p in got] == pytest.approx([abs(w) for _, w in brute[:5]], rel=1e-12)
     # Only feature intermediates at layer 1.
-    ok = lambda i: int(g.kind[i]) == FEATURE and int(g.layer[i]) == 1  # noqa: E731
+    ok = lambda i: int(g.kind[i]) == FEATURE and int(g.layer[i]) == 1
     brute = [(nodes, w) for nodes, w in all_paths(g, True) if all(ok(i) for i in nodes[1:-1])]
     brute.sort(key=lambda t: -abs(t[1]))
     got = top_paths(g, n=5, kinds={"feature"}, layers={1})

@@ -119,9 +119,21 @@ def test_train_cli_trains_evaluates_and_writes_report(trained_run):
     assert json.loads((run / "timing.json").read_text())["train_tokens"] == 640
 
 
-def test_evaluate_cli_on_other_text(trained_run, files):
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of the trained run folder, for tests that write into it (``evaluate``
+    rewrites ``metrics.json``): the shared run stays as training left it, in any test order."""
+    import shutil
+
     run, result = trained_run
     assert result.exit_code == 0, result.output
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_evaluate_cli_on_other_text(run_copy, files):
+    run = run_copy
     out = invoke("evaluate", run, "--data", files["other"], "--eval-tokens", "128", "--quiet")
     assert out.exit_code == 0, out.output
     printed, _, report = out.stdout.rpartition("report:")
@@ -134,9 +146,8 @@ def test_evaluate_cli_on_other_text(trained_run, files):
     assert "other.jsonl" not in json.loads((run / "metrics.json").read_text())["eval_data"]
 
 
-def test_evaluate_cli_defaults_to_held_out_split(trained_run):
-    run, result = trained_run
-    assert result.exit_code == 0, result.output
+def test_evaluate_cli_defaults_to_held_out_split(run_copy):
+    run = run_copy
     out = invoke("evaluate", run, "--eval-tokens", "64", "--quiet")
     assert out.exit_code == 0, out.output
     assert json.loads((run / "metrics.json").read_text())["eval_tokens"] == 60  # 4 contexts of 16, less their sinks
@@ -184,12 +195,12 @@ def test_train_cli_eval_tokens_zero_skips_evaluation(files, tmp_path):
 def test_train_cli_nonexistent_model_path_is_one_line_error(files, tmp_path):
     missing = tmp_path / "no-such-model"
     result = invoke("train", "--model", missing, "--data", files["train"], "--layers", "1", "--run-dir", tmp_path / "run", *FAST)
-    assert_one_line_error(result, str(missing))
+    assert_one_line_error(result, f"model path '{missing}' does not exist")
 
 
 def test_train_cli_layer_out_of_range_is_one_line_error(files, tmp_path):
     result = invoke(*train_args(files, tmp_path / "run", "--layers", "99"))
-    assert_one_line_error(result, "out of range", "99")
+    assert_one_line_error(result, "layer 99 is out of range", "3 layers")
 
 
 def test_train_cli_bad_layers_value_is_usage_error(files, tmp_path):
@@ -208,13 +219,14 @@ def test_train_cli_empty_text_file_is_one_line_error(files, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n")
     result = invoke("train", "--model", files["model"], "--data", empty, "--layers", "1", "--run-dir", tmp_path / "run", *FAST)
-    assert_one_line_error(result, "no non-empty text")
+    assert_one_line_error(result, f"data source '{empty}' yielded no non-empty text")
 
 
 def test_evaluate_cli_folder_without_coders_is_one_line_error(tmp_path):
     (tmp_path / "run").mkdir()
-    assert_one_line_error(invoke("evaluate", tmp_path / "run", "--quiet"), "no coders")
-    assert_one_line_error(invoke("evaluate", tmp_path / "nowhere", "--quiet"), "does not exist")
+    assert_one_line_error(invoke("evaluate", tmp_path / "run", "--quiet"), f"no coders in {tmp_path / 'run'}")
+    nowhere = tmp_path / "nowhere"
+    assert_one_line_error(invoke("evaluate", nowhere, "--quiet"), f"run folder {nowhere} does not exist")
 
 
 def test_evaluate_cli_coder_of_other_width_names_d_model(trained_run, files, tmp_path):
@@ -228,8 +240,7 @@ def test_evaluate_cli_coder_of_other_width_names_d_model(trained_run, files, tmp
     cfg = json.loads(cfg_path.read_text())
     cfg["model_name"] = str(files["wide_model"])
     cfg_path.write_text(json.dumps(cfg))
-    line = assert_one_line_error(invoke("evaluate", copy, "--eval-tokens", "64", "--quiet"), "d_model")
-    assert "48" in line
+    assert_one_line_error(invoke("evaluate", copy, "--eval-tokens", "64", "--quiet"), "d_in=32", "d_model=48")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -243,12 +254,13 @@ def test_evaluate_cli_corrupt_coder_names_the_file(trained_run, tmp_path, damage
     weights = copy / "layers.1.mlp" / "coder.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 20)
-    assert_one_line_error(invoke("evaluate", copy, "--eval-tokens", "64", "--quiet"), str(weights))
+    assert_one_line_error(invoke("evaluate", copy, "--eval-tokens", "64", "--quiet"), f"{weights} is truncated or corrupt")
 
 
 def test_train_cli_resume_without_run_config_is_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(invoke("train", "--resume", tmp_path / "empty", "--quiet"), "train_config.json")
+    result = invoke("train", "--resume", tmp_path / "empty", "--quiet")
+    assert_one_line_error(result, f"{tmp_path / 'empty' / 'train_config.json'} not found")
 
 
 def test_train_cli_resume_without_checkpoint_is_one_line_error(trained_run, tmp_path):
@@ -259,13 +271,18 @@ def test_train_cli_resume_without_checkpoint_is_one_line_error(trained_run, tmp_
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     (copy / "checkpoint.safetensors").unlink()
-    assert_one_line_error(invoke("train", "--resume", copy, "--eval-tokens", "64", "--quiet"), "no checkpoint")
+    result = invoke("train", "--resume", copy, "--eval-tokens", "64", "--quiet")
+    assert_one_line_error(result, "no checkpoint at", "nothing to resume")
 
 
-@pytest.mark.parametrize("option", [["--d-sae", "0"], ["--batch-size", "0"], ["-k", "100"]])
-def test_train_cli_invalid_option_value_is_one_line_error(files, tmp_path, option):
+@pytest.mark.parametrize("option, needle", [
+    (["--d-sae", "0"], "d_sae: Input should be greater than 0"),
+    (["--batch-size", "0"], "batch_size: Input should be greater than 0"),
+    (["-k", "100"], "k=100 is larger than d_sae=64"),
+])
+def test_train_cli_invalid_option_value_is_one_line_error(files, tmp_path, option, needle):
     result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", *option))
-    assert_one_line_error(result)
+    assert_one_line_error(result, needle)
 
 
 def test_train_cli_eval_tokens_below_ctx_len_evaluates_one_whole_context(files, tmp_path):
@@ -278,15 +295,15 @@ def test_train_cli_eval_tokens_below_ctx_len_evaluates_one_whole_context(files, 
 def test_train_cli_ctx_len_beyond_model_context_is_one_line_error(files, tmp_path):
     result = invoke("train", "--model", files["gpt2"], "--data", files["train"], "--layers", "1",
                     "--run-dir", tmp_path / "run", *FAST, "--ctx-len", "128")
-    assert_one_line_error(result, "128")
+    assert_one_line_error(result, "--ctx-len 128 is longer than the model's context (64 tokens)")
 
 
 def test_train_cli_unknown_device_is_one_line_error(files, tmp_path):
     result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", "--device", "nonsense"))
-    assert_one_line_error(result, "nonsense")
+    assert_one_line_error(result, "unknown device 'nonsense'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_train_cli_unavailable_cuda_is_one_line_error(files, tmp_path):
     result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", "--device", "cuda"))
-    assert_one_line_error(result, "cuda")
+    assert_one_line_error(result, "device 'cuda'", "no CUDA GPU")

@@ -309,10 +309,90 @@ def test_intervene_generate_prints_both_generations(files):
     assert len(intervention_rows(result.stdout)) >= 1  # default targets: the top logits
 
 
-def test_intervene_clamp_generate_runs(files):
-    result = intervene(files, "--edit", "2.1=clamp:50", "--generate", "2", "--target", "logit:#5")
+def _saved_model_and_layer2(files):
+    """The saved tiny Llama and tokenizer, loaded with transformers alone, and layer 2's
+    transcoder, with the MLP input of every prompt position of layer 2."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from transcoders.coders.io import load_coder
+
+    model = LlamaForCausalLM.from_pretrained(files["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(files["model"])
+    coder = load_coder(files["run"] / "layers.2.mlp")
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    seen = {}
+    handle = model.model.layers[2].mlp.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0][0]))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    handle.remove()
+    return model, tok, coder, ids, seen["x"], logits
+
+
+def _greedy_clamped(model, coder, ids, feature: int, value: float, n_new: int, first: int | None) -> list[int]:
+    """Greedy decoding, rerunning the whole sequence each step, with ``(value - a) W_dec[feature]``
+    added to layer 2's MLP output at positions ``>= first`` (``a``: the feature's activation on
+    that pass's MLP input; ``first=None``: no edit)."""
+    def hook(module, args, out):
+        a = coder.encode(args[0])[..., feature]
+        where = (torch.arange(a.shape[-1]) >= first).to(a.dtype)
+        return out + ((value - a) * where)[..., None] * coder.W_dec[feature]
+
+    seq, new = ids, []
+    handle = model.model.layers[2].mlp.register_forward_hook(hook if first is not None else lambda *_args: None)
+    try:
+        for _ in range(n_new):
+            with torch.no_grad():
+                nxt = int(model(input_ids=seq).logits[0, -1].argmax())
+            new.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    finally:
+        handle.remove()
+    return new
+
+
+def test_intervene_free_clamp_moves_the_logit_as_the_hooked_model_does(files):
+    """Free mode, a last-layer clamp at the last position: the logit there moves exactly as the
+    real model's does when ``(v - a) W_dec[f]`` is added to layer 2's MLP output at that position
+    (nothing but the final norm lies between that MLP and the logits); other positions do not move."""
+    model, tok, coder, ids, x, clean = _saved_model_and_layer2(files)
+    T, v = files["n_tokens"], 0.35  # small enough that the final norm does not saturate
+    acts = coder.encode(x).detach()
+    f = int(acts[-1].argmax())
+    delta = torch.zeros(T, D)
+    delta[-1] = (v - acts[-1, f]) * coder.W_dec[f].detach()
+    handle = model.model.layers[2].mlp.register_forward_hook(lambda _m, _args, out: out + delta)
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits[0].double()
+    handle.remove()
+    expected = float(hooked[-1, 5] - clean[-1, 5])
+    assert abs(expected) > 0.02
+
+    result = intervene(files, "--target", "logit:#5", "--target", "logit:#9@3", "--edit", f"2.{f}@-1=clamp:{v}",
+                       "--mode", "free")
     assert result.exit_code == 0, result.output
-    assert "generated (no edit): " in result.stdout and "generated (edited):  " in result.stdout
+    (_, before, after, change), (_, _, _, change_other) = intervention_rows(result.stdout)
+    assert before == pytest.approx(float(clean[-1, 5]), abs=2e-4)
+    assert change == pytest.approx(expected, abs=2e-4)
+    assert change_other == 0.0
+
+
+def test_intervene_clamp_generate_matches_a_hooked_greedy_generation(files):
+    """``--generate`` continues the prompt greedily without and with the edit; the edit applies to
+    generated positions only. Both continuations equal greedy decoding of the saved model run
+    here with transformers and our own hook, and the clamp changes the continuation."""
+    model, tok, coder, ids, _, _ = _saved_model_and_layer2(files)
+    n, f, v = 4, 1, 50.0
+    result = intervene(files, "--edit", f"2.{f}=clamp:{v:g}", "--generate", str(n), "--target", "logit:#5")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    [base] = [line for line in lines if line.startswith("generated (no edit): ")]
+    [edited] = [line for line in lines if line.startswith("generated (edited):  ")]
+    plain = _greedy_clamped(model, coder, ids, f, v, n, first=None)
+    clamped = _greedy_clamped(model, coder, ids, f, v, n, first=ids.shape[1])
+    assert tok.decode(plain[:3]) == files["generated"]  # the fixture's generate() agrees with our loop
+    assert base == "generated (no edit): " + repr(tok.decode(plain))
+    assert edited == "generated (edited):  " + repr(tok.decode(clamped))
+    assert clamped != plain and clamped[0] == plain[0]  # the first new token comes from the unedited prompt
 
 
 # ---------------------------------------------------------------- verify
@@ -398,13 +478,13 @@ def test_trace_prompt_longer_than_context_is_one_line_error(files, tmp_path):
     ("0.1=explode", "mode must be ablate"),
     ("0.1=clamp:abc", "is not a number"),
     ("0.1=clamp", "clamp needs a number"),
-    ("x.1=ablate", "LAYER.FEATURE"),
+    ("x.1=ablate", "edit 'x.1=ablate': write LAYER.FEATURE"),
     ("9.1=ablate", "layer 9 is out of range"),
     ("0.64=ablate", "feature 64 is out of range"),
-    ("0.1@99=ablate", "outside the"),
+    ("0.1@99=ablate", "a position is outside the {n_tokens}-token prompt"),
 ])
 def test_intervene_malformed_edit_is_one_line_error(files, spec, needle):
-    assert_one_line_error(intervene(files, "--edit", spec), needle)
+    assert_one_line_error(intervene(files, "--edit", spec), needle.format(n_tokens=files["n_tokens"]))
 
 
 @pytest.mark.parametrize("command", ["paths", "verify"])
@@ -463,8 +543,10 @@ def test_feature_prints_deembedding_logit_effects_and_pullback_from_weights(file
     assert first[0] == "+" and first[1] == f"L1/{int(top.top_ids[0])}"
     assert float(first[2]) == pytest.approx(float(top.top_scores[0]), abs=1e-4)
     # Bad specs are one-line errors.
-    assert_one_line_error(invoke("feature", files["run"], "2x7", "--model", files["model"]), "LAYER.FEATURE")
-    assert_one_line_error(invoke("feature", files["run"], "2.7", "--model", files["model"], "--head", "9"), "--head")
+    assert_one_line_error(invoke("feature", files["run"], "2x7", "--model", files["model"]),
+                          "feature '2x7' must read LAYER.FEATURE")
+    assert_one_line_error(invoke("feature", files["run"], "2.7", "--model", files["model"], "--head", "9"),
+                          "--head '9' must read ATTN_LAYER.HEAD")
 
 
 def test_trace_pruned_out_is_a_smaller_valid_graph_that_verify_accepts(files, tmp_path):
