@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILIES, VOCAB, build_tiny_model, tiny_adapter
+
 from transcoders.circuits.weights import (
     WeightsError,
     chunked_top_abs,
@@ -227,8 +227,8 @@ def test_head_deembedding_gqa_matches_real_attention(family, single_thread):
     tokens = torch.tensor([2, 31, 64, 90])
     seen = {}
     hooks = [
-        bi.attention.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0][:, 0])),
-        bi.ln_attn.module.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0][:, 0])),
+        bi.attention.o_proj.register_forward_pre_hook(lambda _m, a: seen.__setitem__("z", a[0][:, 0])),
+        bi.ln_attn.module.register_forward_pre_hook(lambda _m, a: seen.__setitem__("x", a[0][:, 0])),
     ]
     try:
         model(input_ids=tokens[:, None])

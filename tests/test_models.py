@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -122,7 +121,7 @@ def test_harvest_stops_forward_after_last_requested_layer(tiny_model, last):
     adapter = tiny_adapter(tiny_model)
     ran: list[int] = []
     handles = [
-        adapter.layers()[i].register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i in range(N_LAYERS)
+        adapter.layers()[i].register_forward_pre_hook(lambda _m, _a, i=i: ran.append(i)) for i in range(N_LAYERS)
     ]
     try:
         harvest(adapter, torch.tensor([[1, 2, 3]]), [last])

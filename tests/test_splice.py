@@ -70,7 +70,7 @@ def test_splice_replacement_receives_mlp_input(tiny_model):
     ids = _ids(1)
     layer = 1
     seen = {}
-    handle = adapter.mlp_in_module(layer).register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
+    handle = adapter.mlp_in_module(layer).register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0].clone()))
     try:
         _logits(tiny_model, ids)
     finally:
@@ -97,7 +97,7 @@ def test_zero_ablation_writes_zeros_into_residual(tiny_model):
     adapter = tiny_adapter(tiny_model)
     outs = []
     with splice_mlps(adapter, {2: zero_ablation}):
-        h = adapter.mlp_out_module(2).register_forward_hook(lambda m, a, o: outs.append(o.clone()))
+        h = adapter.mlp_out_module(2).register_forward_hook(lambda _m, _a, o: outs.append(o.clone()))
         try:
             _logits(tiny_model, _ids(3))
         finally:
@@ -113,7 +113,7 @@ def test_mean_ablation_writes_mean_at_every_position(tiny_model):
     outs = []
     with splice_mlps(adapter, {1: mean_ablation(mean)}):
         # Registered after the splice hook, so it sees the replaced output.
-        h = adapter.mlp_out_module(1).register_forward_hook(lambda m, a, o: outs.append(o.clone()))
+        h = adapter.mlp_out_module(1).register_forward_hook(lambda _m, _a, o: outs.append(o.clone()))
         try:
             ablated = _logits(tiny_model, ids)
         finally:
@@ -172,8 +172,8 @@ def test_coder_replacement_splices_a_coder(tiny_model):
     coder = SparseCoder(CoderConfig(d_in=D_MODEL, d_out=D_MODEL, d_sae=64, k=4), dtype=torch.float64)
     outs, ins = [], []
     with splice_mlps(adapter, {1: coder_replacement(coder)}):
-        h_in = adapter.mlp_in_module(1).register_forward_pre_hook(lambda m, a: ins.append(a[0].clone()))
-        h_out = adapter.mlp_out_module(1).register_forward_hook(lambda m, a, o: outs.append(o.clone()))
+        h_in = adapter.mlp_in_module(1).register_forward_pre_hook(lambda _m, a: ins.append(a[0].clone()))
+        h_out = adapter.mlp_out_module(1).register_forward_hook(lambda _m, _a, o: outs.append(o.clone()))
         try:
             _logits(tiny_model, ids)
         finally:
