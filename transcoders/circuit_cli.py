@@ -18,8 +18,9 @@ from .models.loading import DEFAULT_MODEL
 
 MODEL_OPT = click.option("--model", default=DEFAULT_MODEL, show_default=True, help="the model the transcoders belong to")
 PROMPT_OPT = click.option("--prompt", required=True, help="the text to analyse")
-BOS_OPT = click.option("--bos/--no-bos", default=True, show_default=True,
-                       help="put the tokenizer's BOS token first (the attention sink), if it has one")
+BOS_OPT = click.option("--prepend-bos/--no-prepend-bos", "prepend_bos", default=None,
+                       help="start the prompt with the model's BOS token [default: as the transcoders were trained, "
+                            "else the model's policy: yes for Gemma and Llama 3, no for SmolLM2 and GPT-2]")
 TARGET_OPT = click.option(
     "--target", "target_specs", multiple=True,
     help="logit:TOKEN, diff:A,B, feature:L.F or direction:L:FILE, each with optional @POS "
@@ -27,14 +28,15 @@ TARGET_OPT = click.option(
 )
 
 
-def _load(model: str, run_dir: Path, prompt: str | None, bos: bool = True):
-    from .circuits.session import load_layer_coders, tokenize_prompt
+def _load(model: str, run_dir: Path, prompt: str, prepend_bos: bool | None):
+    """The model, the run's transcoders, the prompt's tokens and the BOS policy used for them."""
+    from .circuits.session import load_layer_coders, prompt_bos_policy, tokenize_prompt
     from .models.loading import load_model
 
     loaded = load_model(model, dtype=torch.float32)
     coders = load_layer_coders(run_dir, loaded)
-    tokens = tokenize_prompt(loaded, prompt, bos=bos) if prompt is not None else None
-    return loaded, coders, tokens
+    bos = prompt_bos_policy(loaded, run_dir, prepend_bos)
+    return loaded, coders, tokenize_prompt(loaded, prompt, bos=bos), bos
 
 
 def _load_for_graph(graph, graph_file: Path, model: str | None, run_dir: Path | None):
@@ -108,7 +110,7 @@ def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int 
 @BOS_OPT
 @user_errors
 def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
-          out, pruned_out, force, n_paths, bos):
+          out, pruned_out, force, n_paths, prepend_bos):
     """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
     from .circuits import LocalReplacement, attribute
     from .circuits.export import save_graph
@@ -122,7 +124,7 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
             refuse_to_replace(path, force)
             check_writable(path.parent)  # before the work, not after
     t0 = time.perf_counter()
-    loaded, coders, tokens = _load(model, run_dir, prompt, bos)
+    loaded, coders, tokens, bos = _load(model, run_dir, prompt, prepend_bos)
     t_load = time.perf_counter()
     constant = bos_constant_positions(loaded.adapter, tokens, loaded.tokenizer) if bos else ()
     rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer,
@@ -131,7 +133,7 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
     graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
     t_graph = time.perf_counter()
     graph.meta.update(graph_identity(loaded, coders), run_dir=str(Path(run_dir).resolve()), prompt=prompt,
-                      constant_positions=list(constant))
+                      prepend_bos=bos, constant_positions=list(constant))
     node_influence(graph)
     pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
     full_s, pruned_s = graph_scores(graph), graph_scores(graph, pruned=pruned)
@@ -211,12 +213,12 @@ def _replacement_for_graph(graph, graph_file: Path, model: str | None, run_dir: 
 @click.option("--generate", "n_generate", default=0, help="also generate N tokens with the edits on generated positions")
 @BOS_OPT
 @user_errors
-def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate, bos):
+def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate, prepend_bos):
     """Ablate, clamp or scale features and report the change in the targets."""
     from .circuits import LocalReplacement
     from .circuits.interventions import ReplacementRunner, intervene_frozen, parse_edit, steer
 
-    loaded, coders, tokens = _load(model, run_dir, prompt, bos)
+    loaded, coders, tokens, bos = _load(model, run_dir, prompt, prepend_bos)
     d_sae = {layer: c.cfg.d_sae for layer, c in coders.items()}
     edits = [parse_edit(s, n_layers=loaded.adapter.n_layers, d_sae=d_sae, n_pos=len(tokens)) for s in edit_specs]
     runner = ReplacementRunner(loaded.adapter, coders, tokens)
@@ -232,7 +234,7 @@ def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate
         where = t.pos if t.pos >= 0 else len(tokens) + t.pos
         click.echo(f"{t.label + '@' + str(where):<40} {b:>10.4f} {a:>10.4f} {a - b:>+10.4f}")
     if n_generate:
-        base, steered = steer(loaded.adapter, coders, loaded.tokenizer, prompt, edits, max_new_tokens=n_generate)
+        base, steered = steer(loaded.adapter, coders, loaded.tokenizer, tokens, edits, max_new_tokens=n_generate)
         click.echo(f"generated (no edit): {base!r}")
         click.echo(f"generated (edited):  {steered!r}")
 
@@ -271,7 +273,8 @@ def verify(graph_file, run_dir, model, top_edges, top_nodes, sizes, mean_tokens,
         from .circuits.interventions import mean_activations
         from .circuits.session import reference_tokens
 
-        means = mean_activations(loaded.adapter, coders, reference_tokens(loaded, mean_tokens))
+        means = mean_activations(loaded.adapter, coders,
+                                 reference_tokens(loaded, mean_tokens, bos=bool(graph.meta.get("prepend_bos", False))))
     report = run_verify(rep, graph, runner=runner, top_edges=top_edges, top_nodes=top_nodes, sizes=_split(sizes),
                         means=means)
     s = report.summary

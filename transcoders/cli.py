@@ -24,6 +24,10 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _log_line(line: str) -> None:
+    click.echo(line, err=line.startswith("warning:"))
+
+
 def _print_report(result: dict) -> None:
     timing = result["timing"]
     if not timing:  # a non-zero torchrun rank: rank 0 reports
@@ -111,7 +115,7 @@ def train(ctx: click.Context, run_dir: Path, resume_dir: Path | None, override: 
             raise click.UsageError("--override only applies with --resume")
         cfg, folder = TrainConfig(**settings), run_dir
     result = train_run(cfg, folder, resume=resume_dir is not None, overwrite=overwrite, overrides=changes,
-                       progress=not quiet, evaluate=eval_tokens > 0, eval_tokens=eval_tokens)
+                       progress=not quiet, evaluate=eval_tokens > 0, eval_tokens=eval_tokens, log=_log_line)
     _print_report(result)
 
 
@@ -121,18 +125,20 @@ def train(ctx: click.Context, run_dir: Path, resume_dir: Path | None, override: 
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="folder for the results [default: RUN_DIR for its held-out split, RUN_DIR/eval/<source-name> for --data]")
 @click.option("--model", default=None, help="the model the coders belong to [default: the coders' model, if known locally]")
+@click.option("--prepend-bos/--no-prepend-bos", "prepend_bos", default=None,
+              help="start every context with BOS [default: as the run was trained]; contradicting the run is an error")
 @click.option("--eval-tokens", type=int, default=8192, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="contexts per forward pass")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def evaluate(run_dir: Path, data: str | None, out: Path | None, model: str | None, eval_tokens: int, batch_size: int,
-             quiet: bool) -> None:
+def evaluate(run_dir: Path, data: str | None, out: Path | None, model: str | None, prepend_bos: bool | None,
+             eval_tokens: int, batch_size: int, quiet: bool) -> None:
     """Evaluate the coders in RUN_DIR: L0, FVU, dead/dense features, spliced-in loss."""
     quiet_progress(quiet)
     from .evaluation.run import evaluate_run
 
-    metrics = evaluate_run(run_dir, data=data, out=out, model=model, eval_tokens=eval_tokens, batch_size=batch_size,
-                           progress=not quiet)
+    metrics = evaluate_run(run_dir, data=data, out=out, model=model, prepend_bos=prepend_bos, eval_tokens=eval_tokens,
+                           batch_size=batch_size, progress=not quiet)
     click.echo(json.dumps({k: v for k, v in metrics.items() if k in ("layers", "eval_tokens")}, indent=2))
     click.echo(f"report: {metrics['summary_path']}")
 
@@ -175,7 +181,7 @@ def demo(run_dir: Path, total_tokens: int, overwrite: bool, quiet: bool) -> None
 
     cfg = TrainConfig(total_tokens=total_tokens)
     click.echo(f"training a layer-6 transcoder of {cfg.model} on the State of the Union corpus into {run_dir}")
-    _print_report(train_run(cfg, run_dir, overwrite=overwrite, progress=not quiet))
+    _print_report(train_run(cfg, run_dir, overwrite=overwrite, progress=not quiet, log=_log_line))
 
 
 for _command in CIRCUIT_COMMANDS:

@@ -258,19 +258,22 @@ def mean_activations(adapter: ModelAdapter, coders: dict[int, SparseCoder], cont
 
 # ---------------------------------------------------------------------------- steering
 @torch.no_grad()
-def steer(adapter: ModelAdapter, coders: dict[int, SparseCoder], tokenizer, prompt: str, edits: list[FeatureEdit],
+def steer(adapter: ModelAdapter, coders: dict[int, SparseCoder], tokenizer, prompt: str | torch.Tensor,
+          edits: list[FeatureEdit],
           *, max_new_tokens: int = 20, only_generated: bool = True) -> tuple[str, str]:
     """Greedy generation with and without clamping/scaling features.
 
     Each edit adds ``(new_a - a) W_dec[feature]`` to the real MLP output of its layer, where
     ``a`` is the feature's activation on the current input, so the rest of the model is
     untouched. With ``only_generated`` the edit applies to generated positions only;
-    otherwise to every position (edit ``positions`` are ignored).
+    otherwise to every position (edit ``positions`` are ignored). ``prompt`` is text, or its
+    ``[T]`` token ids (as ``trace`` tokenizes it, with the run's BOS policy).
 
     Returns:
         ``(baseline continuation, steered continuation)``.
     """
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(adapter.device)
+    ids = prompt[None] if torch.is_tensor(prompt) else tokenizer(prompt, return_tensors="pt").input_ids
+    ids = ids.to(adapter.device)
     n_prompt = ids.shape[1]
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
     base = adapter.model.generate(ids, **gen)[0, n_prompt:]

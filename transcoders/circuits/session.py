@@ -38,22 +38,24 @@ def load_layer_coders(run_dir: str | Path, loaded: LoadedModel) -> dict[int, Spa
     return coders
 
 
-def tokenize_prompt(loaded: LoadedModel, prompt: str, *, bos: bool = True) -> torch.Tensor:
-    """``[T]`` token ids of ``prompt``.
-
-    With ``bos`` (the default), the tokenizer's BOS token is put first if the tokenizer has one
-    and did not add it itself (SmolLM2's adds none): the first position of a prompt acts as an
-    attention sink, and a dedicated BOS keeps that role off the prompt's first word, as
-    circuit-tracer does.
+def tokenize_prompt(loaded: LoadedModel, prompt: str, *, bos: bool | None = None) -> torch.Tensor:
+    """``[T]`` token ids of ``prompt``, led by the tokenizer's BOS token when ``bos`` is set
+    (default: the model's policy, :mod:`transcoders.models.bos`). The prompt is tokenized
+    without special tokens, so the policy decides alone, whatever the tokenizer would add. With
+    BOS, position 0 is the attention sink and the prompt's first word keeps its ordinary role.
+    ``trace`` passes the run's policy (:func:`prompt_bos_policy`).
 
     Raises:
         ValueError: the prompt is empty or longer than the model's context.
     """
+    from ..models.bos import resolve_prepend_bos
+
     tokenizer: Any = loaded.tokenizer
-    ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    bos = resolve_prepend_bos(bos, loaded.adapter, tokenizer)
+    ids = torch.tensor(tokenizer(prompt, add_special_tokens=False).input_ids, dtype=torch.long)
     if ids.numel() == 0:
         raise ValueError("the prompt is empty; pass some text with --prompt")
-    bos_id = getattr(loaded.tokenizer, "bos_token_id", None)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos and bos_id is not None and int(ids[0]) != bos_id:
         ids = torch.cat([torch.tensor([bos_id]), ids])
     limit = loaded.adapter.max_context
@@ -62,12 +64,30 @@ def tokenize_prompt(loaded: LoadedModel, prompt: str, *, bos: bool = True) -> to
     return ids
 
 
-def reference_tokens(loaded: LoadedModel, n_tokens: int = 4096, ctx_len: int = 128) -> torch.Tensor:
-    """``[n_ctx, ctx_len]`` held-out tokens of the bundled State of the Union corpus (addresses
-    training never sees), for mean activations."""
-    from ..data.tokens import build_token_split
+def prompt_bos_policy(loaded: LoadedModel, run_dir: str | Path, wanted: bool | None) -> bool:
+    """Whether prompts for the transcoders in ``run_dir`` start with BOS: as the run was trained
+    (its ``train_config.json``), else ``wanted``, else the model's policy.
 
-    split = build_token_split(None, loaded.tokenizer, ctx_len, max_train_tokens=ctx_len, max_eval_tokens=n_tokens)
+    Raises:
+        BosPolicyError: ``wanted`` contradicts the run's policy.
+    """
+    from ..evaluation.run import read_train_config
+    from ..models.bos import check_run_policy, resolve_prepend_bos
+
+    recorded = read_train_config(run_dir) if (Path(run_dir) / "train_config.json").exists() else None
+    policy = check_run_policy(None if recorded is None else bool(recorded.prepend_bos), wanted,
+                              f"the transcoders in {run_dir}")
+    return resolve_prepend_bos(policy, loaded.adapter, loaded.tokenizer)
+
+
+def reference_tokens(loaded: LoadedModel, n_tokens: int = 4096, ctx_len: int = 128, *, bos: bool = False) -> torch.Tensor:
+    """``[n_ctx, ctx_len]`` held-out tokens of the bundled State of the Union corpus (addresses
+    training never sees), for mean activations; each context led by BOS with ``bos``."""
+    from ..data.tokens import build_token_split
+    from ..models.bos import bos_id_if
+
+    split = build_token_split(None, loaded.tokenizer, ctx_len, max_train_tokens=ctx_len, max_eval_tokens=n_tokens,
+                              bos_id=bos_id_if(bos, loaded.tokenizer))
     return split.eval
 
 

@@ -90,14 +90,17 @@ def separator_token_id(tokenizer) -> int:
     )
 
 
-def _tokenize(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | None) -> tuple[torch.Tensor, int]:
-    """Rows of tokens and the number of leading documents that contributed to them."""
-    if ctx_len < 1:
-        raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
+def _tokenize(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | None,
+              bos_id: int | None = None) -> tuple[torch.Tensor, int]:
+    """Rows of tokens (each led by ``bos_id`` when given) and the number of leading documents
+    that contributed to them."""
+    if ctx_len < 1 + (bos_id is not None):
+        raise ValueError(f"ctx_len must be >= {1 + (bos_id is not None)}, got {ctx_len}")
     if max_tokens is not None and max_tokens < ctx_len:
         raise ValueError(f"max_tokens ({max_tokens}) must be at least ctx_len ({ctx_len})")
     sep = separator_token_id(tokenizer)
-    wanted = None if max_tokens is None else (max_tokens // ctx_len) * ctx_len
+    body = ctx_len - (bos_id is not None)  # text tokens per row
+    wanted = None if max_tokens is None else (max_tokens // ctx_len) * body
     pieces: list[torch.Tensor] = []
     total = 0
     for start in range(0, len(docs), _BATCH_DOCS):
@@ -107,32 +110,37 @@ def _tokenize(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | N
         for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             pieces.append(torch.tensor([*ids, sep], dtype=torch.int64))
             total += len(ids) + 1
-    n_rows = (total if wanted is None else min(total, wanted)) // ctx_len
+    n_rows = (total if wanted is None else min(total, wanted)) // body
     if n_rows == 0:
         raise DataSourceError(
             f"{len(docs)} documents gave only {total} tokens, fewer than ctx_len={ctx_len}; "
             f"use a smaller ctx_len or more text."
         )
     used, n_docs = 0, 0
-    while used < n_rows * ctx_len:
+    while used < n_rows * body:
         used += len(pieces[n_docs])
         n_docs += 1
-    stream = torch.cat(pieces[:n_docs])[: n_rows * ctx_len]
-    return stream.view(n_rows, ctx_len), n_docs
+    rows = torch.cat(pieces[:n_docs])[: n_rows * body].view(n_rows, body)
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n_rows, 1), bos_id, dtype=torch.int64), rows], dim=1)
+    return rows, n_docs
 
 
-def tokenize_documents(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | None = None) -> torch.Tensor:
+def tokenize_documents(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | None = None,
+                       bos_id: int | None = None) -> torch.Tensor:
     """Tokenize documents into consecutive fixed-length contexts.
 
     Each text is tokenized without special tokens (batched, fast tokenizer), followed by
     ``separator_token_id(tokenizer)``; documents are joined in order and cut into rows of
-    ``ctx_len`` tokens, dropping the incomplete remainder. With ``max_tokens``, at most
+    ``ctx_len`` tokens, dropping the incomplete remainder. With ``bos_id`` (models trained with
+    a BOS token at the start of every sequence, see :mod:`transcoders.models.bos`), each row is
+    that token followed by ``ctx_len - 1`` text tokens. With ``max_tokens``, at most
     ``max_tokens // ctx_len`` rows are made and tokenization stops once they are filled.
     Returns an int64 tensor of shape [n_ctx, ctx_len].
-    Raises DataSourceError if fewer than ``ctx_len`` tokens result; ValueError if ``ctx_len < 1``,
-    ``max_tokens < ctx_len`` or the tokenizer has no eos/bos token.
+    Raises DataSourceError if fewer than ``ctx_len`` tokens result; ValueError if ``ctx_len < 1``
+    (2 with ``bos_id``), ``max_tokens < ctx_len`` or the tokenizer has no eos/bos token.
     """
-    return _tokenize(docs, tokenizer, ctx_len, max_tokens)[0]
+    return _tokenize(docs, tokenizer, ctx_len, max_tokens, bos_id)[0]
 
 
 def build_token_split(
@@ -145,19 +153,21 @@ def build_token_split(
     max_eval_tokens: int | None = None,
     text_field: str = "text",
     split: str = "train",
+    bos_id: int | None = None,
 ) -> TokenSplit:
     """Load ``source`` (see :func:`load_documents`), split it by document and tokenize both sides.
 
     Returns a :class:`TokenSplit` with train [n_train_ctx, ctx_len] and eval [n_eval_ctx, ctx_len]
-    int64 tensors from disjoint documents, capped at ``max_train_tokens`` / ``max_eval_tokens``.
+    int64 tensors from disjoint documents, capped at ``max_train_tokens`` / ``max_eval_tokens``;
+    every row starts with ``bos_id`` when it is given.
     Raises DataSourceError (bad source, too little text on either side) or ValueError (bad
     ``eval_fraction`` / ``ctx_len`` / caps, tokenizer without eos/bos).
     """
     docs = load_documents(source, text_field=text_field, split=split)
     train_docs, eval_docs = split_documents(docs, eval_fraction)
-    train, n_train = _tokenize(train_docs, tokenizer, ctx_len, max_train_tokens)
+    train, n_train = _tokenize(train_docs, tokenizer, ctx_len, max_train_tokens, bos_id)
     try:
-        evals, n_eval = _tokenize(eval_docs, tokenizer, ctx_len, max_eval_tokens)
+        evals, n_eval = _tokenize(eval_docs, tokenizer, ctx_len, max_eval_tokens, bos_id)
     except DataSourceError as e:
         raise DataSourceError(f"eval split (eval_fraction={eval_fraction}): {e}") from None
     return TokenSplit(

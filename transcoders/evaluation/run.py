@@ -15,6 +15,7 @@ from ..coders.run_folder import find_coders
 from ..data.sources import describe_source, load_documents
 from ..data.tokens import build_token_split, tokenize_documents
 from ..files import check_writable, slugify
+from ..models.bos import bos_id_if, check_run_policy, resolve_prepend_bos
 from ..models.loading import LoadedModel, load_model
 from ..models.trust import model_from_file
 from ..training.config import TrainConfig
@@ -49,8 +50,9 @@ def read_train_config(run_dir: str | Path) -> TrainConfig | None:
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Path | None = None, model: str | None = None,
-                 eval_tokens: int = 8192, batch_size: int = 8, loaded: LoadedModel | None = None,
-                 eval_split: torch.Tensor | None = None, progress: bool = True, extra: dict | None = None) -> dict:
+                 prepend_bos: bool | None = None, eval_tokens: int = 8192, batch_size: int = 8,
+                 loaded: LoadedModel | None = None, eval_split: torch.Tensor | None = None, progress: bool = True,
+                 extra: dict | None = None) -> dict:
     """Evaluate every coder in ``run_dir`` and write ``metrics.json``, ``summary.md`` and
     ``feature_density.png``.
 
@@ -65,19 +67,25 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
         model: the model to load. Default: the coders' model, but only when it is the default
             model or another known local model; a name taken from a file never makes us
             download or import anything.
+        prepend_bos: start every context with BOS; default: as the run was trained (runs from
+            before the setting: no BOS; coders without a run: the model's policy).
         eval_tokens: cap on evaluation tokens.
 
     Raises:
         CoderFileError: missing/corrupt coders, or coders that do not fit the model.
         DataSourceError: an empty or unreadable text source.
         ModelLoadError: the coders name a model that is not known locally and ``model`` is not given.
+        BosPolicyError: ``prepend_bos`` contradicts the policy the run was trained with.
         OSError: the output folder cannot be written.
     """
     run_dir = Path(run_dir)
     coder_dirs = find_coders(run_dir)
     out_dir = check_writable(Path(out) if out is not None else eval_folder(run_dir, data))
     coders = {key: load_coder(folder) for key, folder in coder_dirs.items()}
-    train_cfg = read_train_config(run_dir) or TrainConfig(skip_first_tokens=0)  # runs from before the option: every position
+    recorded = read_train_config(run_dir)
+    train_cfg = recorded or TrainConfig(skip_first_tokens=0)  # coders without a run: every position
+    # a run from before the setting trained without BOS
+    use_bos = check_run_policy(None if recorded is None else bool(recorded.prepend_bos), prepend_bos, f"the run {run_dir}")
     model_name = next(iter(coders.values())).cfg.model_name
     if loaded is None:
         loaded = load_model(model or model_from_file(model_name, f"the coders in {run_dir}"))
@@ -85,14 +93,16 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
         check_compatible(coder, loaded.adapter.d_model, loaded.adapter.n_layers)
         coder.to(loaded.adapter.device)
     ctx_len = train_cfg.ctx_len
+    use_bos = resolve_prepend_bos(use_bos, loaded.adapter, loaded.tokenizer)
+    bos_id = bos_id_if(use_bos, loaded.tokenizer)
     if eval_split is not None:
         tokens, source = eval_split, f"held-out split of {describe_source(train_cfg.data)}"
     elif data is not None:
-        tokens = tokenize_documents(load_documents(data), loaded.tokenizer, ctx_len, max_tokens=eval_tokens)
+        tokens = tokenize_documents(load_documents(data), loaded.tokenizer, ctx_len, max_tokens=eval_tokens, bos_id=bos_id)
         source = describe_source(data)
     else:
         tokens = build_token_split(train_cfg.data, loaded.tokenizer, ctx_len, eval_fraction=train_cfg.eval_fraction,
-                                   max_train_tokens=ctx_len, max_eval_tokens=eval_tokens).eval
+                                   max_train_tokens=ctx_len, max_eval_tokens=eval_tokens, bos_id=bos_id).eval
         source = f"held-out split of {describe_source(train_cfg.data)}"
     tokens = tokens[: max(1, eval_tokens // tokens.shape[1])]
     means = {}
@@ -102,7 +112,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
     t0 = time.perf_counter()
     metrics = evaluate_coders(loaded.adapter, {str(k): c for k, c in coders.items()}, tokens, mlp_out_means=means,
                               batch_size=batch_size, progress=progress, skip_first=train_cfg.skip_first_tokens)
-    info = {"model": loaded.name, "eval_data": source, "eval_seconds": time.perf_counter() - t0, **(extra or {})}
+    info = {"model": loaded.name, "eval_data": source, "prepend_bos": use_bos, "eval_seconds": time.perf_counter() - t0,
+            **(extra or {})}
     if out_dir == run_dir and "training" not in info and (run_dir / "timing.json").exists():
         info["training"] = json.loads((run_dir / "timing.json").read_text())  # keep the training timings
     summary = write_report(out_dir, metrics, extra=info, header=f"{loaded.name} on {source}")

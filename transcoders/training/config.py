@@ -58,6 +58,11 @@ class TrainConfig(BaseModel):
         default=1, ge=0,
         description="leading positions of every context left out of training and evaluation: position 0 is the "
                     "attention sink, whose MLP output can be 1000x any other (SmolLM2 layers 11 and 28)")
+    prepend_bos: bool | None = Field(
+        default=None,
+        description="start every context with the model's BOS token [default: as the model was trained: yes for Gemma "
+                    "and models whose tokenizer adds BOS itself (Llama 3), no for SmolLM2 and GPT-2; the run records "
+                    "the choice]")
     eval_fraction: float = Field(default=0.05, gt=0, lt=1, description="share of documents held out for evaluation")
     seed: int = Field(default=0, description="seed of the initialisation and the data shuffle")
     device: str = Field(default="auto", description="'auto' = cuda if available, else cpu")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 from ..coders.io import CONFIG, WEIGHTS
 from ..data.tokens import build_token_split
 from ..files import OutputExistsError, atomic_write_json, atomic_write_text, folder_lock
+from ..models.bos import bos_id_if, check_model, resolve_prepend_bos
 from ..models.loading import LoadedModel, canonical_model_name, load_model
 from .config import TrainConfig
 from .distributed import is_main
@@ -56,14 +59,16 @@ def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor, progress: 
     folder = Path(cfg.activation_cache)
     layers = list(range(adapter.n_layers)) if cfg.layers == "all" else sorted(set(cfg.layers))
     identity = {"model": cfg.model, "data": cfg.data, "ctx_len": cfg.ctx_len, "eval_fraction": cfg.eval_fraction,
-                "harvest_dtype": cfg.harvest_dtype, "dtype": cfg.cache_dtype, "skip_first_tokens": cfg.skip_first_tokens}
+                "harvest_dtype": cfg.harvest_dtype, "dtype": cfg.cache_dtype, "skip_first_tokens": cfg.skip_first_tokens,
+                "prepend_bos": bool(cfg.prepend_bos)}
     if not (folder / "meta.json").exists():
         stream = ActivationStream(adapter, train_tokens, layers, cfg.batch_size, seed=cfg.seed,
                                   block_contexts=cfg.block_contexts, model_batch=cfg.model_batch,
                                   skip_first=cfg.skip_first_tokens)
         build_cache(stream, folder, cfg.total_tokens, dtype=cfg.cache_dtype, meta=identity, progress=progress)
     cached = CachedStream(folder, cfg.batch_size, layers)
-    built = {**cached.meta, "model": canonical_model_name(str(cached.meta.get("model")))}  # caches of the old alias
+    # caches from before: the model's old alias, no BOS
+    built = {"prepend_bos": False, **cached.meta, "model": canonical_model_name(str(cached.meta.get("model")))}
     differs = {k: (built.get(k), v) for k, v in identity.items() if built.get(k) != v}
     if differs:
         raise ActivationCacheError(f"activation cache {folder} was built with other settings (cache, run): {differs}; "
@@ -121,13 +126,17 @@ def record_overrides(run_dir: Path, cfg: TrainConfig, changes: dict) -> None:
 
 def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
               overrides: dict | None = None, progress: bool = True, loaded: LoadedModel | None = None,
-              evaluate: bool = True, eval_tokens: int = 8192) -> dict:
+              evaluate: bool = True, eval_tokens: int = 8192, log: Callable[[str], None] | None = None) -> dict:
     """Train coders for ``cfg.layers`` and (optionally) evaluate them on held-out text.
 
     The run folder is locked for the whole run (a second run into it refuses), and a folder
     that already holds a run is refused unless ``resume`` or ``overwrite`` is set. A resumed
     run may change the settings in ``RESUME_OVERRIDABLE``: ``overrides`` (``{field: [saved,
     new]}``, see ``transcoders train --override``) are recorded in ``overrides.json``.
+
+    Before training, the model's clean loss on a little bundled text is measured with and
+    without BOS (:func:`~transcoders.models.bos.check_model`); ``log`` gets that line, and a
+    warning when the BOS policy looks wrong, as soon as they are known.
 
     Returns:
         ``{"run_dir", "timing": {harvest_s, train_s, tokens_per_s, ...}, "metrics"}``; the
@@ -146,11 +155,11 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, ov
         if resume and overrides and _rank0():
             record_overrides(run_dir, cfg, overrides)
         return _train_run(cfg, run_dir, resume=resume, progress=progress, loaded=loaded, evaluate=evaluate,
-                          eval_tokens=eval_tokens)
+                          eval_tokens=eval_tokens, log=log)
 
 
 def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, loaded: LoadedModel | None,
-               evaluate: bool, eval_tokens: int) -> dict:
+               evaluate: bool, eval_tokens: int, log: Callable[[str], None] | None) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     loaded = loaded or load_model(cfg.model, device=device)
@@ -159,8 +168,17 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
     if cfg.ctx_len > loaded.adapter.max_context:
         raise ValueError(f"--ctx-len {cfg.ctx_len} is longer than the model's context ({loaded.adapter.max_context} tokens): "
                          f"use --ctx-len {loaded.adapter.max_context} or less")
+    if resume and cfg.prepend_bos is None:
+        cfg = cfg.model_copy(update={"prepend_bos": False})  # a run from before the setting: no BOS
+    cfg = cfg.model_copy(update={"prepend_bos": resolve_prepend_bos(cfg.prepend_bos, loaded.adapter, loaded.tokenizer)})
+    check = check_model(loaded.model, loaded.tokenizer, bool(cfg.prepend_bos)) if is_main() else None
+    if check is not None and log is not None:
+        log(check.line())
+        if check.warning:
+            log(f"warning: {check.warning}")
     split = build_token_split(cfg.data, loaded.tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
-                              max_eval_tokens=max(eval_tokens, cfg.ctx_len))
+                              max_eval_tokens=max(eval_tokens, cfg.ctx_len),
+                              bos_id=bos_id_if(bool(cfg.prepend_bos), loaded.tokenizer))
     adapter = harvest_copy(loaded, cfg.harvest_dtype)
     t_setup = time.perf_counter() - t0
     stream, t_cache = None, 0.0
@@ -180,11 +198,12 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
         "coder_tokens_per_s": tokens / max(1e-9, trainer.timing["train_s"]),
     }
     atomic_write_json(run_dir / "timing.json", timing)
-    result = {"run_dir": str(run_dir), "timing": timing, "metrics": None}
+    result = {"run_dir": str(run_dir), "timing": timing, "metrics": None, "model_check": check}
     if evaluate and eval_tokens > 0:
         from ..evaluation.run import evaluate_run
 
         result["metrics"] = evaluate_run(
-            run_dir, loaded=loaded, eval_split=split.eval, progress=progress, extra={"training": timing}
+            run_dir, loaded=loaded, eval_split=split.eval, progress=progress,
+            extra={"training": timing, "model_check": dataclasses.asdict(check) if check else None},
         )
     return result
