@@ -66,8 +66,11 @@ class TrainConfig(BaseModel):
     eval_fraction: float = Field(default=0.05, gt=0, lt=1, description="share of documents held out for evaluation")
     seed: int = Field(default=0, description="seed of the initialisation and the data shuffle")
     device: str = Field(default="auto", description="'auto' = cuda if available, else cpu")
-    precision: Literal["bf16", "fp32"] = Field(default="bf16", description="autocast dtype of the coder's matmuls")
-    harvest_dtype: Literal["bfloat16", "float32"] = Field(default="bfloat16", description="dtype of the model when harvesting")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="autocast dtype of the coder's matmuls [auto: bf16 where the device runs it fast, "
+                                    "else fp32; the run records the choice]")
+    harvest_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        default="auto", description="dtype of the model when harvesting [auto: as --precision]")
     block_contexts: int = Field(default=64, gt=0, description="contexts shuffled together (shuffle buffer)")
     model_batch: int = Field(default=16, gt=0, description="contexts per forward pass of the model")
     shard_layers: bool = Field(
@@ -114,6 +117,18 @@ class TrainConfig(BaseModel):
         if len({s for s, _ in out}) != len(out):
             raise ValueError(f"sweep variants must differ: {self.sweep}")
         return out
+
+    def resolved(self, device: str = "cpu") -> TrainConfig:
+        """These settings with ``auto`` precisions made concrete for ``device`` (``"cpu"``,
+        ``"cuda"``): bf16 where :func:`~transcoders.hardware.bf16_is_fast`, else fp32."""
+        if self.precision != "auto" and self.harvest_dtype != "auto":
+            return self
+        from ..hardware import bf16_is_fast
+
+        fast = bf16_is_fast(device)
+        precision = self.precision if self.precision != "auto" else ("bf16" if fast else "fp32")
+        harvest = self.harvest_dtype if self.harvest_dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
+        return self.model_copy(update={"precision": precision, "harvest_dtype": harvest})
 
     @property
     def total_steps(self) -> int:

@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def harvest_copy(loaded: LoadedModel, dtype_name: str):
-    """The adapter to harvest with: the model itself, or a bfloat16 copy (2-4x faster on CPU)."""
+    """The adapter to harvest with: the model itself, or a bfloat16 copy (2-4x faster on CPUs with native bf16)."""
     from ..models.adapters import adapter_for
 
     if dtype_name == "float32":
@@ -171,6 +171,7 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
     if resume and cfg.prepend_bos is None:
         cfg = cfg.model_copy(update={"prepend_bos": False})  # a run from before the setting: no BOS
     cfg = cfg.model_copy(update={"prepend_bos": resolve_prepend_bos(cfg.prepend_bos, loaded.adapter, loaded.tokenizer)})
+    cfg = cfg.resolved(device.type)
     check = check_model(loaded.model, loaded.tokenizer, bool(cfg.prepend_bos)) if is_main() else None
     if check is not None and log is not None:
         log(check.line())

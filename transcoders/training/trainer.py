@@ -79,7 +79,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, adapter: ModelAdapter, train_tokens: torch.Tensor | None, run_dir: str | Path,
                  *, stream=None):
-        self.cfg = cfg
+        self.cfg = cfg = cfg.resolved(adapter.device.type)
         self.adapter = adapter
         self.run_dir = Path(run_dir)
         self.device = adapter.device
