@@ -56,7 +56,7 @@ def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: st
 
     loaded = load_model()
     coders = load_layer_coders(run_dir, loaded)
-    tokens = tokenize_prompt(loaded, prompt)  # BOS first, as circuit-tracer does
+    tokens = tokenize_prompt(loaded, prompt, bos=True)  # BOS first, as circuit-tracer does
     peak_load = _peak_rss_mib()
     reset = _reset_peak_rss()
     times = []
