@@ -184,3 +184,54 @@ def assert_one_line_error(result, *needles: str) -> str:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
 
+
+
+def save_random_transcoders(run, model_name: str, *, d_model: int = 32, d_sae: int = 64, k: int = 4, seed: int = 1):
+    """A run folder with a random top-k transcoder (small random biases) for each of the
+    ``N_LAYERS`` layers of a tiny model; returns the folder."""
+    from transcoders.coders.coder import SparseCoder
+    from transcoders.coders.config import CoderConfig
+    from transcoders.coders.io import save_coder
+
+    torch.manual_seed(seed)
+    for layer in range(N_LAYERS):
+        c = SparseCoder(CoderConfig(kind="transcoder", activation="topk", d_in=d_model, d_out=d_model, d_sae=d_sae, k=k,
+                                    layer=layer, model_name=model_name))
+        with torch.no_grad():
+            c.b_enc.normal_(0, 0.1)
+            c.b_dec.normal_(0, 0.1)
+        save_coder(c, run / f"layers.{layer}.mlp")
+    return run
+
+
+def write_texts(root, seed: int = 0) -> tuple:
+    """``train.jsonl`` (12 documents) and ``other.jsonl`` (4) of random sentences in ``root``."""
+    import random
+
+    from test_cli import _document
+
+    rng = random.Random(seed)
+    train, other = root / "train.jsonl", root / "other.jsonl"
+    train.write_text("\n".join(json.dumps({"text": _document(rng, 8)}) for _ in range(12)) + "\n")
+    other.write_text("\n".join(json.dumps({"text": _document(rng, 8)}) for _ in range(4)) + "\n")
+    return train, other
+
+
+def assert_injections_match_edges(rep, graph, nodes, rel: float = 1e-4) -> None:
+    """Removing each source node's write (a feature's decoder row times its activation, or an
+    error node's error) from the frozen model moves every target by exactly its edge weight."""
+    from transcoders.circuits.graph import FEATURE
+    from transcoders.circuits.interventions import frozen_target_values
+
+    base = frozen_target_values(rep, rep.forward(), graph.targets)
+    for node in nodes:
+        layer, pos = int(graph.layer[node]), int(graph.pos[node])
+        v = torch.zeros(rep.n_pos, rep.d_model, dtype=torch.float64)
+        if int(graph.kind[node]) == FEATURE:
+            v[pos] = graph.activation[node] * rep.coders[layer].W_dec[int(graph.feature[node])]
+        else:
+            v[pos] = rep.layers[layer].error[pos]
+        after = frozen_target_values(rep, rep.forward({layer: -v}), graph.targets)
+        for i, t in enumerate(graph.target_nodes.tolist()):
+            edge = float(graph.edge_weight[(graph.edge_dst == t) & (graph.edge_src == node)].sum())
+            assert abs(float(base[i] - after[i]) - edge) <= rel * max(abs(edge), 1e-3) + 1e-10, (node, i)

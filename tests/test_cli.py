@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import N_LAYERS, assert_one_line_error, build_tiny_tokenizer
+from conftest import N_LAYERS, assert_one_line_error, build_tiny_tokenizer, write_texts
 
 from transcoders.cli import main
 
@@ -61,11 +61,7 @@ def files(tmp_path_factory):
     training and another for evaluation."""
     root = tmp_path_factory.mktemp("cli")
     tok = build_tiny_tokenizer()
-    rng = random.Random(0)
-    train = root / "train.jsonl"
-    train.write_text("\n".join(json.dumps({"text": _document(rng, 8)}) for _ in range(12)) + "\n")
-    other = root / "other.jsonl"
-    other.write_text("\n".join(json.dumps({"text": _document(rng, 8)}) for _ in range(4)) + "\n")
+    train, other = write_texts(root)
     return {
         "model": _save_llama(root / "tiny-llama", tok),
         "wide_model": _save_llama(root / "tiny-llama-48", tok, hidden=48),

@@ -12,14 +12,11 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import N_LAYERS, assert_one_line_error, build_tiny_tokenizer
+from conftest import N_LAYERS, assert_one_line_error, build_tiny_tokenizer, save_random_transcoders
 
 from transcoders.circuits.export import load_graph, validate_graph_json
 from transcoders.circuits.graph import FEATURE, TARGET
 from transcoders.cli import main
-from transcoders.coders.coder import SparseCoder
-from transcoders.coders.config import CoderConfig
-from transcoders.coders.io import save_coder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,15 +45,7 @@ def files(tmp_path_factory, single_thread):
     hf.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
 
-    run = root / "run"
-    torch.manual_seed(1)
-    for layer in range(N_LAYERS):
-        c = SparseCoder(CoderConfig(kind="transcoder", activation="topk", d_in=D, d_out=D, d_sae=64, k=4, layer=layer,
-                                    model_name=str(model_dir)))
-        with torch.no_grad():
-            c.b_enc.normal_(0, 0.1)
-            c.b_dec.normal_(0, 0.1)
-        save_coder(c, run / f"layers.{layer}.mlp")
+    run = save_random_transcoders(root / "run", str(model_dir))
 
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():

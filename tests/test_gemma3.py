@@ -12,11 +12,11 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_injections_match_edges
 
 from transcoders.circuits import LocalReplacement, Target, attribute
 from transcoders.circuits.graph import BIAS, ERROR, FEATURE
 from transcoders.circuits.heads import split_edge_last
-from transcoders.circuits.interventions import frozen_target_values
 from transcoders.circuits.session import tokenize_prompt
 from transcoders.cli import main
 from transcoders.coders.coder import SparseCoder
@@ -109,21 +109,10 @@ def test_the_replacement_model_reproduces_gemma(graph):
 
 def test_injected_sources_change_targets_by_their_edges(graph):
     rep, g = graph
-    base = frozen_target_values(rep, rep.forward(), g.targets)
     rng = random.Random(0)
     feats = (g.kind == FEATURE).nonzero().flatten().tolist()
     errs = (g.kind == ERROR).nonzero().flatten().tolist()
-    for node in rng.sample(feats, 6) + rng.sample(errs, 3):
-        layer, pos = int(g.layer[node]), int(g.pos[node])
-        v = torch.zeros(rep.n_pos, rep.d_model, dtype=torch.float64)
-        if int(g.kind[node]) == FEATURE:
-            v[pos] = g.activation[node] * rep.coders[layer].W_dec[int(g.feature[node])]
-        else:
-            v[pos] = rep.layers[layer].error[pos]
-        after = frozen_target_values(rep, rep.forward({layer: -v}), g.targets)
-        for i, t in enumerate(g.target_nodes.tolist()):
-            edge = float(g.edge_weight[(g.edge_dst == t) & (g.edge_src == node)].sum())
-            assert abs(float(base[i] - after[i]) - edge) <= 1e-4 * max(abs(edge), 1e-3) + 1e-10
+    assert_injections_match_edges(rep, g, rng.sample(feats, 6) + rng.sample(errs, 3))
 
 
 def test_per_head_splits_sum_to_the_edge(graph):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import N_LAYERS, assert_one_line_error, build_tiny_tokenizer
-from test_cli import FAST, _document, _save_llama
+from conftest import assert_one_line_error, build_tiny_tokenizer, save_random_transcoders, write_texts
+from test_cli import FAST, _save_llama
 
 from transcoders.cli import main
 from transcoders.coders.coder import SparseCoder
@@ -42,24 +42,10 @@ def _cache(tmp_path, monkeypatch):
 def setup(tmp_path_factory, single_thread):
     """A tiny Llama folder, a training text, another text, and a run folder with a random
     transcoder for every layer (enough for ``trace`` and ``verify``)."""
-    import random
-
     root = tmp_path_factory.mktemp("safety")
-    tok = build_tiny_tokenizer()
-    rng = random.Random(0)
-    train = root / "train.jsonl"
-    train.write_text("\n".join(json.dumps({"text": _document(rng, 8)}) for _ in range(12)) + "\n")
-    other = root / "other.jsonl"
-    other.write_text("\n".join(json.dumps({"text": _document(rng, 8)}) for _ in range(4)) + "\n")
-    model = _save_llama(root / "tiny-llama", tok)
-    run = root / "circuit-run"
-    torch.manual_seed(1)
-    for layer in range(N_LAYERS):
-        c = SparseCoder(CoderConfig(kind="transcoder", activation="topk", d_in=D, d_out=D, d_sae=64, k=4, layer=layer,
-                                    model_name=str(model)))
-        with torch.no_grad():
-            c.b_enc.normal_(0, 0.1)
-        save_coder(c, run / f"layers.{layer}.mlp")
+    train, other = write_texts(root)
+    model = _save_llama(root / "tiny-llama", build_tiny_tokenizer())
+    run = save_random_transcoders(root / "circuit-run", str(model))
     return {"root": root, "model": model, "train": train, "other": other, "circuit_run": run}
 
 

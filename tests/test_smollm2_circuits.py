@@ -11,10 +11,11 @@ import random
 
 import pytest
 import torch
+from conftest import assert_injections_match_edges
 
 from transcoders.circuits import LocalReplacement, Target, attribute
 from transcoders.circuits.graph import ERROR, FEATURE
-from transcoders.circuits.interventions import FeatureEdit, ReplacementRunner, frozen_target_values, intervene_frozen
+from transcoders.circuits.interventions import FeatureEdit, ReplacementRunner, intervene_frozen
 from transcoders.circuits.verify import predicted_total_effects
 from transcoders.coders.coder import SparseCoder
 from transcoders.coders.config import CoderConfig
@@ -47,22 +48,10 @@ def test_replacement_reproduces_smollm2(setup):
 
 def test_injected_sources_change_targets_by_their_edges(setup):
     _, _, _, rep, graph = setup
-    base = frozen_target_values(rep, rep.forward(), graph.targets)
     rng = random.Random(0)
     feats = (graph.kind == FEATURE).nonzero().flatten().tolist()
     errs = (graph.kind == ERROR).nonzero().flatten().tolist()
-    for node in rng.sample(feats, 8) + rng.sample(errs, 4):
-        layer, pos = int(graph.layer[node]), int(graph.pos[node])
-        v = torch.zeros(rep.n_pos, rep.d_model, dtype=torch.float64)
-        if int(graph.kind[node]) == FEATURE:
-            v[pos] = graph.activation[node] * rep.coders[layer].W_dec[int(graph.feature[node])]
-        else:
-            v[pos] = rep.layers[layer].error[pos]
-        after = frozen_target_values(rep, rep.forward({layer: -v}), graph.targets)
-        for i, t in enumerate(graph.target_nodes.tolist()):
-            edge = float(graph.edge_weight[(graph.edge_dst == t) & (graph.edge_src == node)].sum())
-            measured = float(base[i] - after[i])
-            assert abs(measured - edge) <= 1e-4 * max(abs(edge), 1e-3) + 1e-10
+    assert_injections_match_edges(rep, graph, rng.sample(feats, 8) + rng.sample(errs, 4))
 
 
 def test_paths_predict_linearised_smollm2_and_noop_is_noop(setup):
