@@ -61,6 +61,14 @@ def trained(setup, tmp_path_factory):
     return run
 
 
+def trace_graph(setup, out: Path) -> Path:
+    """``trace`` of PROMPT with the random all-layer transcoders into ``out``."""
+    result = invoke("trace", setup["circuit_run"], "--model", setup["model"], "--prompt", PROMPT, "--out", out,
+                    "--max-feature-nodes", "8")
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
@@ -155,12 +163,16 @@ def test_train_refuses_a_folder_holding_a_run_and_changes_nothing(setup, trained
 def test_train_overwrite_replaces_the_run_but_not_other_files(setup, trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     (run / "notes.txt").write_text("mine")
+    (run / "layers.1.mlp" / "notes.md").write_text("my notes on these features")
+    theirs = save_coder(SparseCoder(CoderConfig(d_in=8, d_out=8, d_sae=16, k=2, layer=0)), run / "downloaded-coder")
     result = invoke(*train_args(setup, run, "-k", "8", "--overwrite", "--eval-tokens", "0"))
     assert result.exit_code == 0, result.output
     assert json.loads((run / "train_config.json").read_text())["k"] == 8
     assert load_coder(run / "layers.1.mlp").cfg.k == 8
     assert not (run / "metrics.json").exists()  # the old run's results went with it
     assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "layers.1.mlp" / "notes.md").read_text() == "my notes on these features"
+    assert load_coder(theirs).cfg.d_sae == 16  # a coder folder we did not write stays whole
 
 
 def test_resume_with_different_options_lists_them_and_override_records_them(trained, tmp_path):
@@ -209,10 +221,7 @@ def test_files_the_project_writes_get_the_users_umask(trained, setup, tmp_path):
         run = tmp_path / "run"
         result = invoke(*train_args(setup, run, "--eval-tokens", "32"))
         assert result.exit_code == 0, result.output
-        graph = tmp_path / "g.json"
-        result = invoke("trace", setup["circuit_run"], "--model", setup["model"], "--prompt", PROMPT, "--out", graph,
-                        "--max-feature-nodes", "8")
-        assert result.exit_code == 0, result.output
+        graph = trace_graph(setup, tmp_path / "g.json")
     finally:
         os.umask(old)
     written = [p for p in run.rglob("*") if p.is_file() and p.name != ".lock"] + [graph]
@@ -312,10 +321,7 @@ def test_trace_writes_into_the_run_folder_and_never_replaces_a_graph_without_for
 
 
 def test_verify_out_is_never_replaced_without_force(setup, tmp_path):
-    graph = tmp_path / "g.json"
-    result = invoke("trace", setup["circuit_run"], "--model", setup["model"], "--prompt", PROMPT, "--out", graph,
-                    "--max-feature-nodes", "8")
-    assert result.exit_code == 0, result.output
+    graph = trace_graph(setup, tmp_path / "g.json")
     report = tmp_path / "report.json"
     report.write_text("keep me")
     args = ["verify", graph, "--model", setup["model"], "--mean-tokens", "0", "--top-edges", "2", "--top-nodes", "1",
@@ -331,10 +337,7 @@ def test_verify_out_is_never_replaced_without_force(setup, tmp_path):
 
 
 def test_a_model_named_in_a_graph_is_not_loaded_unless_known_locally(setup, tmp_path, monkeypatch):
-    graph = tmp_path / "g.json"
-    result = invoke("trace", setup["circuit_run"], "--model", setup["model"], "--prompt", PROMPT, "--out", graph,
-                    "--max-feature-nodes", "8")
-    assert result.exit_code == 0, result.output
+    graph = trace_graph(setup, tmp_path / "g.json")
     data = json.loads(graph.read_text())
     data["transcoders"]["meta"]["model"] = "someone/remote-code-model"
     graph.write_text(json.dumps(data))
@@ -363,10 +366,7 @@ def test_a_model_named_in_a_coder_config_is_not_loaded_unless_known_locally(trai
 def test_verify_and_paths_refuse_a_graph_of_other_transcoders(setup, tmp_path):
     import shutil
 
-    graph = tmp_path / "g.json"
-    result = invoke("trace", setup["circuit_run"], "--model", setup["model"], "--prompt", PROMPT, "--out", graph,
-                    "--max-feature-nodes", "8")
-    assert result.exit_code == 0, result.output
+    graph = trace_graph(setup, tmp_path / "g.json")
     other = tmp_path / "other-run"
     shutil.copytree(setup["circuit_run"], other)
     coder = load_coder(other / "layers.2.mlp")

@@ -74,7 +74,7 @@ def prompt_bos_policy(loaded: LoadedModel, run_dir: str | Path, wanted: bool | N
     from ..evaluation.run import read_train_config
     from ..models.bos import check_run_policy, resolve_prepend_bos
 
-    recorded = read_train_config(run_dir) if (Path(run_dir) / "train_config.json").exists() else None
+    recorded = read_train_config(run_dir)
     policy = check_run_policy(None if recorded is None else bool(recorded.prepend_bos), wanted,
                               f"the transcoders in {run_dir}")
     return resolve_prepend_bos(policy, loaded.adapter, loaded.tokenizer)

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,7 +22,7 @@ from ..models.bos import bos_id_if, check_model, resolve_prepend_bos
 from ..models.loading import LoadedModel, canonical_model_name, load_model
 from .config import TrainConfig
 from .distributed import is_main
-from .trainer import Trainer
+from .trainer import STATS, Trainer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,15 +80,23 @@ RUN_FILES = ("train_config.json", "train_log.jsonl", "timing.json", "metrics.jso
              "overrides.json")
 
 
+def coder_folders(run_dir: Path) -> list[Path]:
+    """The coder folders of a run (``layers.N.mlp`` and its sweep variants), deepest first."""
+    hooks = [p for p in Path(run_dir).glob("layers.*.mlp") if p.is_dir() and re.fullmatch(r"layers\.\d+\.mlp", p.name)]
+    return [v for h in sorted(hooks) for v in sorted(h.iterdir()) if v.is_dir()] + sorted(hooks)
+
+
 def run_files(run_dir: Path) -> list[Path]:
-    """The files and coder folders a training run writes into ``run_dir`` that exist now
-    (never anything else the folder holds)."""
+    """The files a training run writes into ``run_dir`` that exist now: only those names, and
+    inside coder folders only a coder's own files (never a folder, never anything else)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
     found += sorted(run_dir.glob("checkpoint*.safetensors")) + sorted(run_dir.glob("train_log.rank*.jsonl"))
-    found += sorted({p.parent for p in run_dir.glob(f"*/{WEIGHTS}") if (p.parent / CONFIG).exists()})
+    for folder in coder_folders(run_dir):
+        if (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file():
+            found += [folder / name for name in (WEIGHTS, CONFIG, STATS) if (folder / name).is_file()]
     return found
 
 
@@ -98,7 +106,8 @@ def _rank0() -> bool:
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to train into a folder holding another run unless asked to resume or overwrite;
-    with ``overwrite``, remove that run's files (only those: see :func:`run_files`).
+    with ``overwrite``, remove that run's files (only those: see :func:`run_files`) and the coder
+    folders they leave empty.
 
     Raises:
         OutputExistsError: the folder holds a run and neither flag is given.
@@ -111,7 +120,10 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         raise OutputExistsError(f"{run_dir} already holds a training run ({names}); continue it with --resume {run_dir}, "
                                 "replace it with --overwrite, or choose another --run-dir.")
     for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path.unlink()
+    for folder in coder_folders(run_dir):  # folders left empty by that; anything else of the user's stays
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def record_overrides(run_dir: Path, cfg: TrainConfig, changes: dict) -> None:
