@@ -13,6 +13,7 @@ from . import __version__
 from .circuit_cli import CIRCUIT_COMMANDS
 from .cli_common import config_options, explicit_settings, quiet_progress, user_errors
 from .coders.formats import FORMATS
+from .features_cli import FEATURE_COMMANDS
 from .files import refuse_to_replace
 from .training.checkpoint import CheckpointError
 from .training.config import RESUME_OVERRIDABLE, TrainConfig
@@ -184,7 +185,7 @@ def demo(run_dir: Path, total_tokens: int, overwrite: bool, quiet: bool) -> None
     _print_report(train_run(cfg, run_dir, overwrite=overwrite, progress=not quiet, log=_log_line))
 
 
-for _command in CIRCUIT_COMMANDS:
+for _command in CIRCUIT_COMMANDS + FEATURE_COMMANDS:
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -1,0 +1,194 @@
+"""Feature commands: ``features`` (the pass that fills the store), ``feature`` (one feature's
+dashboard), ``explain`` (LLM explanations and scores), ``serve-llm`` (a local OpenAI-compatible
+endpoint) and ``export-features`` (circuit-tracer's frontend format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from .cli_common import config_options, quiet_progress, user_errors
+from .features.config import FeaturesConfig
+
+
+def _parse_feature(spec: str) -> tuple[int, int, str]:
+    """``L.F`` or ``L/VARIANT.F`` -> (layer, feature, variant)."""
+    head, _, feat = spec.rpartition(".")
+    layer, _, variant = head.partition("/")
+    try:
+        return int(layer), int(feat), variant
+    except ValueError:
+        raise ValueError(f"feature {spec!r} must read LAYER.FEATURE, e.g. 12.345") from None
+
+
+def _store(run_dir: Path, store_dir: Path | None):
+    from .features.store import FeatureStore
+
+    return FeatureStore(store_dir or run_dir / "features")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@config_options(FeaturesConfig)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="the store [default: RUN_DIR/features]")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@user_errors
+def features(run_dir, out, quiet, **settings):
+    """Run the model over text once and record every feature's statistics, examples, weight
+    tables and label in the feature store (it grows: run again with more --tokens or layers)."""
+    from .features.collect import collect_features
+
+    quiet_progress(quiet)
+    store = collect_features(run_dir, FeaturesConfig(**settings), out=out, progress=not quiet, log=click.echo)
+    for key in store.keys:
+        info = store.info(key)
+        labels = store.labels(key)["labels"]
+        click.echo(f"layer {key}: {info['n_tokens']:,} tokens, {len(labels):,} of {info['d_sae']:,} features fire "
+                   f"(labelled)")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("feature_spec", metavar="LAYER.FEATURE")
+@click.option("--store", "store_dir", type=click.Path(path_type=Path), default=None,
+              help="the feature store [default: RUN_DIR/features]")
+@click.option("--model", default=None, help="model, for --head and stores without weight tables")
+@click.option("-k", "k", default=8, show_default=True, help="entries per list")
+@click.option("--top", "n_top", default=8, show_default=True, help="top examples shown")
+@click.option("--head", "heads", multiple=True, help="ATTN_LAYER.HEAD: also de-embed through this head's OV circuit")
+@user_errors
+def feature(run_dir, feature_spec, store_dir, model, k, n_top, heads):
+    """One feature's dashboard: statistics, histogram, top and quantile examples (active tokens
+    marked [token|activation]), logit effects, de-embedding, pullback, OV heads, co-occurring
+    features, label and explanations. Without a store (`transcoders features` not run yet):
+    what the weights alone say."""
+    from .features.dashboard import render
+    from .features.interpret import read_explanations
+    from .features.store import MANIFEST
+
+    layer, index, variant = _parse_feature(feature_spec)
+    folder = store_dir or run_dir / "features"
+    if (folder / MANIFEST).exists():
+        from .coders.run_folder import CoderKey
+
+        store = _store(run_dir, store_dir)
+        rec = store.feature(layer, index, variant)
+        mine = [e for e in read_explanations(store, CoderKey(layer, variant)) if e["index"] == index]
+        click.echo(render(rec, n_top=n_top, explanations=mine, k=k))
+    else:
+        _weights_view(run_dir, layer, index, model, k, heads)
+        click.echo(f"(no feature store in {folder}: run `transcoders features {run_dir}` for examples and statistics)",
+                   err=True)
+        return
+    if heads:
+        _weights_view(run_dir, layer, index, model, k, heads, heads_only=True)
+
+
+def _weights_view(run_dir, layer, feat, model, k, heads, heads_only: bool = False) -> None:
+    """De-embedding, logit effects and pullback of one feature from weights alone."""
+    from .circuits import weights as W
+    from .coders.io import check_compatible, load_coder
+    from .coders.run_folder import CoderKey, find_coders
+    from .models.loading import load_model
+    from .models.trust import model_from_file
+
+    found = find_coders(Path(run_dir))
+    coders = {}
+    for wanted in {layer, layer - 1} - {-1}:
+        if CoderKey(wanted) in found:
+            coders[wanted] = load_coder(found[CoderKey(wanted)]).requires_grad_(False)
+    if layer not in coders:
+        raise ValueError(f"{run_dir} has no transcoder for layer {layer}")
+    loaded = load_model(model or model_from_file(coders[layer].cfg.model_name, f"the coders in {run_dir}"),
+                        dtype=torch.float32)
+    ad, tok = loaded.adapter, loaded.tokenizer
+    for c in coders.values():
+        check_compatible(c, ad.d_model, ad.n_layers)
+
+    def show(title, top):
+        click.echo(title)
+        for side, _, label, score in top.rows(tok):
+            click.echo(f"  {side} {label:<24} {score:+.4f}")
+
+    if not heads_only:
+        show(f"tokens that excite L{layer} f{feat} directly (de-embedding):", W.deembedding(ad, coders, layer, feat, k=k))
+    for spec in heads:
+        try:
+            a_layer, head = (int(x) for x in spec.split("."))
+        except ValueError:
+            raise ValueError(f"--head {spec!r} must read ATTN_LAYER.HEAD, e.g. 3.5") from None
+        show(f"tokens that excite L{layer} f{feat} through head {a_layer}.{head}'s OV circuit:",
+             W.head_deembedding(ad, coders, layer, feat, a_layer, head, k=k))
+    if heads_only:
+        return
+    show("logits it pushes up (+) and down (-) directly, per unit of activation:", W.logit_effects(ad, coders, layer, feat, k=k))
+    if layer - 1 in coders:
+        show(f"layer-{layer - 1} features that excite it directly (pullback, virtual weights):",
+             W.pullback(coders, layer, feat, layer - 1, ad, k=k))
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--layer", "layer_spec", required=True, help="LAYER or LAYER/VARIANT of the coder")
+@click.option("--features", "feature_list", default=None, help="comma-separated feature indices [default: --n random live ones]")
+@click.option("-n", "n", default=100, show_default=True, help="random live features to explain")
+@click.option("--seed", default=0, show_default=True, help="seed of the feature choice and the scoring examples")
+@click.option("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+              "(`transcoders serve-llm`); without it only the LLM-free labels are scored")
+@click.option("--model", "llm_model", default=None, help="the endpoint's model name [default: the server's first]")
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="environment variable holding the API key")
+@click.option("--requests-per-minute", type=float, default=None, help="rate limit")
+@click.option("--store", "store_dir", type=click.Path(path_type=Path), default=None, help="[default: RUN_DIR/features]")
+@user_errors
+def explain(run_dir, layer_spec, feature_list, n, seed, base_url, llm_model, api_key_env, requests_per_minute, store_dir):
+    """Explain features and score the explanations (detection, fuzzing, simulation), beside the
+    LLM-free labels scored the same way. Records go to the store's explanations.jsonl; an
+    interrupted batch resumes, and LLM replies are cached in the store (never paid twice)."""
+    from .features.interpret import interpret
+    from .features.store import parse_key
+
+    store = _store(run_dir, store_dir)
+    key = parse_key(layer_spec)
+    store.info(key)
+    if feature_list:
+        chosen = [int(x) for x in feature_list.split(",") if x.strip()]
+    else:
+        live = [int(i) for i in store.labels(key)["labels"]]
+        g = torch.Generator().manual_seed(seed)
+        chosen = sorted(live[i] for i in torch.randperm(len(live), generator=g)[:n].tolist())
+    client = None
+    if base_url:
+        from .features.llm import LLMClient
+
+        client = LLMClient(base_url, llm_model or _first_model(base_url), api_key_env=api_key_env,
+                           cache_dir=store.folder / "llm_cache", requests_per_minute=requests_per_minute)
+    records = interpret(store, key, chosen, client=client, explainer_name=client.model if client else "", seed=seed,
+                        log=click.echo)
+    click.echo(f"{len(records)} new records in {store.folder}")
+
+
+def _first_model(base_url: str) -> str:
+    import requests
+
+    try:
+        return requests.get(base_url.rstrip("/") + "/models", timeout=30).json()["data"][0]["id"]
+    except (requests.RequestException, ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"could not list the models of {base_url} ({exc}); pass --model") from None
+
+
+@click.command("serve-llm")
+@click.option("--model", default=None, help="the model to serve [default: SmolLM2-135M-Instruct, offline]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to listen on (loopback by default)")
+@click.option("--port", default=8000, show_default=True)
+@user_errors
+def serve_llm(model, host, port):
+    """Serve a local causal LM behind an OpenAI-compatible API (chat and completions, with
+    log-probs), for `transcoders explain --base-url http://HOST:PORT/v1`."""
+    from .features.server import serve
+
+    serve(model, host=host, port=port)
+
+
+FEATURE_COMMANDS = (features, feature, explain, serve_llm)
