@@ -34,7 +34,7 @@ MESSAGES = [{"role": "system", "content": "You explain features."},
             {"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
 
 
-def build_chat_model() -> LoadedModel:
+def build_chat_model(context: int = 256) -> LoadedModel:
     """A 2-layer random Llama over the tiny tokenizer's vocabulary, with a chat template. Its
     weights are larger than the default initialisation, so next-token distributions are peaked
     and greedy choices are not near-ties."""
@@ -44,7 +44,7 @@ def build_chat_model() -> LoadedModel:
     tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
     cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=48, vocab_size=len(tok), max_position_embeddings=256, initializer_range=0.3,
+                      intermediate_size=48, vocab_size=len(tok), max_position_embeddings=context, initializer_range=0.3,
                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
     return LoadedModel("tiny-chat-llama", model, tok, adapter_for(model))

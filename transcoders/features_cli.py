@@ -41,8 +41,10 @@ def features(run_dir, out, quiet, **settings):
     from .features.collect import collect_features
 
     quiet_progress(quiet)
+    from .training.distributed import is_main
+
     store = collect_features(run_dir, FeaturesConfig(**settings), out=out, progress=not quiet, log=click.echo)
-    for key in store.keys:
+    for key in store.keys if is_main() else ():
         info = store.info(key)
         labels = store.labels(key)["labels"]
         click.echo(f"layer {key}: {info['n_tokens']:,} tokens, {len(labels):,} of {info['d_sae']:,} features fire "
@@ -191,4 +193,25 @@ def serve_llm(model, host, port):
     serve(model, host=host, port=port)
 
 
-FEATURE_COMMANDS = (features, feature, explain, serve_llm)
+@click.command("export-features")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--layers", default=None, help="comma-separated layers [default: every layer in the store]")
+@click.option("--features", "feature_list", default=None, help="comma-separated feature indices [default: every live one]")
+@click.option("--scan", default=None, help="the graphs' metadata.scan [default: the model name, as `trace` writes it]")
+@click.option("--store", "store_dir", type=click.Path(path_type=Path), default=None, help="[default: RUN_DIR/features]")
+@click.option("--force", is_flag=True, help="replace feature files that exist")
+@user_errors
+def export_features(run_dir, out_dir, layers, feature_list, scan, store_dir, force):
+    """Write the store's features as circuit-tracer frontend feature files,
+    OUT_DIR/<scan>/<feature id>.json, so graphs from `trace` open with their examples."""
+    from .features.export import export_circuit_tracer
+
+    store = _store(run_dir, store_dir)
+    split = lambda v: None if v is None else [int(x) for x in v.split(",") if x.strip()]
+    paths = export_circuit_tracer(store, out_dir, layers=split(layers), features=split(feature_list), scan=scan,
+                                  force=force)
+    click.echo(f"wrote {len(paths):,} feature files under {out_dir}")
+
+
+FEATURE_COMMANDS = (features, feature, explain, serve_llm, export_features)

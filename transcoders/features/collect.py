@@ -83,7 +83,7 @@ def collect_features(run_dir: str | Path, cfg: FeaturesConfig | None = None, *, 
     from ..models.loading import load_model
     from ..models.trust import model_from_file
     from ..training.config import TrainConfig
-    from ..training.distributed import init_from_env, is_main
+    from ..training.distributed import barrier, init_from_env, is_main
 
     cfg = cfg or FeaturesConfig()
     run_dir = Path(run_dir)
@@ -165,6 +165,7 @@ def collect_features(run_dir: str | Path, cfg: FeaturesConfig | None = None, *, 
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
+    barrier()  # other ranks read the store once rank 0 has written it
     return FeatureStore(store_dir)
 
 

@@ -38,7 +38,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOP_LOGPROBS = 20  # the most OpenAI's API returns
 
 
-class LLMError(RuntimeError):
+class LLMError(OSError):
     """A request failed (after any retries) or its response is unusable; the message names the
     problem and the fix."""
 
