@@ -33,7 +33,7 @@ def tiny_run(tmp_path_factory):
     model_dir = _save_llama(root / "model", build_tiny_tokenizer())
     train, _ = write_texts(root)
     run = save_random_transcoders(root / "run", str(model_dir), d_sae=64, k=4)
-    cfg = TrainConfig(model=str(model_dir), data=str(train), ctx_len=CTX, skip_first_tokens=1, eval_fraction=0.25)
+    cfg = TrainConfig(model=str(model_dir), data=str(train), ctx_len=CTX, skip_first_tokens=1)
     (run / "train_config.json").write_text(cfg.model_dump_json())
     return run, model_dir
 
@@ -224,3 +224,23 @@ def test_accumulators_merge_exactly_in_any_split():
             assert torch.allclose(a[name], b[name], rtol=1e-12)
         else:
             assert torch.equal(a[name], b[name]), name
+
+
+def test_a_coder_in_another_format_gets_the_same_statistics(tiny_run, tmp_path):
+    """A sparsify-format copy of one layer's transcoder (read through the format readers) gets
+    the same record as that layer of the run."""
+    from transcoders.coders.formats import write_coder
+
+    run, model_dir = tiny_run
+    peer = write_coder(load_coder(run / "layers.1.mlp"), tmp_path / "peer" / "layers.1.mlp", "sparsify")
+    cfg = _settings(tokens=96)
+    ours = collect_features(run, cfg.model_copy(update={"layers": [1]}), out=tmp_path / "ours", progress=False, log=_quiet)
+    from transcoders.evaluation.run import read_train_config
+
+    same_text = {"model": str(model_dir), "data": read_train_config(run).data, "ctx_len": CTX}
+    theirs = collect_features(peer, cfg.model_copy(update=same_text), out=tmp_path / "theirs",
+                              progress=False, log=_quiet)
+    assert theirs.keys == ours.keys
+    for f in range(0, 64, 5):
+        a, b = ours.feature(1, f), theirs.feature(1, f)
+        assert a.hist == b.hist and [e.where for e in a.top] == [e.where for e in b.top]

@@ -97,7 +97,7 @@ def test_explain_through_a_real_local_server_scores_and_resumes(store_run):
         label = stored_label(fresh, key, r["index"])
         s = scoring_set(fresh, fresh.feature(2, r["index"]))
         words = {token_key(t) for t in label.tokens}
-        hit = lambda e: 1.0 if any(token_key(t) in words for t in e.tokens) else 0.0
+        hit = lambda e, w=words: 1.0 if any(token_key(t) in w for t in e.tokens) else 0.0
         preds = [hit(e) for e in s.activating] + [hit(e) for e in s.non_activating]
         truth = [1] * len(s.activating) + [0] * len(s.non_activating)
         want = balanced_accuracy(preds, truth)

@@ -24,9 +24,10 @@ def _parse_feature(spec: str) -> tuple[int, int, str]:
 
 
 def _store(run_dir: Path, store_dir: Path | None):
+    from .features.collect import default_store
     from .features.store import FeatureStore
 
-    return FeatureStore(store_dir or run_dir / "features")
+    return FeatureStore(store_dir or default_store(run_dir))
 
 
 @click.command()
@@ -71,7 +72,9 @@ def feature(run_dir, feature_spec, store_dir, model, k, n_top, heads):
     from .features.store import MANIFEST
 
     layer, index, variant = _parse_feature(feature_spec)
-    folder = store_dir or run_dir / "features"
+    from .features.collect import default_store
+
+    folder = store_dir or default_store(run_dir)
     if (folder / MANIFEST).exists():
         from .coders.run_folder import CoderKey
 
@@ -142,9 +145,15 @@ def _weights_view(run_dir, layer, feat, model, k, heads, heads_only: bool = Fals
 @click.option("--model", "llm_model", default=None, help="the endpoint's model name [default: the server's first]")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="environment variable holding the API key")
 @click.option("--requests-per-minute", type=float, default=None, help="rate limit")
+@click.option("--n-activating", default=10, show_default=True, help="held-out activating examples per score")
+@click.option("--n-non-activating", default=10, show_default=True, help="non-activating examples per score "
+              "(half near misses, half random)")
+@click.option("--judge-labels/--no-judge-labels", default=True, show_default=True,
+              help="also score the LLM-free labels with the LLM judge")
 @click.option("--store", "store_dir", type=click.Path(path_type=Path), default=None, help="[default: RUN_DIR/features]")
 @user_errors
-def explain(run_dir, layer_spec, feature_list, n, seed, base_url, llm_model, api_key_env, requests_per_minute, store_dir):
+def explain(run_dir, layer_spec, feature_list, n, seed, base_url, llm_model, api_key_env, requests_per_minute,
+            n_activating, n_non_activating, judge_labels, store_dir):
     """Explain features and score the explanations (detection, fuzzing, simulation), beside the
     LLM-free labels scored the same way. Records go to the store's explanations.jsonl; an
     interrupted batch resumes, and LLM replies are cached in the store (never paid twice)."""
@@ -167,6 +176,7 @@ def explain(run_dir, layer_spec, feature_list, n, seed, base_url, llm_model, api
         client = LLMClient(base_url, llm_model or _first_model(base_url), api_key_env=api_key_env,
                            cache_dir=store.folder / "llm_cache", requests_per_minute=requests_per_minute)
     records = interpret(store, key, chosen, client=client, explainer_name=client.model if client else "", seed=seed,
+                        n_activating=n_activating, n_non_activating=n_non_activating, judge_labels=judge_labels,
                         log=click.echo)
     click.echo(f"{len(records)} new records in {store.folder}")
 

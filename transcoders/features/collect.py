@@ -32,6 +32,35 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_run_coders(path: Path) -> dict[CoderKey, SparseCoder]:
+    """The coders of a run folder of ours, or of a coder in another format this project reads
+    (sparsify, SAELens, circuit-tracer, Dunefsky et al.: :func:`~transcoders.coders.formats.read_coder`).
+
+    Raises:
+        CoderFileError: nothing there is a coder; a coder that names no layer.
+    """
+    from ..coders.formats import read_coder
+    from ..coders.io import CoderFileError
+
+    try:
+        return {key: load_coder(folder).requires_grad_(False) for key, folder in find_coders(path).items()}
+    except CoderFileError as ours:
+        try:
+            read = read_coder(path)
+        except (ValueError, OSError):
+            raise ours from None
+    coders = read if isinstance(read, dict) else {read.cfg.layer: read}
+    if None in coders:
+        raise CoderFileError(f"the coder at {path} names no layer; convert it with `transcoders convert --to transcoders` "
+                             "into a folder layers.N.mlp of a run")
+    return {CoderKey(int(layer)): c.requires_grad_(False) for layer, c in coders.items()}
+
+
+def default_store(path: Path) -> Path:
+    """Where a store goes by default: ``RUN/features`` (``FILE.features`` beside a coder file)."""
+    return path / "features" if path.is_dir() else path.with_name(path.name + ".features")
+
+
 def pass_tokens(loaded: LoadedModel, train_cfg, cfg: FeaturesConfig, bos_id: int | None) -> tuple[torch.Tensor, str]:
     """All contexts of the chosen split in the pass order ``[n_ctx, ctx_len]``, and a description
     of the text. The order is a seeded permutation, so any prefix is a uniform sample."""
@@ -39,7 +68,7 @@ def pass_tokens(loaded: LoadedModel, train_cfg, cfg: FeaturesConfig, bos_id: int
     from ..data.tokens import build_token_split
 
     data = cfg.data if cfg.data is not None else train_cfg.data
-    split = build_token_split(data, loaded.tokenizer, train_cfg.ctx_len, eval_fraction=train_cfg.eval_fraction,
+    split = build_token_split(data, loaded.tokenizer, cfg.ctx_len or train_cfg.ctx_len, eval_fraction=train_cfg.eval_fraction,
                               bos_id=bos_id)
     tokens = split.train if cfg.split == "train" else split.eval
     order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
@@ -87,15 +116,14 @@ def collect_features(run_dir: str | Path, cfg: FeaturesConfig | None = None, *, 
 
     cfg = cfg or FeaturesConfig()
     run_dir = Path(run_dir)
-    found = find_coders(run_dir)
+    coders = load_run_coders(run_dir)
     if cfg.layers not in (None, "all"):
         wanted = set(cfg.layers)
-        found = {k: v for k, v in found.items() if k.layer in wanted}
-        if not found:
+        coders = {k: v for k, v in coders.items() if k.layer in wanted}
+        if not coders:
             raise FeatureStoreError(f"{run_dir} has no coders for layers {sorted(wanted)}")
-    coders = {key: load_coder(folder).requires_grad_(False) for key, folder in found.items()}
     recorded = read_train_config(run_dir)
-    train_cfg = recorded or TrainConfig(skip_first_tokens=0)
+    train_cfg = recorded or TrainConfig()  # coders from elsewhere: the sink position is left out all the same
     device = _device(cfg.device)
     dtype_name = cfg.harvest_dtype
     if dtype_name == "auto":
@@ -111,7 +139,7 @@ def collect_features(run_dir: str | Path, cfg: FeaturesConfig | None = None, *, 
     use_bos = resolve_prepend_bos(check_run_policy(None if recorded is None else bool(recorded.prepend_bos), None,
                                                    f"the run {run_dir}"), ad, loaded.tokenizer)
     skip_first = max(train_cfg.skip_first_tokens, 1 if use_bos else 0)
-    store_dir = Path(out) if out is not None else run_dir / "features"
+    store_dir = Path(out) if out is not None else default_store(run_dir)
 
     rank, world = init_from_env(ad.device)
     t0 = time.perf_counter()

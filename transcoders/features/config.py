@@ -18,6 +18,7 @@ class FeaturesConfig(BaseModel):
     data: str | None = Field(default=None, description="text source [default: the run's training text]")
     split: Literal["train", "eval"] = Field(default="train", description="which side of the run's document split to read")
     tokens: int = Field(default=1_000_000, gt=0, description="tokens the store covers in all (it grows to this)")
+    ctx_len: int | None = Field(default=None, gt=1, description="tokens per context [default: the run's, else 256]")
     layers: list[int] | Literal["all"] | None = Field(
         default=None, description="comma-separated layers, or all [default: every coder of the run]")
     model: str | None = Field(default=None, description="model [default: the coders' model, if known locally]")

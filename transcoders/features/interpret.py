@@ -92,14 +92,15 @@ def done_records(path: os.PathLike) -> set[tuple[int, str, str]]:
 
 
 def interpret(store: FeatureStore, key: CoderKey, features: Iterable[int], *, client=None, explainer_name: str = "",
-              rule_scores: bool = True, seed: int = 0, n_shown: int = 10, n_activating: int = 10,
+              rule_scores: bool = True, judge_labels: bool = True, seed: int = 0, n_shown: int = 10, n_activating: int = 10,
               n_non_activating: int = 10, log: Callable[[str], None] | None = None) -> list[dict]:
     """Explain and score ``features`` of one coder; append each record to ``explanations.jsonl``
     and return the new ones.
 
     Records: the LLM-free label scored by the rule judge (``rule_scores``; no LLM needed), and,
     with ``client`` (an :class:`~.llm.LLMClient`): the label scored by the LLM judge, and the
-    LLM's own explanation scored by the LLM judge. Records already in the file are skipped.
+    LLM's own explanation scored by the LLM judge (``judge_labels=False``: the LLM judges only
+    its own explanations). Records already in the file are skipped.
 
     Raises:
         FeatureStoreError: the store lacks the coder or a feature. LLMError: the endpoint fails.
@@ -120,12 +121,13 @@ def interpret(store: FeatureStore, key: CoderKey, features: Iterable[int], *, cl
         if label is not None and rule_scores:
             todo.append((LABEL_EXPLAINER, "rule", lambda lab=label: lab.text, RuleJudge(label)))
         if llm_judge is not None:
-            if label is not None:
+            if label is not None and judge_labels:
                 todo.append((LABEL_EXPLAINER, judge_name, lambda lab=label: lab.text, llm_judge))
             from .explain import explain
 
-            promoted = [t for t, _ in rec.logit_top[:5]]
-            todo.append((judge_name, judge_name, lambda shown=s.shown, p=promoted: explain(client, shown, p), llm_judge))
+            # the explainer reads activating examples only: a small model given promoted tokens too
+            # tends to repeat them (SmolLM2-135M did) instead of describing what the feature fires on
+            todo.append((judge_name, judge_name, lambda shown=s.shown: explain(client, shown), llm_judge))
         for explainer, jname, text_fn, judge in todo:
             if (index, explainer, jname) in done:
                 continue
