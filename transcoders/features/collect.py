@@ -53,7 +53,7 @@ def load_run_coders(path: Path) -> dict[CoderKey, SparseCoder]:
     if None in coders:
         raise CoderFileError(f"the coder at {path} names no layer; convert it with `transcoders convert --to transcoders` "
                              "into a folder layers.N.mlp of a run")
-    return {CoderKey(int(layer)): c.requires_grad_(False) for layer, c in coders.items()}
+    return {CoderKey(int(layer or 0)): c.requires_grad_(False) for layer, c in coders.items()}  # None refused above
 
 
 def default_store(path: Path) -> Path:

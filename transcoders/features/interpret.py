@@ -120,14 +120,14 @@ def interpret(store: FeatureStore, key: CoderKey, features: Iterable[int], *, cl
         todo: list[tuple[str, str, Callable[[], str], object]] = []
         if label is not None and rule_scores:
             todo.append((LABEL_EXPLAINER, "rule", lambda lab=label: lab.text, RuleJudge(label)))
-        if llm_judge is not None:
+        if client is not None and llm_judge is not None:
             if label is not None and judge_labels:
                 todo.append((LABEL_EXPLAINER, judge_name, lambda lab=label: lab.text, llm_judge))
             from .explain import explain
 
             # the explainer reads activating examples only: a small model given promoted tokens too
             # tends to repeat them (SmolLM2-135M did) instead of describing what the feature fires on
-            todo.append((judge_name, judge_name, lambda shown=s.shown: explain(client, shown), llm_judge))
+            todo.append((judge_name, judge_name, lambda shown=s.shown, c=client: explain(c, shown), llm_judge))
         for explainer, jname, text_fn, judge in todo:
             if (index, explainer, jname) in done:
                 continue

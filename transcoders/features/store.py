@@ -29,6 +29,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -315,7 +316,7 @@ class FeatureStore:
     def __init__(self, folder: str | Path, *, manifest: dict | None = None):
         self.folder = Path(folder)
         self.manifest = manifest if manifest is not None else read_manifest(self.folder)
-        self._handles: dict[tuple[CoderKey, str], object] = {}
+        self._handles: dict[tuple[CoderKey, str], Any] = {}
         self._names: dict[tuple[CoderKey, str], set[str]] = {}
         self._vocab: list[str] | None = None
         self._tokens = None
@@ -339,7 +340,7 @@ class FeatureStore:
     @property
     def vocab(self) -> list[str]:
         if self._vocab is None:
-            self._vocab = json.loads((self.folder / VOCAB).read_text())
+            self._vocab = list(json.loads((self.folder / VOCAB).read_text()))
         return self._vocab
 
     def token_text(self, ids) -> list[str]:

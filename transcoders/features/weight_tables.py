@@ -58,8 +58,9 @@ def weight_tables(adapter: ModelAdapter, coders: Mapping[int, SparseCoder], laye
     read = encoder_directions(own, layer, adapter, dtype=torch.float32, device=device)  # [d_sae, d_model]
     out: dict[str, list[torch.Tensor]] = {}
 
-    def add(name: str, t: torch.Tensor) -> None:
-        out.setdefault(name, []).append(t.cpu())
+    def add(**named: torch.Tensor) -> None:
+        for name, t in named.items():
+            out.setdefault(name, []).append(t.cpu())
 
     W_E = adapter.embedding_matrix().float()
     W_U = adapter.unembed()[0].float() if coder.cfg.kind != "sae" else None
@@ -73,21 +74,21 @@ def weight_tables(adapter: ModelAdapter, coders: Mapping[int, SparseCoder], laye
     for lo in range(0, d_sae, CHUNK):
         r = read[lo: lo + CHUNK]
         ti, tv, _, _ = _top_both(r @ W_E.T, k)
-        add("deemb_top_ids", ti), add("deemb_top_scores", tv)
+        add(deemb_top_ids=ti, deemb_top_scores=tv)
         if W_U is not None:
             w = norm_write(dec[lo: lo + CHUNK], adapter.final_norm())
             ti, tv, bi, bv = _top_both(w @ W_U, k)
-            add("logit_top_ids", ti), add("logit_top_scores", tv), add("logit_bottom_ids", bi), add("logit_bottom_scores", bv)
+            add(logit_top_ids=ti, logit_top_scores=tv, logit_bottom_ids=bi, logit_bottom_scores=bv)
         if prev_dec is not None:
             vw = r @ prev_dec.T  # [chunk, d_sae_prev]
             top = vw.abs().topk(min(k, vw.shape[1]), dim=1).indices
-            add("pullback_ids", top), add("pullback_scores", vw.gather(1, top))
+            add(pullback_ids=top, pullback_scores=vw.gather(1, top))
         if heads:
             norms = torch.stack([head_read_direction(adapter, r, a, h).norm(dim=-1) for a, h in heads], 1)
             top = norms.topk(min(n_heads, len(heads)), dim=1)
-            add("ov_heads", torch.tensor(heads)[top.indices.cpu()]), add("ov_scores", top.values)
+            add(ov_heads=torch.tensor(heads)[top.indices.cpu()], ov_scores=top.values)
         cos = dec_unit[lo: lo + CHUNK] @ dec_unit.T
         cos[torch.arange(cos.shape[0]), torch.arange(lo, lo + cos.shape[0])] = -2.0  # not itself
         top = cos.topk(min(n_neighbours, d_sae - 1), dim=1)
-        add("neighbour_ids", top.indices), add("neighbour_cos", top.values)
+        add(neighbour_ids=top.indices, neighbour_cos=top.values)
     return {name: torch.cat(parts).contiguous() for name, parts in out.items()}
