@@ -11,7 +11,7 @@ from conftest import build_tiny_tokenizer, save_random_transcoders, write_texts
 from test_cli import _save_llama
 
 from transcoders.coders.io import load_coder
-from transcoders.features.accumulate import HIST_EDGES, N_BINS, LayerAccumulator, event_hash, pair_counts
+from transcoders.features.accumulate import HIST_EDGES, N_BINS, LayerAccumulator, cooccurrence, event_hash
 from transcoders.features.collect import collect_features, pass_tokens
 from transcoders.features.config import FeaturesConfig
 from transcoders.features.store import FeatureStore, FeatureStoreError
@@ -39,7 +39,7 @@ def tiny_run(tmp_path_factory):
 
 
 def _settings(**kw) -> FeaturesConfig:
-    base = dict(tokens=100_000, top_k=5, n_samples=2400, before=3, after=2, random_every=2, model_batch=3,
+    base = dict(tokens=100_000, top_k=5, n_samples=4000, before=3, after=2, random_every=2, model_batch=3,
                 harvest_dtype="float32", device="cpu")
     return FeaturesConfig(**(base | kw))
 
@@ -177,23 +177,20 @@ def test_store_refuses_other_settings_and_changed_coders(tiny_run, tmp_path):
     assert json.loads(before)["coders"]["0"]["n_contexts"] >= 4
 
 
-def test_pair_counts_match_brute_force():
+def test_cooccurrence_counts_match_brute_force():
+    """Counts of tokens where two features both fire, with 1 to 40 active features per token."""
     gen = torch.Generator().manual_seed(0)
-    tok = torch.sort(torch.randint(0, 20, (200,), generator=gen)).values
-    feat = torch.randint(0, 12, (200,), generator=gen)
-    # distinct features per token, as from a coder
-    keep = torch.ones(200, dtype=torch.bool)
-    seen = set()
-    for i, (t, f) in enumerate(zip(tok.tolist(), feat.tolist())):
-        keep[i] = (t, f) not in seen
-        seen.add((t, f))
-    tok, feat = tok[keep], feat[keep]
-    a, b = pair_counts(tok, feat)
-    got = torch.zeros(12, 12, dtype=torch.long)
-    got.index_put_((a, b), torch.ones_like(a), accumulate=True)
-    dense = torch.zeros(20, 12)
-    dense[tok, feat] = 1
-    assert torch.equal(got, (dense.T @ dense).long())
+    n, d = 50, 40
+    active = (torch.rand(n, d, generator=gen) < torch.rand(n, 1, generator=gen)).float()
+    row, feat = active.nonzero(as_tuple=True)
+    got = cooccurrence(feat, row, active)
+    brute = torch.zeros(d, d)
+    for t in range(n):
+        on = active[t].nonzero().flatten().tolist()
+        for i in on:
+            for j in on:
+                brute[i, j] += 1
+    assert torch.equal(got, brute)
 
 
 def test_accumulators_merge_exactly_in_any_split():

@@ -148,3 +148,29 @@ def test_torchrun_two_processes_equal_one(tiny_run, tmp_path):  # noqa: F811
                 assert torch.allclose(ta[name], tb[name], rtol=1e-6, equal_nan=True), name
             else:
                 assert torch.equal(ta[name], tb[name]), name
+
+
+@pytest.mark.slow
+def test_smollm2_explains_and_judges_through_the_local_server(store_run, single_thread):
+    """The default model behind our OpenAI-compatible server explains a feature and judges the
+    explanation: real text comes back and every score is a number in range (or undefined)."""
+    from transcoders.features.interpret import interpret
+    from transcoders.features.llm import LLMClient
+    from transcoders.features.server import running_server
+    from transcoders.models.loading import load_model
+
+    _, _, out = store_run
+    store = FeatureStore(out)
+    key = store.keys[0]
+    live = int((store.tensor(key, ACTS, "count") > 0).nonzero()[0])
+    lm = load_model()
+    with running_server(lm) as url:
+        client = LLMClient(url, lm.name)
+        records = interpret(store, key, [live], client=client, explainer_name=lm.name, rule_scores=False,
+                            n_activating=3, n_non_activating=3)
+    mine = [r for r in records if r["explainer"] == lm.name]
+    assert len(mine) == 1 and mine[0]["text"].strip()
+    for r in records:
+        assert r["judge"] == lm.name
+        for name in ("detection", "detection_auroc", "fuzzing", "fuzzing_auroc"):
+            assert r["scores"][name] is None or 0.0 <= r["scores"][name] <= 1.0

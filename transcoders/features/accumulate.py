@@ -125,21 +125,15 @@ class TopPerFeature:
         return new
 
 
-def pair_counts(token_of: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices ``i * d_sae + j`` of every ordered pair of features active on the same token
-    (``i == j`` included), for events ``(token_of, feat)`` sorted by token: ``sum_t n_t^2``
-    pairs, whatever the number of active features per token (TopK or JumpReLU)."""
-    if feat.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty
-    _, n_per_tok = torch.unique_consecutive(token_of, return_counts=True)
-    starts = torch.cumsum(n_per_tok, 0) - n_per_tok
-    tok_rank = torch.repeat_interleave(torch.arange(n_per_tok.numel()), n_per_tok)
-    rep = n_per_tok[tok_rank]  # per event: how many partners (itself included)
-    first = feat.repeat_interleave(rep)
-    offset_in_group = torch.arange(int(rep.sum())) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
-    second = feat[starts[tok_rank].repeat_interleave(rep) + offset_in_group]
-    return first, second
+def cooccurrence(feat: torch.Tensor, row: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``[d_sae, d_sae]`` counts of tokens on which both features fire, for one batch: ``A^T A``
+    with ``A [n_rows, d_sae]`` the 0/1 matrix ``active``, taken as a sparse ``A^T`` (events
+    ``(feat, row)``) times the dense ``A``: ``nnz x d_sae`` multiply-adds whatever the number of
+    active features per token, exact in float32 for batches under 2^24 tokens."""
+    d = active.shape[1]
+    At = torch.sparse_coo_tensor(torch.stack([feat, row]), torch.ones(feat.numel()), (d, active.shape[0]),
+                                 is_coalesced=False, check_invariants=False)
+    return torch.sparse.mm(At, active)
 
 
 @dataclass
@@ -213,11 +207,12 @@ class LayerAccumulator:
         bins = (torch.bucketize(val.double(), HIST_EDGES[1:-1])).clamp_(0, N_BINS - 1)
         self.hist.index_add_(0, feat * N_BINS + bins, torch.ones_like(bins))
         tok = ev.ctx * self.ctx_len + ev.pos
-        first, second = pair_counts(tok, feat)
-        self.cooc.index_add_(0, first * self.d_sae + second, torch.ones(first.numel(), dtype=torch.int32))
-
         row_lookup = torch.full((int(ev.contexts.max()) + 1,), -1, dtype=torch.int64)
         row_lookup[ev.contexts] = torch.arange(ev.contexts.numel())
+        T = ev.dense.shape[1]
+        active = (ev.dense.reshape(-1, self.d_sae) > 0).float()
+        self.cooc += cooccurrence(feat, row_lookup[ev.ctx] * T + ev.pos, active).view(-1).to(torch.int32)
+        del active
 
         def windows(i: torch.Tensor) -> torch.Tensor:
             b = row_lookup[ev.ctx[i]]
