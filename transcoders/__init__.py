@@ -1,11 +1,12 @@
 """Transcoders, skip transcoders and SAEs for transformer language models: training, splicing,
-attribution graphs, paths and interventions.
+attribution graphs, paths and interventions, and feature dashboards, labels and scored explanations.
 
 The names a user imports first are available here, imported lazily (``import transcoders`` does
 not import torch or transformers)::
 
     from transcoders import load_model, load_coder, splice_mlps, coder_replacement
     from transcoders import LocalReplacement, attribute, top_logit_targets, prune, top_paths, format_path
+    from transcoders import collect_features, FeaturesConfig, FeatureStore
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ if TYPE_CHECKING:  # what static analysers and IDEs see; at run time __getattr__
     from .coders.coder import SparseCoder
     from .coders.io import load_coder, save_coder
     from .evaluation.splice import coder_replacement, splice_mlps
+    from .features.collect import collect_features
+    from .features.config import FeaturesConfig
+    from .features.store import FeatureStore
     from .models.loading import DEFAULT_MODEL, load_model
 
 try:
@@ -50,10 +54,14 @@ _LAZY: dict[str, str] = {
     "format_path": ".circuits.paths",
     "load_graph": ".circuits.export",
     "save_graph": ".circuits.export",
+    "collect_features": ".features.collect",
+    "FeaturesConfig": ".features.config",
+    "FeatureStore": ".features.store",
 }
 
 __all__ = [
-    "DEFAULT_MODEL", "LocalReplacement", "SparseCoder", "Target", "__version__", "attribute", "coder_replacement",
+    "DEFAULT_MODEL", "FeatureStore", "FeaturesConfig", "LocalReplacement", "SparseCoder", "Target", "__version__",
+    "attribute", "coder_replacement", "collect_features",
     "format_path", "load_coder", "load_graph", "load_model", "parse_target", "prune", "save_coder", "save_graph",
     "splice_mlps", "top_logit_targets", "top_paths",
 ]
