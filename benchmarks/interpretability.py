@@ -1,7 +1,7 @@
 """Are transcoders more interpretable than SAEs? (Paulo, Shabalin & Belrose 2025; Dunefsky et al. 2024.)
 
 Trains (or takes) an SAE, a transcoder and a skip transcoder on the same layer, the same tokens
-(one activation stream: a `--sweep` over `kind`) and the same k, runs the features pass of all
+(one activation stream: a `--sweep` over `kind`) and the same k, evaluates them on 4,096 held-out tokens, runs the features pass of all
 three on the same held-out text, and compares explanation scores of random live features:
 the LLM-free labels scored by the rule judge for `--n` features each, and, with `--base-url`
 (an OpenAI-compatible endpoint, e.g. `transcoders serve-llm`), LLM explanations and LLM-judged
@@ -33,7 +33,7 @@ KINDS = ("transcoder", "skip_transcoder", "sae")
 def train(run: Path, layer: int, tokens: int) -> None:
     sweep = json.dumps([{"kind": k} for k in KINDS])
     cmd = [str(ROOT / ".venv/bin/transcoders"), "train", "--layers", str(layer), "--total-tokens", str(tokens),
-           "--sweep", sweep, "--run-dir", str(run), "--quiet"]
+           "--sweep", sweep, "--run-dir", str(run), "--eval-tokens", "4096", "--quiet"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
