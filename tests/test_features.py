@@ -206,7 +206,7 @@ def test_accumulators_merge_exactly_in_any_split():
         b, p, f = block.nonzero(as_tuple=True)
         acc.add(BatchEvents(ctx[b], p, f, block[b, p, f], block, ctx), n_tokens=len(rows) * T)
 
-    kw = dict(top_k=3, n_samples=4, before=2, after=1, random_every=2)
+    kw = dict(top_k=3, n_samples=4, before=2, after=1, random_every=1, max_random_windows=4)
     whole = LayerAccumulator(d, T, **kw)
     for rows in ([0, 1, 2], [3, 4, 5], [6, 7, 8]):
         feed(whole, rows)
@@ -216,6 +216,7 @@ def test_accumulators_merge_exactly_in_any_split():
     merged.merge(parts[0])
     merged.merge(LayerAccumulator.from_state(parts[1].state()))
     a, b = whole.state(), merged.state()
+    assert a["rand_ctx"].numel() == 4  # 9 windows offered, the 4 of smallest hash kept
     for name in a:
         if name == "sum":
             assert torch.allclose(a[name], b[name], rtol=1e-12)

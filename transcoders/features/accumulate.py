@@ -163,13 +163,16 @@ class LayerAccumulator:
         top_k: top examples kept per feature. n_samples: random activating examples per feature.
         before, after: tokens kept before and after the centre token in every window.
         random_every: one random window in every ``random_every`` contexts (chosen by hash).
+        max_random_windows: the random windows kept at most: those whose context has the smallest
+            hash (a bottom-k sample, so merging stays exact and memory stays bounded).
         seed: seed of the sample and random-window hashes.
     """
 
     def __init__(self, d_sae: int, ctx_len: int, *, top_k: int = 20, n_samples: int = 60, before: int = 16,
-                 after: int = 4, random_every: int = 4, seed: int = 0):
+                 after: int = 4, random_every: int = 4, max_random_windows: int = 4096, seed: int = 0):
         self.d_sae, self.ctx_len, self.seed = d_sae, ctx_len, seed
         self.before, self.after, self.random_every = before, after, random_every
+        self.max_random_windows = max_random_windows
         w = before + 1 + after
         self.top = TopPerFeature(d_sae, top_k, w)
         self.sample = TopPerFeature(d_sae, n_samples, w)
@@ -225,9 +228,23 @@ class LayerAccumulator:
         self.sample.update(feat, event_hash(tok, feat, self.seed), tok, val, windows)
         self._add_random_windows(ev)
 
+    def _window_hash(self, contexts: torch.Tensor) -> torch.Tensor:
+        return event_hash(contexts, torch.full_like(contexts, -1), self.seed + 1)
+
+    def _cap_random_windows(self) -> None:
+        """Keep the ``max_random_windows`` windows of smallest context hash."""
+        if len(self.rand_ctx) <= self.max_random_windows:
+            return
+        ctx, start = torch.cat(self.rand_ctx), torch.cat(self.rand_start)
+        keep = torch.argsort(self._window_hash(ctx), stable=True)[: self.max_random_windows]
+        ent, vals = torch.cat(self.rand_entries), torch.cat(self.rand_vals)
+        kept = torch.isin(ent[:, 0], ctx[keep])
+        self.rand_ctx, self.rand_start = list(ctx[keep].split(1)), list(start[keep].split(1))
+        self.rand_entries, self.rand_vals = [ent[kept]], [vals[kept]]
+
     def random_window_of(self, contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which of ``contexts`` hold a random window, and its start: ``(mask [B], start [B])``."""
-        h = event_hash(contexts, torch.full_like(contexts, -1), self.seed + 1)
+        h = self._window_hash(contexts)
         chosen = (h * self.random_every).floor() == 0
         span = max(1, self.ctx_len - self.window + 1)
         start = (event_hash(contexts, torch.full_like(contexts, -2), self.seed + 1) * span).long()
@@ -244,6 +261,8 @@ class LayerAccumulator:
             self.rand_start.append(torch.tensor([s]))
             self.rand_entries.append(torch.stack([torch.full_like(off, c), off, f], 1))
             self.rand_vals.append(block[off, f].float())
+        if len(self.rand_ctx) > 2 * self.max_random_windows:  # amortised; exact at the end
+            self._cap_random_windows()
 
     # ------------------------------------------------------------------ merging and saving
     def merge(self, other: LayerAccumulator) -> None:
@@ -267,6 +286,7 @@ class LayerAccumulator:
         """Random windows in context order: ``ctx [R]``, ``start [R]``, and their sparse entries
         sorted by (feature, window, offset): ``entry_win``, ``entry_off``, ``entry_feat``,
         ``entry_val`` ``[m]``, with ``feat_ptr [d_sae + 1]`` the offsets of each feature's run."""
+        self._cap_random_windows()
         ctx = torch.cat(self.rand_ctx) if self.rand_ctx else torch.zeros(0, dtype=torch.int64)
         start = torch.cat(self.rand_start) if self.rand_start else torch.zeros(0, dtype=torch.int64)
         order = torch.argsort(ctx)
@@ -291,16 +311,18 @@ class LayerAccumulator:
             "hist": self.hist.view(self.d_sae, N_BINS), "sink_count": self.sink_count, "sink_max": self.sink_max,
             "cooc_index": nz, "cooc_count": self.cooc[nz],
             **self.top.state("top"), **self.sample.state("sample"), **rw,
-            "settings": torch.tensor([self.ctx_len, self.before, self.after, self.random_every, self.seed]),
+            "settings": torch.tensor([self.ctx_len, self.before, self.after, self.random_every, self.seed,
+                                      self.max_random_windows]),
         }
 
     @classmethod
     def from_state(cls, s: dict[str, torch.Tensor]) -> LayerAccumulator:
-        ctx_len, before, after, random_every, seed = (int(x) for x in s["settings"])
+        ctx_len, before, after, random_every, seed = (int(x) for x in s["settings"][:5])
+        cap = int(s["settings"][5]) if s["settings"].numel() > 5 else 4096
         top = TopPerFeature.from_state(s, "top")
         sample = TopPerFeature.from_state(s, "sample")
         new = cls(top.d_sae, ctx_len, top_k=top.k, n_samples=sample.k, before=before, after=after,
-                  random_every=random_every, seed=seed)
+                  random_every=random_every, max_random_windows=cap, seed=seed)
         new.top, new.sample = top, sample
         new.n_tokens = int(s["n_tokens"][0])
         new.count, new.sum, new.max = s["count"].clone(), s["sum"].clone(), s["max"].clone()
