@@ -81,6 +81,7 @@ def encode_batch(coder: SparseCoder, mlp_in: torch.Tensor, contexts: torch.Tenso
     ``skip_first`` (the attention sink, BOS) are counted apart and left out of everything else."""
     B, T, _ = mlp_in.shape
     dense = coder.encode(mlp_in.reshape(B * T, -1).to(coder.W_enc.dtype)).reshape(B, T, -1).float()
+    dense += 0.0  # JumpReLU's pre * (pre > threshold) leaves -0.0 where pre < 0: store +0.0
     if skip_first:
         sink = dense[:, :skip_first]
         _, _, f = sink.nonzero(as_tuple=True)
