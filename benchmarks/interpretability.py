@@ -1,8 +1,8 @@
 """Are transcoders more interpretable than SAEs? (Paulo, Shabalin & Belrose 2025; Dunefsky et al. 2024.)
 
 Trains (or takes) an SAE, a transcoder and a skip transcoder on the same layer, the same tokens
-(one activation stream: a `--sweep` over `kind`) and the same k, evaluates them on 4,096 held-out tokens, runs the features pass of all
-three on the same held-out text, and compares explanation scores of random live features:
+(one activation stream: a `--sweep` over `kind`) and the same k, evaluates them on 4,096 held-out
+tokens, runs the features pass of all three on the same held-out text, and compares explanation scores of random live features:
 the LLM-free labels scored by the rule judge for `--n` features each, and, with `--base-url`
 (an OpenAI-compatible endpoint, e.g. `transcoders serve-llm`), LLM explanations and LLM-judged
 labels for the first `--llm-n` of them. Prints a markdown table of means with 95% bootstrap
