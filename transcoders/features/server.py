@@ -334,9 +334,20 @@ def create_app(lm: LoadedModel) -> Starlette:
     async def generate(prompt: list[int], p: _Params) -> _Generation:
         return await run_in_threadpool(generator.generate, prompt, p)
 
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def answer(request: Request, build) -> JSONResponse:
+        """Count the request and run ``build()`` (the response body): bad input is HTTP 400,
+        anything else that fails HTTP 500, both in OpenAI's error format."""
         count(request)
         try:
+            return JSONResponse(await build())
+        except BadRequest as exc:
+            return _error(400, str(exc), param=exc.param)
+        except Exception as exc:
+            log.exception("generation failed")
+            return _error(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
+
+    async def chat_completions(request: Request) -> JSONResponse:
+        async def build() -> dict:
             body = await _json_body(request)
             messages = _messages(body)
             p = _common_params(body)
@@ -353,22 +364,19 @@ def create_app(lm: LoadedModel) -> Starlette:
                 raise BadRequest(f"the chat template of {lm.name} rejected the messages: {exc}", "messages") from None
             prompt = list(tok(text, add_special_tokens=False)["input_ids"])
             g = await generate(prompt, p)
-        except BadRequest as exc:
-            return _error(400, str(exc), param=exc.param)
-        except Exception as exc:
-            log.exception("generation failed")
-            return _error(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
-        return JSONResponse({
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": lm.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                         "logprobs": _chat_logprobs(generator, g) if p.top_logprobs is not None else None,
-                         "finish_reason": g.finish_reason}],
-            "usage": _usage(len(prompt), g),
-        })
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": lm.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
+                             "logprobs": _chat_logprobs(generator, g) if p.top_logprobs is not None else None,
+                             "finish_reason": g.finish_reason}],
+                "usage": _usage(len(prompt), g),
+            }
+
+        return await answer(request, build)
 
     async def completions(request: Request) -> JSONResponse:
-        count(request)
-        try:
+        async def build() -> dict:
             body = await _json_body(request)
             prompt_text = body.get("prompt")
             if isinstance(prompt_text, list) and len(prompt_text) == 1:
@@ -380,17 +388,15 @@ def create_app(lm: LoadedModel) -> Starlette:
             tok: Any = lm.tokenizer
             prompt = list(tok(prompt_text)["input_ids"])
             g = await generate(prompt, p)
-        except BadRequest as exc:
-            return _error(400, str(exc), param=exc.param)
-        except Exception as exc:
-            log.exception("generation failed")
-            return _error(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
-        return JSONResponse({
-            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": lm.name,
-            "choices": [{"index": 0, "text": g.text, "finish_reason": g.finish_reason,
-                         "logprobs": _completion_logprobs(generator, g) if p.top_logprobs is not None else None}],
-            "usage": _usage(len(prompt), g),
-        })
+            return {
+                "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": lm.name,
+                "choices": [{"index": 0, "text": g.text, "finish_reason": g.finish_reason,
+                             "logprobs": _completion_logprobs(generator, g) if p.top_logprobs is not None else None}],
+                "usage": _usage(len(prompt), g),
+            }
+
+        return await answer(request, build)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
