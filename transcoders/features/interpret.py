@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..coders.run_folder import CoderKey
 from .examples import Example
 from .labels import Label
-from .scoring import LLMJudge, RuleJudge, detection_score, fuzzing_score, simulation_score, token_simulation_score
+from .scoring import LLMJudge, RuleJudge, detection_score, fuzzing_score, pearson, token_simulation_score
 from .store import EXPLANATIONS, FeatureRecord, FeatureStore, layer_folder
 
 LABEL_EXPLAINER = "token_label"
@@ -57,10 +57,12 @@ def scoring_set(store: FeatureStore, rec: FeatureRecord, *, n_shown: int = 10, n
 
 
 def score_explanation(judge, text: str, s: ScoringSet, *, seed: int = 0) -> dict:
-    """Detection, fuzzing and (per-example) simulation scores of ``text`` under ``judge``."""
+    """Detection, fuzzing and (per-example) simulation scores of ``text`` under ``judge``; the
+    simulation score (:func:`.scoring.simulation_score`) reuses the detection predictions."""
     det = detection_score(judge, text, s.activating, s.non_activating)
     fuzz = fuzzing_score(judge, text, s.activating, s.non_activating, seed=seed)
-    sim = simulation_score(judge, text, s.activating + s.non_activating)
+    # simulation_score on the same examples would ask the judge the same questions again
+    sim = pearson(det.predictions, [e.max_act for e in s.activating + s.non_activating])
     num = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v
     return {"detection": num(det.balanced_accuracy), "detection_auroc": num(det.auroc),
             "fuzzing": num(fuzz.balanced_accuracy), "fuzzing_auroc": num(fuzz.auroc), "simulation": num(sim),
