@@ -11,7 +11,14 @@ from conftest import build_tiny_tokenizer, save_random_transcoders, write_texts
 from test_cli import _save_llama
 
 from transcoders.coders.io import load_coder
-from transcoders.features.accumulate import HIST_EDGES, N_BINS, LayerAccumulator, cooccurrence, event_hash
+from transcoders.features.accumulate import (
+    HIST_EDGES,
+    N_BINS,
+    LayerAccumulator,
+    add_cooccurrence,
+    cooccurrence,
+    event_hash,
+)
 from transcoders.features.collect import collect_features, pass_tokens
 from transcoders.features.config import FeaturesConfig
 from transcoders.features.store import FeatureStore, FeatureStoreError
@@ -191,6 +198,10 @@ def test_cooccurrence_counts_match_brute_force():
             for j in on:
                 brute[i, j] += 1
     assert torch.equal(got, brute)
+    for method in ("pairs", "product", "auto"):  # both exact ways, added to what is there
+        counts = torch.ones(d * d, dtype=torch.int32)
+        add_cooccurrence(counts, feat, row, active, method)
+        assert torch.equal(counts.view(d, d), brute.int() + 1), method
 
 
 def test_accumulators_merge_exactly_in_any_split():

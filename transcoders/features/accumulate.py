@@ -136,6 +136,44 @@ def cooccurrence(feat: torch.Tensor, row: torch.Tensor, active: torch.Tensor) ->
     return torch.sparse.mm(At, active)
 
 
+def add_cooccurrence(cooc: torch.Tensor, feat: torch.Tensor, row: torch.Tensor, active: torch.Tensor,
+                     method: str = "auto") -> None:
+    """Add one batch's co-occurrence counts to ``cooc`` (flat ``[d_sae * d_sae]`` int32).
+
+    Two exact ways, picked by estimated cost (``method="auto"``): ``"pairs"`` scatters every
+    ordered pair of a token's active features (rows padded to the largest count ``m``:
+    ``n_rows * m^2`` adds, cheap for TopK's fixed k); ``"product"`` forms :func:`cooccurrence`
+    (``nnz * d_sae`` multiply-adds plus a dense ``d_sae^2`` result, cheap when tokens have many
+    active features of a narrow coder). Measured on this project's 2-core CPU: 4,096 tokens, d_sae
+    9216, k 32: pairs 0.09 s, product 0.72 s; d_sae 2304, 77 active per token: product 0.18 s,
+    pair lists 2.4 s.
+    """
+    d = active.shape[1]
+    n_rows = active.shape[0]
+    counts = torch.bincount(row, minlength=n_rows)
+    m = int(counts.max()) if counts.numel() else 0
+    if method == "auto":
+        pairs_s = n_rows * m * m / 5e7
+        product_s = feat.numel() * d / 4e9 + d * d / 1.2e8
+        method = "pairs" if pairs_s < product_s else "product"
+    if method == "product":
+        cooc += cooccurrence(feat, row, active).view(-1).to(torch.int32)
+        return
+    if m == 0:
+        return
+    # events sorted by row: slot of each event within its row, then a padded [n_rows, m] table
+    starts = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(row, stable=True)
+    r, f = row[order], feat[order]
+    slot = torch.arange(r.numel()) - starts[r]
+    table = torch.full((n_rows, m), -1, dtype=torch.int64)
+    table[r, slot] = f
+    a, b = table[:, :, None], table[:, None, :]
+    valid = (a >= 0) & (b >= 0)
+    flat = (a * d + b)[valid]
+    cooc.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.int32))
+
+
 @dataclass
 class BatchEvents:
     """The sparse activations of one batch of contexts for one coder.
@@ -214,7 +252,7 @@ class LayerAccumulator:
         row_lookup[ev.contexts] = torch.arange(ev.contexts.numel())
         T = ev.dense.shape[1]
         active = (ev.dense.reshape(-1, self.d_sae) > 0).float()
-        self.cooc += cooccurrence(feat, row_lookup[ev.ctx] * T + ev.pos, active).view(-1).to(torch.int32)
+        add_cooccurrence(self.cooc, feat, row_lookup[ev.ctx] * T + ev.pos, active)
         del active
 
         def windows(i: torch.Tensor) -> torch.Tensor:
