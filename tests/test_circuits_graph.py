@@ -26,7 +26,6 @@ from transcoders.circuits.export import (
     validate_graph_json,
 )
 from transcoders.circuits.graph import BIAS, EMBEDDING, ERROR, FEATURE, TARGET, Graph
-from transcoders.circuits.paths import Path, format_path, greedy_paths, path_weight, top_paths
 from transcoders.circuits.prune import (
     _top_mass,
     edge_influence,
@@ -76,7 +75,7 @@ def budget() -> Graph:
 
 
 def random_graph(seed: int, n_layers: int = 3, n_pos: int = 3, p_edge: float = 0.4, max_feats: int = 2,
-                 n_targets: int = 2, error_scale: float = 1.0, dropped: bool = True) -> Graph:
+                 n_targets: int = 2, error_scale: float = 1.0, dropped: bool = True, unexpanded: float = 0.0) -> Graph:
     """A random DAG shaped like an attribution graph: embeddings, bias/error nodes per (layer,
     pos), 0..max_feats features per (layer, pos), logit targets; edges only from lower layers (or a
     same-layer bias into features) at earlier-or-equal positions; rows satisfy the value identity."""
@@ -92,8 +91,9 @@ def random_graph(seed: int, n_layers: int = 3, n_pos: int = 3, p_edge: float = 0
     nodes += [(TARGET, n_layers, p, -1) for p in t_pos]
     N = len(nodes)
     src, dst = [], []
+    no_row = {i for i, n in enumerate(nodes) if n[0] == FEATURE and float(rnd(1)) < unexpanded}
     for r, (kr, lr, pr, _) in enumerate(nodes):
-        if kr not in (FEATURE, TARGET):
+        if kr not in (FEATURE, TARGET) or r in no_row:
             continue
         for s, (ks, ls, ps, _) in enumerate(nodes):
             if ks == TARGET or ps > pr:
@@ -106,7 +106,8 @@ def random_graph(seed: int, n_layers: int = 3, n_pos: int = 3, p_edge: float = 0
     kind = torch.tensor([n[0] for n in nodes])
     src_t, dst_t = torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
     w = torch.where(kind[src_t] == ERROR, w * error_scale, w)
-    is_row = (kind == FEATURE) | (kind == TARGET)
+    is_row = ((kind == FEATURE) | (kind == TARGET)) & ~torch.isin(torch.arange(N), torch.tensor(sorted(no_row),
+                                                                                                 dtype=torch.long))
     const = torch.where(is_row, torch.randn(N, generator=gen, dtype=torch.float64), torch.nan)
     drop = torch.randn(N, generator=gen, dtype=torch.float64) if dropped else torch.zeros(N, dtype=torch.float64)
     drop = torch.where(is_row, drop, torch.nan)
@@ -140,41 +141,6 @@ def dense_influence(g: Graph) -> torch.Tensor:
     return x0 @ (torch.linalg.inv(eye - A) - eye)
 
 
-def all_paths(g: Graph, normalize: bool) -> list[tuple[list[int], float]]:
-    """Every source-to-target path (DFS backwards from the targets)."""
-    w = g.edge_weight.double()
-    if normalize:
-        tot = torch.zeros(g.n_nodes, dtype=torch.float64).index_add_(0, g.edge_dst, w.abs())
-        w = w / tot[g.edge_dst]
-    inc: dict[int, list[tuple[int, float]]] = {}
-    for s, d, x in zip(g.edge_src.tolist(), g.edge_dst.tolist(), w.tolist()):
-        inc.setdefault(d, []).append((s, x))
-    out = []
-
-    def walk(node, rev_nodes, rev_edges):
-        if node not in inc:
-            if rev_edges:
-                edges = rev_edges[::-1]
-                prod = 1.0
-                for e in edges:
-                    prod *= e
-                out.append((rev_nodes[::-1], prod))
-            return
-        for s, x in inc[node]:
-            walk(s, rev_nodes + [s], rev_edges + [x])
-
-    for t in g.target_nodes.tolist():
-        walk(t, [t], [])
-    return out
-
-
-def assert_valid_path(g: Graph, p: Path, normalize: bool = True) -> None:
-    assert len(p.edges) == len(p.nodes) - 1 >= 1
-    assert int(g.kind[p.nodes[-1]]) == TARGET
-    assert math.isclose(p.weight, math.prod(p.edges), rel_tol=1e-12, abs_tol=1e-300)
-    assert math.isclose(p.weight, path_weight(g, p.nodes, normalize), rel_tol=1e-12, abs_tol=1e-300)
-
-
 def row_identity_error(g: Graph) -> float:
     return float(g.row_balance()[1].abs().max())
 
@@ -192,7 +158,7 @@ def assert_graphs_equal(a: Graph, b: Graph) -> None:
     assert (a.tokens, a.token_strs, a.n_layers) == (b.tokens, b.token_strs, b.n_layers)
     assert len(a.targets) == len(b.targets)
     for ta, tb in zip(a.targets, b.targets):
-        for f in ("kind", "pos", "token", "token_b", "layer", "feature", "label", "weight"):
+        for f in ("kind", "pos", "token", "token_b", "layer", "feature", "label", "weight", "centered"):
             assert getattr(ta, f) == getattr(tb, f), f
         assert same(ta.direction, tb.direction)
     assert a.meta == b.meta
@@ -376,101 +342,6 @@ def test_pruned_scores_count_pruned_mass_as_error(real, budget):
     assert graph_scores(budget)["completeness_score"] < full["completeness_score"] + 1e-12
     with pytest.raises(ValueError, match="kept_nodes"):
         graph_scores(real, real)
-
-
-# ----------------------------------------------------------------------------- paths
-
-@HYP
-@given(st.integers(0, 10_000), st.booleans(), st.integers(1, 12))
-def test_top_paths_match_brute_force(seed, normalize, n):
-    g = random_graph(seed)
-    brute = sorted(all_paths(g, normalize), key=lambda t: -abs(t[1]))
-    got = top_paths(g, n=n, normalize=normalize)
-    assert len(got) == min(n, len(brute))
-    assert [abs(p.weight) for p in got] == pytest.approx([abs(w) for _, w in brute[: len(got)]], rel=1e-12)
-    valid = {tuple(nodes) for nodes, _ in brute}
-    for p in got:
-        assert tuple(p.nodes) in valid
-        assert_valid_path(g, p, normalize)
-
-
-def test_top_paths_chunked_merge_is_exact(monkeypatch):
-    from transcoders.circuits import paths
-
-    g = random_graph(11, p_edge=0.6, max_feats=3)
-    whole = top_paths(g, n=7)
-    monkeypatch.setattr(paths, "_CANDIDATES", 7)  # one edge per chunk
-    chunked = top_paths(g, n=7)
-    assert [p.nodes for p in chunked] == [p.nodes for p in whole]
-    brute = sorted(all_paths(g, True), key=lambda t: -abs(t[1]))
-    assert [abs(p.weight) for p in chunked] == pytest.approx([abs(w) for _, w in brute[:7]], rel=1e-12)
-
-
-@HYP
-@given(st.integers(0, 10_000), st.integers(1, 3))
-def test_top_paths_max_depth_and_filters(seed, depth):
-    g = random_graph(seed)
-    brute = [(nodes, w) for nodes, w in all_paths(g, True) if len(nodes) - 1 <= depth]
-    brute.sort(key=lambda t: -abs(t[1]))
-    got = top_paths(g, n=5, max_depth=depth)
-    assert [abs(p.weight) for p in got] == pytest.approx([abs(w) for _, w in brute[:5]], rel=1e-12)
-    # Only feature intermediates at layer 1.
-    ok = lambda i: int(g.kind[i]) == FEATURE and int(g.layer[i]) == 1
-    brute = [(nodes, w) for nodes, w in all_paths(g, True) if all(ok(i) for i in nodes[1:-1])]
-    brute.sort(key=lambda t: -abs(t[1]))
-    got = top_paths(g, n=5, kinds={"feature"}, layers={1})
-    assert [abs(p.weight) for p in got] == pytest.approx([abs(w) for _, w in brute[:5]], rel=1e-12)
-    for p in got:
-        assert all(ok(i) for i in p.nodes[1:-1])
-
-
-def test_top_paths_real(real):
-    got = top_paths(real, n=8)
-    assert len(got) == 8 and all(abs(a.weight) >= abs(b.weight) for a, b in zip(got, got[1:]))
-    for p in got:
-        assert_valid_path(real, p)
-    feats = top_paths(real, n=3, kinds={"feature"}, source_kinds={"embedding"})
-    for p in feats:
-        assert int(real.kind[p.nodes[0]]) == EMBEDDING and len(p.nodes) >= 2
-        assert all(int(real.kind[i]) == FEATURE for i in p.nodes[1:-1])
-        assert_valid_path(real, p)
-    raw = top_paths(real, n=3, normalize=False)
-    for p in raw:
-        assert_valid_path(real, p, normalize=False)
-
-
-@HYP
-@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(1, 4))
-def test_greedy_paths_are_valid_paths(seed, beam, depth):
-    g = random_graph(seed)
-    indeg = torch.zeros(g.n_nodes, dtype=torch.long).index_add_(0, g.edge_dst, torch.ones_like(g.edge_dst))
-    exact = top_paths(g, n=1)
-    got = greedy_paths(g, beam=beam, depth=depth)
-    for p in got:
-        assert_valid_path(g, p)
-        assert len(p.edges) <= depth
-        assert int(indeg[p.nodes[0]]) == 0 or len(p.edges) == depth
-    complete = [p for p in got if int(indeg[p.nodes[0]]) == 0]
-    if exact and complete:  # greedy never beats the exact optimum
-        assert abs(complete[0].weight) <= abs(exact[0].weight) * (1 + 1e-12)
-    assert all(abs(a.weight) >= abs(b.weight) for a, b in zip(got, got[1:]))
-
-
-def test_greedy_finds_single_edge_optimum(real):
-    best = top_paths(real, n=1)[0]
-    got = greedy_paths(real, beam=5, depth=4)
-    assert got and len(best.edges) == 1  # on this graph the strongest path is a direct edge
-    assert abs(got[0].weight) == pytest.approx(abs(best.weight))
-    for p in got[:20]:
-        assert_valid_path(real, p)
-
-
-def test_format_path(real):
-    p = top_paths(real, n=1, kinds={"feature"}, source_kinds={"embedding"})[0]
-    text = format_path(real, p)
-    assert text.count(" <- ") == len(p.nodes) - 1
-    assert text.startswith(real.label(p.nodes[-1])) and "emb '#" in text
-    assert text.endswith(f"(weight {p.weight:+.4g})")
 
 
 # ----------------------------------------------------------------------------- export

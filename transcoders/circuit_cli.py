@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import torch
 
+from .circuits.paths import DEFAULT_SOURCES
 from .cli_common import user_errors
 from .files import atomic_write_json, check_writable, refuse_to_replace, slugify
 from .models.loading import DEFAULT_MODEL
@@ -26,6 +27,18 @@ TARGET_OPT = click.option(
     help="logit:TOKEN, diff:A,B, feature:L.F or direction:L:FILE, each with optional @POS "
          "[default: the top next-token logits, up to 95%% probability, at most 10]",
 )
+
+
+PATHS_TARGET_HELP = ("which target the paths and shares explain: an index as `trace` lists them, a label, the token "
+                     "text (' Paris'), or 'all' (every target, each path weighted by its target's probability) "
+                     "[default: the most probable target]")
+RANK_OPT = click.option("--rank", type=click.Choice(["weight", "per-edge"]), default="weight", show_default=True,
+                        help="order paths by |weight| (their contribution in the target's units), or per edge (the "
+                             "geometric mean of each edge's share of its row's input: long paths are not penalised)")
+MIN_LENGTH_OPT = click.option("--min-length", default=2, show_default=True,
+                              help="at least this many edges (2: through at least one feature)")
+FEATURES_OPT = click.option("--features", "store_dir", type=click.Path(path_type=Path), default=None,
+                            help="feature store for labels [default: RUN_DIR/features when it exists]")
 
 
 def _load(model: str, run_dir: Path, prompt: str, prepend_bos: bool | None):
@@ -67,16 +80,97 @@ def _targets(specs, loaded, coders, logits: torch.Tensor):
                          d_sae=d_sae, d_model=ad.d_model) for s in specs]
 
 
-def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int = 4, rep=None, **filters) -> None:
-    """Print paths; with the replacement model ``rep``, name the attention head that carries
-    each edge between positions (its largest share, from the exact per-head split)."""
-    from .circuits.graph import BIAS
-    from .circuits.heads import split_edge_last
-    from .circuits.paths import format_path, greedy_paths, top_paths
+def _resolve_target(graph, spec: str | None):
+    """A ``--target``/``--paths-target`` SPEC against a graph's targets: None (the most probable),
+    ``all``, an index as listed by ``trace``, a label (``logit(' Paris')``), or the token text
+    (`` Paris``, ``logit: Paris``)."""
+    if spec is None or spec == "":
+        return None
+    if spec == "all":
+        return "all"
+    if spec.isdigit():
+        return int(spec)
+    text = spec.split(":", 1)[1] if spec.split(":", 1)[0] in ("logit", "rawlogit") and ":" in spec else spec
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    hits = [i for i, t in enumerate(graph.targets) if t.label == spec or f"({text!r})" in (t.label or "")]
+    if not hits:
+        listed = ", ".join(f"{i}: {t.label or t.kind}" for i, t in enumerate(graph.targets))
+        raise ValueError(f"no target of the graph matches {spec!r}; it has {listed} (give an index, a label, "
+                         "the token text or 'all')")
+    return max(hits, key=lambda i: (float(graph.targets[i].weight), -i))
 
-    found = greedy_paths(graph, beam=beam, depth=depth, **filters) if greedy else top_paths(graph, n=n, **filters)
-    for p in found[:n]:
-        click.echo("  " + format_path(graph, p))
+
+def _labels(graph, store_dir: Path | None):
+    """``(label(node) -> str | None, note)``: feature labels from the feature store (``store_dir``,
+    else the graph's RUN_DIR/features when it exists), checked against the graph's per-layer
+    coder fingerprints; ``note`` says where they came from (None: no store)."""
+    from .circuits.graph import FEATURE
+
+    folder = store_dir if store_dir is not None else (
+        Path(graph.meta["run_dir"]) / "features" if graph.meta.get("run_dir") else None)
+    none = lambda _i: None
+    if folder is None or not (Path(folder) / "store.json").exists():
+        if store_dir is not None:
+            raise ValueError(f"{store_dir} is not a feature store (no store.json); make one with `transcoders features`")
+        return none, None
+    fps = {int(k): v for k, v in graph.meta.get("layer_fingerprints", {}).items()}
+    if not fps:
+        return none, f"no labels from {folder}: the graph does not record its coders' fingerprints (re-run trace)"
+    from .features.store import FeatureStore
+
+    labels, stale = FeatureStore(folder).labels_for(fps)
+    note = f"labels from {folder}" + (f" (layers {stale} skipped: the store describes other weights)" if stale else "")
+
+    def label(i: int) -> str | None:
+        if int(graph.kind[i]) != FEATURE:
+            return None
+        return labels.get(int(graph.layer[i]), {}).get(str(int(graph.feature[i])))
+
+    return label, note
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _report(graph, *, target=None, n: int = 10, rank: str = "weight", min_length: int = 2, greedy: bool = False,
+            beam: int = 5, depth: int = 4, rep=None, store_dir: Path | None = None, n_features: int = 12,
+            middle: bool = False, **filters) -> None:
+    """Print, for the chosen target: its paths (with the heads carrying each edge between
+    positions when the replacement model ``rep`` is given), what makes up its value, the
+    features with the largest total effect by position (with labels when a feature store
+    matches), and the heads moving the most into its position. ``middle``: also the best paths
+    through the middle layers."""
+    from .circuits.contributions import explained_shares, top_effects
+    from .circuits.graph import BIAS
+    from .circuits.heads import heads_into_position, split_edge_last
+    from .circuits.paths import format_path, greedy_paths, middle_layers, node_name, target_weights_of, top_paths
+
+    choice = _resolve_target(graph, target)
+    chosen = target_weights_of(graph, choice)
+    common = dict(target=choice, min_length=min_length, **filters)
+    if greedy:
+        if rank != "weight" or "through" in filters or "via_layers" in filters:
+            raise ValueError("--rank per-edge, --through and --via-layers work with the exact search only; drop --greedy")
+        found = greedy_paths(graph, beam=beam, depth=depth, **common)[:n]
+    else:
+        found = top_paths(graph, n=n, rank=rank, **common)
+    if middle and "via_layers" not in filters and not greedy:
+        lo, hi = middle_layers(graph.n_layers)
+        deep = top_paths(graph, n=3, rank=rank, via_layers=(lo, hi), **common)
+    label, note = _labels(graph, store_dir)
+    named = lambda i: node_name(graph, i) + (f" [{_short(label(i), 40)}]" if label(i) else "")
+    how = ("greedy search" if greedy else f"exact top {n}") + (
+        ", ranked by |weight|" if rank == "weight" else ", ranked per edge (geometric mean of |w| / row input)")
+    click.echo(f"paths ({how}; weight = the path's contribution to its target: the first edge's weight times each "
+               f"later edge's gain w/a; at least {min_length} edges, from {', '.join(filters.get('sources') or ['any node'])}):")
+    if not found:
+        click.echo("  none")
+    for p in found:
+        click.echo("  " + format_path(graph, p, names=named))
         if rep is None:
             continue
         for src, dst in zip(p.nodes[:-1], p.nodes[1:]):
@@ -85,10 +179,38 @@ def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int 
             parts = [c for c in split_edge_last(rep, graph, src, dst) if c.kind == "head"]
             total = sum(c.weight for c in parts) or 1.0
             heads = ", ".join(f"{c.layer}.{c.head} ({100 * c.weight / total:+.0f}%)" for c in parts[:3])
-            click.echo(
-                f"      {graph.label(src)} -> {graph.label(dst)}: moved into pos{int(graph.pos[dst])} mostly by heads {heads}"
-            )
-
+            click.echo(f"      {graph.label(src)} -> {graph.label(dst)}: moved into pos{int(graph.pos[dst])} "
+                       f"mostly by heads {heads}")
+    if middle and "via_layers" not in filters and not greedy:
+        click.echo(f"paths through the middle layers (a feature of L{lo}-L{hi} on the way; --via-layers A-B to choose):")
+        for p in deep:
+            click.echo("  " + format_path(graph, p, names=named))
+        if not deep:
+            click.echo("  none")
+    for ti in sorted(chosen, key=lambda i: -chosen[i])[:3]:
+        t = graph.targets[ti]
+        shares = explained_shares(graph, ti, [p for p in found if p.target == ti])
+        click.echo(f"what makes up {shares.label}@{int(graph.pos[graph.target_nodes[ti]])} = {shares.value:+.3f} "
+                   f"{shares.units}{' (centred logit: logit - mean logit)' if t.kind == 'logit' and t.centered else ''}"
+                   " in the linearised replacement model (parts sum to the value):")
+        for line in shares.table():
+            click.echo(line)
+        effects = top_effects(graph, ti, n_features, per_position=3)
+        click.echo(f"features with the largest total effect (direct + indirect, {shares.units}; at most 3 per position), "
+                   "by position:")
+        for pos in sorted({int(graph.pos[i]) for i, _ in effects}):
+            click.echo(f"  pos{pos} {graph.token_strs[pos]!r}:")
+            for i, c in effects:
+                if int(graph.pos[i]) == pos:
+                    click.echo(f"    {graph.label(i).split(' @')[0]:<12} {c:+8.3f}  {_short(label(i))}")
+        if rep is not None:
+            flow = heads_into_position(rep, graph, ti)
+            heads = ", ".join(f"{lay}.{h} {a:+.3f}" for lay, h, a in flow.heads[:6])
+            click.echo(f"heads moving the most into pos{int(graph.pos[graph.target_nodes[ti]])} ({shares.units}, over the "
+                       f"{flow.n_split} strongest of {flow.n_total} edges from other positions, carrying "
+                       f"{flow.split:+.3f} of {flow.total:+.3f}): {heads or 'none'}")
+    if note:
+        click.echo(note)
 
 
 @click.command()
@@ -107,10 +229,14 @@ def _print_paths(graph, n: int, greedy: bool = False, beam: int = 5, depth: int 
               help="also save the pruned graph here (small; what circuit-tracer's frontend should open)")
 @click.option("--force", is_flag=True, help="replace --out / --pruned-out if they exist")
 @click.option("--paths", "n_paths", default=5, show_default=True, help="top paths to print")
+@click.option("--paths-target", default=None, help=PATHS_TARGET_HELP)
+@RANK_OPT
+@MIN_LENGTH_OPT
+@FEATURES_OPT
 @BOS_OPT
 @user_errors
 def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
-          out, pruned_out, force, n_paths, prepend_bos):
+          out, pruned_out, force, n_paths, paths_target, rank, min_length, store_dir, prepend_bos):
     """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
     from .circuits import LocalReplacement, attribute
     from .circuits.export import save_graph
@@ -151,10 +277,11 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
                f"(pruned: {pruned_s['replacement_score']:.3f}, {pruned_s['completeness_score']:.3f})")
     click.echo(f"time: {t_graph - t_load:.1f} s graph, {t_scores - t_graph:.1f} s influence/pruning/scores, "
                f"{t_save - t_scores:.1f} s saving ({t_load - t0:.1f} s loading model and transcoders)")
-    click.echo("targets: " + ", ".join(f"{t.label}@{t.pos}={float(v):.3f}" for t, v in
-                                        zip(graph.targets, graph.value[graph.target_nodes])))
-    click.echo("top paths from the prompt's tokens (pruned graph):")
-    _print_paths(pruned, n_paths, rep=rep, source_kinds=["embedding"])
+    click.echo("targets (most probable first): " + ", ".join(
+        f"{i}: {t.label}@{int(graph.pos[n])} = {float(graph.value[n]):.3f} (p={float(t.weight):.3f})"
+        for i, (t, n) in enumerate(zip(graph.targets, graph.target_nodes.tolist()))))
+    _report(graph, target=paths_target, n=n_paths, rank=rank, min_length=min_length, rep=rep, store_dir=store_dir,
+            middle=True, sources=DEFAULT_SOURCES)
     click.echo(f"wrote {out}" + (f" and {pruned_out}" if pruned_out is not None else ""))
 
 
@@ -162,36 +289,81 @@ def _split(value: str | None, cast=int) -> list | None:
     return None if value is None else [cast(x) for x in value.split(",") if x.strip()]
 
 
+def _through_nodes(graph, specs: tuple[str, ...]) -> list[int] | None:
+    """Graph nodes named by ``--through L.F`` or ``L.F@POS`` specs (any position without @)."""
+    from .circuits.graph import FEATURE
+
+    if not specs:
+        return None
+    nodes = []
+    for spec in specs:
+        body, _, at = spec.partition("@")
+        try:
+            layer, feature = (int(x) for x in body.split("."))
+            pos = int(at) if at else None
+        except ValueError:
+            raise ValueError(f"--through {spec!r} must read LAYER.FEATURE or LAYER.FEATURE@POS, e.g. 12.345@4") from None
+        hit = (graph.kind == FEATURE) & (graph.layer == layer) & (graph.feature == feature)
+        if pos is not None:
+            hit &= graph.pos == pos
+        if not bool(hit.any()):
+            raise ValueError(f"feature {spec} is not a node of this graph (not active, or beyond the node budget)")
+        nodes += hit.nonzero().flatten().tolist()
+    return nodes
+
+
+def _layer_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    lo, sep, hi = text.partition("-")
+    try:
+        return (int(lo), int(hi)) if sep else (int(lo), int(lo))
+    except ValueError:
+        raise ValueError(f"--via-layers {text!r} must read A-B (inclusive) or one layer, e.g. 8-20") from None
+
+
 @click.command()
 @click.argument("graph_file", type=click.Path(path_type=Path))
-@click.option("-n", "n", default=10, show_default=True)
-@click.option("--greedy", is_flag=True, help="Dunefsky et al.'s greedy beam search instead of exact top-N")
+@click.option("-n", "n", default=10, show_default=True, help="paths to print")
+@click.option("--target", default=None, help=PATHS_TARGET_HELP)
+@RANK_OPT
+@MIN_LENGTH_OPT
+@click.option("--max-depth", default=None, type=int, help="at most this many edges [default: any]")
+@click.option("--through", multiple=True, help="only paths through this feature: LAYER.FEATURE[@POS] (repeatable: any of them)")
+@click.option("--via-layers", default=None, help="only paths through a feature of layers A-B (inclusive)")
+@click.option("--greedy", is_flag=True, help="Dunefsky et al.'s greedy beam search instead of the exact top N")
 @click.option("--beam", default=5, show_default=True)
 @click.option("--depth", default=4, show_default=True)
-@click.option("--layers", default=None, help="comma-separated layers allowed on a path")
-@click.option("--positions", default=None, help="comma-separated positions allowed on a path")
-@click.option("--kinds", default=None, help="comma-separated node kinds allowed inside a path (feature,error,...)")
-@click.option("--sources", default=None, help="comma-separated node kinds a path may start at (embedding,feature,...)")
+@click.option("--layers", default=None, help="comma-separated layers every node inside a path must be in")
+@click.option("--positions", default=None, help="comma-separated positions every node inside a path must be at")
+@click.option("--kinds", default=None, help="comma-separated node kinds every node inside a path must be (feature, ...)")
+@click.option("--sources", default=",".join(DEFAULT_SOURCES), show_default=True,
+              help="comma-separated node kinds a path may start at (embedding, feature, bias, error)")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
-              help="also name the heads that carry each edge between positions (loads the model and transcoders, "
-                   "checked against the graph)")
+              help="also name the heads that carry each edge between positions and move the most into the target's "
+                   "position (loads the model and transcoders, checked against the graph)")
 @click.option("--model", default=None, help="with --run-dir: the model [default: the graph's, if known locally]")
+@FEATURES_OPT
 @user_errors
-def paths(graph_file, n, greedy, beam, depth, layers, positions, kinds, sources, run_dir, model):
-    """Print the strongest computational paths of a saved graph."""
+def paths(graph_file, n, target, rank, min_length, max_depth, through, via_layers, greedy, beam, depth, layers, positions,
+          kinds, sources, run_dir, model, store_dir):
+    """Print the strongest paths of a saved graph into one target, what they explain, and the
+    features with the largest total effect on it."""
     from .circuits.export import load_graph
 
     graph = load_graph(graph_file)
     filters = {k: v for k, v in (("layers", _split(layers)), ("positions", _split(positions)),
-                                 ("kinds", _split(kinds, str))) if v is not None}
-    if sources is not None:
+                                 ("kinds", _split(kinds, str)), ("through", _through_nodes(graph, through)), ("via_layers", _layer_range(via_layers)))
+               if v is not None}
+    if max_depth is not None:
         if greedy:
-            raise ValueError("--sources works with the exact search only; drop --greedy or --sources")
-        filters["source_kinds"] = _split(sources, str)
+            raise ValueError("--max-depth is for the exact search; the greedy search uses --depth")
+        filters["max_depth"] = max_depth
     rep = None
     if run_dir is not None or model is not None:
         rep = _replacement_for_graph(graph, graph_file, model, run_dir)
-    _print_paths(graph, n, greedy, beam, depth, rep=rep, **filters)
+    _report(graph, target=target, n=n, rank=rank, min_length=min_length, greedy=greedy, beam=beam, depth=depth,
+            rep=rep, store_dir=store_dir, sources=_split(sources, str), **filters)
 
 
 def _replacement_for_graph(graph, graph_file: Path, model: str | None, run_dir: Path | None):

@@ -102,10 +102,15 @@ def target_read(rep: LocalReplacement, t: Target) -> Read:
     value = float(t.value(rep.logits, mlp_in=[fl.mlp_in for fl in rep.layers], resid_pre=rep.resid_pre, coders=rep.coders))
     if t.kind in ("logit", "logit_diff"):
         u = rep.W_U[:, t.token] - (rep.W_U[:, t.token_b] if t.kind == "logit_diff" else 0)
+        centered = t.kind == "logit" and t.centered
+        if centered:  # the mean logit reads the stream along the mean unembedding column
+            u = u - rep.W_U.mean(1)
         g[t.pos] = u
         const = 0.0
         if rep.b_U is not None:
             const += float(rep.b_U[t.token] - (rep.b_U[t.token_b] if t.kind == "logit_diff" else 0))
+            if centered:
+                const -= float(rep.b_U.mean())
         if rep.final_norm.bias is not None:
             const += float(rep.final_norm.bias @ u)
         return Read(("post", rep.n_layers - 1), rep.final_norm.transpose(g), value, const)

@@ -98,6 +98,7 @@ def _target_to_json(t: Target) -> dict:
     d = {"kind": str(t.kind), "label": str(t.label)}
     d |= {k: None if getattr(t, k) is None else int(getattr(t, k)) for k in ("pos", "token", "token_b", "layer", "feature")}
     d["weight"] = _enc(float(t.weight))
+    d["centered"] = bool(t.centered)
     if t.direction is not None:
         d["direction"] = _floats(t.direction.flatten())
         d["direction_dtype"] = _dtype_name(t.direction)
@@ -112,7 +113,8 @@ def _target_from_json(d: dict) -> Target:
         dtype = getattr(torch, d.get("direction_dtype", "float64"))
         direction = torch.tensor([_dec(x) for x in d["direction"]], dtype=dtype)
     return Target(kind=d["kind"], pos=d["pos"], token=d.get("token"), token_b=d.get("token_b"), layer=d.get("layer"),
-                  feature=d.get("feature"), direction=direction, label=d.get("label", ""), weight=_dec(d["weight"]))
+                  feature=d.get("feature"), direction=direction, label=d.get("label", ""), weight=_dec(d["weight"]),
+                  centered=bool(d.get("centered", False)))
 
 
 def _transcoders_section(graph: Graph) -> dict:

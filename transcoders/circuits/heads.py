@@ -150,3 +150,57 @@ def split_edge_last(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> 
         delta = new
     parts = [c for c in parts if c.weight != 0.0]
     return sorted(parts, key=lambda c: -abs(c.weight))
+
+
+@dataclass
+class HeadFlow:
+    """What attention heads move into a target's position (see :func:`heads_into_position`).
+
+    Attributes:
+        heads: ``[(layer, head, amount)]``, largest ``|amount|`` first, in the target's units.
+        split: the summed amount of the edges that were split (``n_split`` of them).
+        total: the summed amount of every edge into the position from another position
+            (``n_total`` edges), including those from bias nodes, which are not split.
+    """
+
+    heads: list[tuple[int, int, float]]
+    split: float
+    n_split: int
+    total: float
+    n_total: int
+
+
+@torch.no_grad()
+def heads_into_position(rep: LocalReplacement, graph: Graph, target: int, n_edges: int = 20) -> HeadFlow:
+    """The attention heads that move the most of target ``graph.targets[target]`` into its
+    position ``p``.
+
+    Every edge ``s -> r`` from another position into a row ``r`` at ``p`` (a feature there, or
+    the target) carries ``w * G(r)`` of the target (``G(r)``: the target's derivative with respect
+    to ``r``'s pre-activation, :func:`~transcoders.circuits.contributions.per_unit_effects`). The
+    ``n_edges`` largest of these, from features, error nodes and embeddings, are split exactly by
+    the last component writing into ``p`` (:func:`split_edge_last`), and each head's parts are
+    summed.
+
+    Raises:
+        IndexError: ``target`` is not an index into ``graph.targets``.
+    """
+    from .contributions import per_unit_effects
+
+    t = int(graph.target_nodes[target])
+    p = int(graph.pos[t])
+    g = per_unit_effects(graph, target)
+    src, dst = graph.edge_src, graph.edge_dst
+    cross = (graph.pos[dst] == p) & (graph.pos[src] != p) & (g[dst] != 0)
+    amount = graph.edge_weight.double() * g[dst]
+    e_all = cross.nonzero().flatten()
+    splittable = e_all[torch.isin(graph.kind[src[e_all]], torch.tensor([FEATURE, ERROR, EMBEDDING]))]
+    pick = splittable[amount[splittable].abs().argsort(descending=True, stable=True)[:n_edges]]
+    heads: dict[tuple[int, int], float] = {}
+    for e in pick.tolist():
+        for c in split_edge_last(rep, graph, int(src[e]), int(dst[e])):
+            if c.kind == "head":
+                heads[(c.layer, c.head)] = heads.get((c.layer, c.head), 0.0) + c.weight * float(g[dst[e]])
+    ranked = sorted(((lh[0], lh[1], a) for lh, a in heads.items()), key=lambda x: -abs(x[2]))
+    return HeadFlow(heads=ranked, split=float(amount[pick].sum()), n_split=int(pick.numel()),
+                    total=float(amount[e_all].sum()), n_total=int(e_all.numel()))

@@ -67,9 +67,10 @@ def target_weights(graph: Graph) -> torch.Tensor:
     return x0
 
 
-def _propagate(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, norm: torch.Tensor,
+def propagate(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, values: torch.Tensor,
                x0: torch.Tensor) -> torch.Tensor:
-    """``sum_{k>=1} x0 M^k`` for the sparse ``M[dst, src] = norm`` (rows to sources).
+    """``sum_{k>=1} x0 M^k`` for the sparse ``M[dst, src] = values`` (rows to sources; ``[E]``
+    float64, signed or not).
 
     Each step is one sparse product ``M^T x``; on a DAG the support of ``x`` empties after at most
     (longest path) steps, so the loop ends with an exactly zero vector.
@@ -77,7 +78,7 @@ def _propagate(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, norm: torch.T
     Raises:
         ValueError: the edges contain a cycle (the loop ran more than ``N`` steps).
     """
-    mt = torch.sparse_coo_tensor(torch.stack([src, dst]), norm, (n_nodes, n_nodes), check_invariants=False).coalesce()
+    mt = torch.sparse_coo_tensor(torch.stack([src, dst]), values, (n_nodes, n_nodes), check_invariants=False).coalesce()
     total = torch.zeros(n_nodes, dtype=torch.float64)
     cur = x0.double()[:, None]
     for _ in range(n_nodes + 1):
@@ -85,12 +86,12 @@ def _propagate(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, norm: torch.T
         if not bool(cur.any()):
             return total
         total += cur[:, 0]
-    raise ValueError("the graph's edges contain a cycle; influence is defined on DAGs only")
+    raise ValueError("the graph's edges contain a cycle; influence and effects are defined on DAGs only")
 
 
 def _influence(graph: Graph) -> torch.Tensor:
     norm = _normalized_edges(graph.n_nodes, graph.edge_dst, graph.edge_weight)
-    return _propagate(graph.n_nodes, graph.edge_src, graph.edge_dst, norm, target_weights(graph))
+    return propagate(graph.n_nodes, graph.edge_src, graph.edge_dst, norm, target_weights(graph))
 
 
 def node_influence(graph: Graph) -> torch.Tensor:
@@ -122,7 +123,7 @@ def edge_influence(graph: Graph) -> torch.Tensor:
 def _edge_scores(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor,
                  x0: torch.Tensor) -> torch.Tensor:
     norm = _normalized_edges(n_nodes, dst, weight)
-    reach = x0 + _propagate(n_nodes, src, dst, norm, x0)
+    reach = x0 + propagate(n_nodes, src, dst, norm, x0)
     return reach[dst] * norm
 
 
@@ -289,7 +290,7 @@ def graph_scores(graph: Graph, pruned: Graph | None = None) -> dict[str, float]:
     src, dst, w = G.edge_src, G.edge_dst, G.edge_weight
     mass = _abs_row_sums(G.n_nodes, dst, w) + extra
     norm = w.double().abs() / mass[dst].clamp_min(_TINY)
-    x = _propagate(G.n_nodes, src, dst, norm, x0)
+    x = propagate(G.n_nodes, src, dst, norm, x0)
     y = x0 + x
     extra_frac = extra / mass.clamp_min(_TINY)
     from_err = G.kind[src] == ERROR

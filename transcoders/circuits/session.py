@@ -98,11 +98,13 @@ class GraphMismatchError(ValueError):
 def graph_identity(loaded: LoadedModel, coders: dict[int, SparseCoder]) -> dict:
     """What a graph records of the model and transcoders it was made with (see
     :func:`check_graph_matches`): the model's name, layer count, width and vocabulary size, each
-    layer's d_sae, and :func:`~transcoders.coders.io.coders_fingerprint`."""
+    layer's d_sae, and :func:`~transcoders.coders.io.coders_fingerprint` of all of them and of
+    each one (``layer_fingerprints``, the form a feature store records, so labels can be checked)."""
     ad = loaded.adapter
     return {"model": loaded.name, "n_layers": ad.n_layers, "d_model": ad.d_model, "vocab_size": ad.vocab_size,
             "d_sae": {str(layer): c.cfg.d_sae for layer, c in sorted(coders.items())},
-            "coders_fingerprint": coders_fingerprint(coders)}
+            "coders_fingerprint": coders_fingerprint(coders),
+            "layer_fingerprints": {str(layer): coders_fingerprint({0: c}) for layer, c in sorted(coders.items())}}
 
 
 def check_graph_matches(graph, loaded: LoadedModel, coders: dict[int, SparseCoder]) -> None:

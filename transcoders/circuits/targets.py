@@ -4,8 +4,12 @@ residual-stream directions, each at one prompt position.
 Spec strings (CLI ``--target``, Python :func:`parse_target`), each optionally ending in
 ``@POS`` (a prompt position, negative counts from the end; default: the last position):
 
-- ``logit:TOKEN``          the logit of TOKEN (text, encoded without special tokens, must be one
-  token; or ``#ID``);
+- ``logit:TOKEN``          the *centred* logit of TOKEN, ``logit[TOKEN] - mean(logits)`` (text,
+  encoded without special tokens, must be one token; or ``#ID``). Softmax ignores what raises
+  every logit alike, so the centred logit is what the prediction depends on; circuit-tracer
+  also explains centred logits (its "demeaned" unembedding columns);
+- ``rawlogit:TOKEN``       the logit itself (then constant terms such as the transcoders'
+  ``b_dec`` carried to the unembedding usually make up most of the value);
 - ``diff:TOKEN_A,TOKEN_B``  logit(A) - logit(B);
 - ``feature:LAYER.FEATURE`` the pre-activation of a transcoder feature;
 - ``direction:LAYER:FILE``  the projection of ``resid_pre[LAYER]`` (LAYER = n_layers for the
@@ -42,6 +46,7 @@ class Target:
         label: a readable name, e.g. ``logit(' Paris')@7``.
         weight: the target's weight when influence is summed over targets (default targets:
             their probability).
+        centered: ``logit`` only: subtract the mean logit over the vocabulary at ``pos``.
     """
 
     kind: str
@@ -53,6 +58,7 @@ class Target:
     direction: torch.Tensor | None = None
     label: str = ""
     weight: float = 1.0
+    centered: bool = False
 
     def resolved(self, n_pos: int) -> Target:
         """A copy with ``pos`` made non-negative; raises :class:`TargetError` if out of range."""
@@ -66,7 +72,8 @@ class Target:
         """The target's value in one run of a model: the one definition every caller uses
         (attribution rows, frozen and free interventions, verification).
 
-        - ``logit``: ``logits[pos, token]``; ``logit_diff``: ``logits[pos, token] - logits[pos, token_b]``
+        - ``logit``: ``logits[pos, token]`` (minus ``logits[pos].mean()`` if ``centered``);
+          ``logit_diff``: ``logits[pos, token] - logits[pos, token_b]``
           (pass logits *before* any final soft-cap: that is what graphs explain);
         - ``feature``: the pre-activation ``mlp_in[layer][pos] @ W_enc[feature] + b_enc[feature]``
           of ``coders[layer]``;
@@ -95,7 +102,7 @@ class Target:
             if t.token is None:
                 raise TargetError(f"{t.kind} target {t.label!r} names no token")
             if t.kind == "logit":
-                return lg[t.token]
+                return lg[t.token] - lg.mean() if t.centered else lg[t.token]
             if t.token_b is None:
                 raise TargetError(f"logit_diff target {t.label!r} names no second token")
             return lg[t.token] - lg[t.token_b]
@@ -170,9 +177,9 @@ def parse_target(spec: str, *, tokenizer=None, vocab_size: int, n_layers: int, d
     except ValueError:
         raise TargetError(f"bad position {at!r} in target {spec!r}; write e.g. logit:' Paris'@-1") from None
     kind, _, arg = body.partition(":")
-    if kind == "logit":
+    if kind in ("logit", "rawlogit"):
         tid = _token_id(arg, tokenizer, vocab_size)
-        return Target("logit", pos, token=tid, label=f"logit({_show(tokenizer, tid)})")
+        return logit_target(tid, pos, tokenizer=tokenizer, centered=kind == "logit")
     if kind == "diff":
         a, sep, b = arg.partition(",")
         if not sep:
@@ -202,7 +209,7 @@ def parse_target(spec: str, *, tokenizer=None, vocab_size: int, n_layers: int, d
         if d_model is not None and vec.shape != (d_model,):
             raise TargetError(f"direction in {path} has shape {tuple(vec.shape)}, expected ({d_model},)")
         return Target("direction", pos, layer=layer, direction=vec, label=f"resid{layer}·{path}")
-    raise TargetError(f"unknown target kind {kind!r} in {spec!r}; use logit:, diff:, feature: or direction:")
+    raise TargetError(f"unknown target kind {kind!r} in {spec!r}; use logit:, rawlogit:, diff:, feature: or direction:")
 
 
 def _load_direction(path: str) -> torch.Tensor:
@@ -218,10 +225,18 @@ def _load_direction(path: str) -> torch.Tensor:
         raise TargetError(f"cannot read a direction from {path}: {exc}") from None
 
 
+def logit_target(token: int, pos: int = -1, *, tokenizer=None, centered: bool = True, weight: float = 1.0) -> Target:
+    """A ``logit`` target for vocabulary id ``token``, labelled ``logit(' Paris')`` when centred
+    (the default) and ``rawlogit(' Paris')`` otherwise."""
+    name = "logit" if centered else "rawlogit"
+    return Target("logit", pos, token=token, label=f"{name}({_show(tokenizer, token)})", weight=weight, centered=centered)
+
+
 def top_logit_targets(logits: torch.Tensor, *, pos: int = -1, max_n: int = 10, mass: float = 0.95,
-                      tokenizer=None) -> list[Target]:
+                      tokenizer=None, centered: bool = True) -> list[Target]:
     """The most likely next tokens at ``pos`` until their probability reaches ``mass`` (at most
-    ``max_n``), each weighted by its probability (circuit-tracer's default).
+    ``max_n``), each weighted by its probability (circuit-tracer's default), as centred logits
+    unless ``centered=False``.
 
     Args:
         logits: ``[T, vocab]``.
@@ -229,5 +244,5 @@ def top_logit_targets(logits: torch.Tensor, *, pos: int = -1, max_n: int = 10, m
     probs = logits[pos].double().softmax(-1)
     p, ids = probs.sort(descending=True)
     n = int(min(max_n, int((p.cumsum(0) < mass).sum()) + 1))
-    return [Target("logit", pos, token=int(i), label=f"logit({_show(tokenizer, int(i))})", weight=float(w))
+    return [logit_target(int(i), pos, tokenizer=tokenizer, centered=centered, weight=float(w))
             for w, i in zip(p[:n], ids[:n])]

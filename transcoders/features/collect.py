@@ -68,8 +68,11 @@ def pass_tokens(loaded: LoadedModel, train_cfg, cfg: FeaturesConfig, bos_id: int
     from ..data.tokens import build_token_split
 
     data = cfg.data if cfg.data is not None else train_cfg.data
-    split = build_token_split(data, loaded.tokenizer, cfg.ctx_len or train_cfg.ctx_len, eval_fraction=train_cfg.eval_fraction,
-                              bos_id=bos_id)
+    ctx_len = cfg.ctx_len or train_cfg.ctx_len
+    if ctx_len > loaded.adapter.max_context:
+        raise ValueError(f"contexts of {ctx_len} tokens are longer than the model's context ({loaded.adapter.max_context} "
+                         f"tokens): pass --ctx-len {loaded.adapter.max_context} or less")
+    split = build_token_split(data, loaded.tokenizer, ctx_len, eval_fraction=train_cfg.eval_fraction, bos_id=bos_id)
     tokens = split.train if cfg.split == "train" else split.eval
     order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     return tokens[order], f"{cfg.split} split of {describe_source(data)}"

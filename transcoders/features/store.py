@@ -402,6 +402,28 @@ class FeatureStore:
             self._labels[key] = json.loads(path.read_text()) if path.exists() else {"labels": {}, "rules": {}}
         return self._labels[key]
 
+    def labels_for(self, fingerprints: dict[int, str]) -> tuple[dict[int, dict[str, str]], list[int]]:
+        """The labels of the store's coders that are the given coders.
+
+        Args:
+            fingerprints: ``{layer: fingerprint}`` of the coders in use (``coders_fingerprint({0:
+                coder})``, as a graph's ``meta["layer_fingerprints"]`` records them).
+
+        Returns:
+            ``({layer: {str(feature): label}}, stale)``: labels for every layer whose stored
+            fingerprint matches; ``stale`` lists the layers the store holds for other weights
+            (their labels would describe other features, so none are returned).
+        """
+        labels, stale = {}, []
+        for key in self.keys:
+            if key.variant or key.layer not in fingerprints:
+                continue
+            if self.info(key).get("fingerprint") != fingerprints[key.layer]:
+                stale.append(key.layer)
+                continue
+            labels[key.layer] = self.labels(key)["labels"]
+        return labels, stale
+
     def feature(self, layer: int, index: int, variant: str = "", *, examples=("top", "sample")) -> FeatureRecord:
         """Everything about feature ``index`` of the coder at ``layer`` (and ``variant``).
 
