@@ -86,8 +86,8 @@ def build(ids: list[int], vocab_size: int, target_token: int, spare: list[int], 
 
     # Independent measurements with plain forward hooks on the Hugging Face modules.
     seen = {}
-    hooks = [model.transformer.h[1].mlp.act.register_forward_hook(lambda m, i, o: seen.__setitem__("hidden", o)),
-             model.transformer.ln_f.register_forward_hook(lambda m, i, o: seen.__setitem__("final", i[0]))]
+    hooks = [model.transformer.h[1].mlp.act.register_forward_hook(lambda _m, _i, o: seen.__setitem__("hidden", o)),
+             model.transformer.ln_f.register_forward_hook(lambda _m, i, _o: seen.__setitem__("final", i[0]))]
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, -1]
     for h in hooks:

@@ -57,9 +57,21 @@ def setup(request):
     feat = int(f2.feature[f2.pos == 6][0])
     targets = [Target("logit", -1, token=5), Target("logit_diff", 4, token=7, token_b=9),
                Target("feature", 6, layer=2, feature=feat),
-               Target("direction", 7, layer=2, direction=torch.randn(D, dtype=torch.float64))]
+               Target("direction", 7, layer=2, direction=torch.randn(D, dtype=torch.float64)),
+               Target("logit", 5, token=11, centered=True)]
     graph = attribute(rep, targets, batch_size=16)
     return adapter, coders, tokens, rep, graph
+
+
+def test_logit_specs_are_centred_unless_raw():
+    from transcoders.circuits.targets import parse_target
+
+    logits = torch.randn(4, 30, dtype=torch.float64)
+    c = parse_target("logit:#5@2", vocab_size=30, n_layers=3)
+    r = parse_target("rawlogit:#5@2", vocab_size=30, n_layers=3)
+    assert (c.centered, c.label, r.centered, r.label) == (True, "logit(#5)", False, "rawlogit(#5)")
+    assert float(c.value(logits)) == pytest.approx(float(logits[2, 5] - logits[2].mean()), rel=1e-12)
+    assert float(r.value(logits)) == float(logits[2, 5])
 
 
 def _target_values(rep, run, graph):

@@ -171,7 +171,8 @@ def test_constraints_match_enumeration(seed, n):
         (dict(via_layers=(1, 2)), lambda nodes: any(int(g.kind[i]) == FEATURE and 1 <= int(g.layer[i]) <= 2 for i in nodes)),
         (dict(through=through, via_layers=(2, 3)), lambda nodes: any(i in through for i in nodes) and any(
             int(g.kind[i]) == FEATURE and 2 <= int(g.layer[i]) <= 3 for i in nodes)),
-        (dict(max_depth=2, positions=[0, 1]), lambda nodes: len(nodes) <= 3 and all(int(g.pos[i]) in (0, 1) for i in nodes[1:-1])),
+        (dict(max_depth=2, positions=[0, 1]),
+         lambda nodes: len(nodes) <= 3 and all(int(g.pos[i]) in (0, 1) for i in nodes[1:-1])),
     ]
     for kwargs, ok in cases:
         brute = sorted((b for b in everything if ok(b[0])), key=lambda t: -t[2])
@@ -378,3 +379,18 @@ def test_paths_target_through_and_errors(planted_run):
     assert_one_line_error(cli("paths", out, "--through", "x"), "LAYER.FEATURE")
     assert_one_line_error(cli("paths", out, "--via-layers", "a-b"), "--via-layers")
     assert_one_line_error(cli("paths", out, "--greedy", "--through", f"0.{A}"), "exact search only")
+
+
+@HYP
+@given(st.integers(0, 10_000))
+def test_one_pass_by_level_is_the_power_series(seed):
+    from transcoders.circuits.prune import propagate
+
+    g = random_graph(seed, n_layers=4, unexpanded=0.2)
+    x0 = torch.rand(g.n_nodes, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    v = edge_gains(g)
+    series = propagate(g.n_nodes, g.edge_src, g.edge_dst, v, x0)
+    assert torch.allclose(propagate(g.n_nodes, g.edge_src, g.edge_dst, v, x0, g.layer), series, rtol=1e-12, atol=1e-12)
+    # levels that do not order the rows fall back to the series
+    flipped = -g.layer
+    assert torch.allclose(propagate(g.n_nodes, g.edge_src, g.edge_dst, v, x0, flipped), series, rtol=1e-12, atol=1e-12)

@@ -353,7 +353,8 @@ def paths(graph_file, n, target, rank, min_length, max_depth, through, via_layer
 
     graph = load_graph(graph_file)
     filters = {k: v for k, v in (("layers", _split(layers)), ("positions", _split(positions)),
-                                 ("kinds", _split(kinds, str)), ("through", _through_nodes(graph, through)), ("via_layers", _layer_range(via_layers)))
+                                 ("kinds", _split(kinds, str)), ("through", _through_nodes(graph, through)),
+                                 ("via_layers", _layer_range(via_layers)))
                if v is not None}
     if max_depth is not None:
         if greedy:

@@ -57,7 +57,7 @@ def per_unit_effects(graph: Graph, target: int) -> torch.Tensor:
     t = int(graph.target_nodes[target])
     x0 = torch.zeros(graph.n_nodes, dtype=torch.float64)
     x0[t] = 1.0
-    return x0 + propagate(graph.n_nodes, graph.edge_src, graph.edge_dst, edge_gains(graph), x0)
+    return x0 + propagate(graph.n_nodes, graph.edge_src, graph.edge_dst, edge_gains(graph), x0, graph.layer)
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Shares:
     def table(self) -> list[str]:
         """Lines for a terminal: each part with its amount and share of the value."""
         rows = [(f"listed paths ({self.n_listed})", self.listed)] if self.n_listed else []
-        rows += [(k, v) for k, v in self.parts.items() if k != "activation offsets" or abs(v) > 1e-9 * abs(self.value)]
+        rows += [(k, v) for k, v in self.parts.items() if k != "activation offsets" or abs(v) > 1e-5 * abs(self.value)]
         width = max(len(k) for k, _ in rows + [("total", 0.0)])
         lines = [f"  {k:<{width}} {v:>+10.3f} {100 * self.share(v):>7.1f}%" for k, v in rows]
         total = sum(self.parts.values())

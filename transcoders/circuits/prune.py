@@ -68,16 +68,26 @@ def target_weights(graph: Graph) -> torch.Tensor:
 
 
 def propagate(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, values: torch.Tensor,
-               x0: torch.Tensor) -> torch.Tensor:
+              x0: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_{k>=1} x0 M^k`` for the sparse ``M[dst, src] = values`` (rows to sources; ``[E]``
     float64, signed or not).
 
-    Each step is one sparse product ``M^T x``; on a DAG the support of ``x`` empties after at most
-    (longest path) steps, so the loop ends with an exactly zero vector.
+    With ``level`` (``[N]``, e.g. the nodes' layers) such that every edge out of a node that
+    itself receives edges goes to a strictly higher level (true of attribution graphs: a row
+    only feeds rows of later layers), one pass over the edges in descending level of their
+    receiving node is exact: when a level is reached, its nodes have received everything.
+    Otherwise, one sparse product ``M^T x`` per step until the support empties (at most the
+    longest path's length steps on a DAG).
 
     Raises:
         ValueError: the edges contain a cycle (the loop ran more than ``N`` steps).
     """
+    if level is not None and src.numel():
+        receives = torch.zeros(n_nodes, dtype=torch.bool)
+        receives[dst] = True
+        lv = level.to(torch.long)
+        if bool((lv[src[receives[src]]] < lv[dst[receives[src]]]).all()):
+            return _propagate_by_level(src, dst, values, x0, lv)
     mt = torch.sparse_coo_tensor(torch.stack([src, dst]), values, (n_nodes, n_nodes), check_invariants=False).coalesce()
     total = torch.zeros(n_nodes, dtype=torch.float64)
     cur = x0.double()[:, None]
@@ -89,9 +99,20 @@ def propagate(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, values: torch.
     raise ValueError("the graph's edges contain a cycle; influence and effects are defined on DAGs only")
 
 
+def _propagate_by_level(src: torch.Tensor, dst: torch.Tensor, values: torch.Tensor, x0: torch.Tensor,
+                        level: torch.Tensor) -> torch.Tensor:
+    x = x0.double().clone()
+    dst_level = level[dst]
+    order = dst_level.argsort(descending=True, stable=True)
+    counts = torch.unique_consecutive(dst_level[order], return_counts=True)[1]
+    for e in order.split(counts.tolist()):
+        x.index_add_(0, src[e], values[e].double() * x[dst[e]])
+    return x - x0.double()
+
+
 def _influence(graph: Graph) -> torch.Tensor:
     norm = _normalized_edges(graph.n_nodes, graph.edge_dst, graph.edge_weight)
-    return propagate(graph.n_nodes, graph.edge_src, graph.edge_dst, norm, target_weights(graph))
+    return propagate(graph.n_nodes, graph.edge_src, graph.edge_dst, norm, target_weights(graph), graph.layer)
 
 
 def node_influence(graph: Graph) -> torch.Tensor:
@@ -117,13 +138,14 @@ def edge_influence(graph: Graph) -> torch.Tensor:
     the receiving node (targets count their own weight ``x0``) times the edge's normalised
     absolute weight (circuit-tracer's edge score for pruning).
     """
-    return _edge_scores(graph.n_nodes, graph.edge_src, graph.edge_dst, graph.edge_weight, target_weights(graph))
+    return _edge_scores(graph.n_nodes, graph.edge_src, graph.edge_dst, graph.edge_weight, target_weights(graph),
+                        graph.layer)
 
 
 def _edge_scores(n_nodes: int, src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor,
-                 x0: torch.Tensor) -> torch.Tensor:
+                 x0: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
     norm = _normalized_edges(n_nodes, dst, weight)
-    reach = x0 + propagate(n_nodes, src, dst, norm, x0)
+    reach = x0 + propagate(n_nodes, src, dst, norm, x0, level)
     return reach[dst] * norm
 
 
@@ -194,7 +216,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
 
     src, dst, w = graph.edge_src, graph.edge_dst, graph.edge_weight
     among = (keep[src] & keep[dst]).nonzero().flatten()
-    scores = _edge_scores(N, src[among], dst[among], w[among], x0)
+    scores = _edge_scores(N, src[among], dst[among], w[among], x0, graph.layer)
     edge_keep = torch.zeros(graph.n_edges, dtype=torch.bool)
     edge_keep[among[_top_mass(scores, edge_threshold)]] = True
 
@@ -290,7 +312,7 @@ def graph_scores(graph: Graph, pruned: Graph | None = None) -> dict[str, float]:
     src, dst, w = G.edge_src, G.edge_dst, G.edge_weight
     mass = _abs_row_sums(G.n_nodes, dst, w) + extra
     norm = w.double().abs() / mass[dst].clamp_min(_TINY)
-    x = propagate(G.n_nodes, src, dst, norm, x0)
+    x = propagate(G.n_nodes, src, dst, norm, x0, G.layer)
     y = x0 + x
     extra_frac = extra / mass.clamp_min(_TINY)
     from_err = G.kind[src] == ERROR

@@ -13,6 +13,7 @@ Two modes:
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -75,7 +76,15 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_close)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _close() -> None:
+    """Tear the process group down before the interpreter does: a rank that exits with a live gloo
+    group while its peer still runs can abort in the group's destructor."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main() -> bool:
