@@ -303,3 +303,14 @@ def test_train_cli_unknown_device_is_one_line_error(files, tmp_path):
 def test_train_cli_unavailable_cuda_is_one_line_error(files, tmp_path):
     result = invoke(*train_args(files, tmp_path / "run", "--layers", "1", "--device", "cuda"))
     assert_one_line_error(result, "device 'cuda'", "no CUDA GPU")
+
+
+def test_evaluate_cli_all_at_once_and_layers(run_copy):
+    run = run_copy
+    out = invoke("evaluate", run, "--eval-tokens", "64", "--all-at-once", "--quiet")
+    assert out.exit_code == 0, out.output
+    saved = json.loads((run / "metrics.json").read_text())
+    together, single = saved["spliced_together"], saved["layers"]["1"]
+    assert together["layers"] == [1] and together["ce_spliced"] == single["ce_spliced"]
+    assert "spliced at once" in (run / "summary.md").read_text()
+    assert_one_line_error(invoke("evaluate", run, "--layers", "0", "--quiet"), "no coder for layer(s) [0]")

@@ -262,3 +262,91 @@ def test_skip_first_leaves_the_sink_out_of_fvu_and_keeps_its_real_mlp_output(tin
     assert full["eval_tokens"] == tiny_tokens.numel()
     assert skipped["eval_tokens"] == tiny_tokens.numel() - tiny_tokens.shape[0]
     assert skipped["layers"]["1"]["fvu"] != full["layers"]["1"]["fvu"]
+
+
+# ----------------------------------------------------------------------------- all at once
+
+@torch.no_grad()
+def _hand_run(model, ids, outputs: dict):
+    """Logits with each layer's MLP output replaced by ``outputs[layer](mlp_input)``, by forward
+    hooks on the Hugging Face modules themselves (not the splicing code under test)."""
+    handles = [model.model.layers[layer].mlp.register_forward_hook(lambda _m, args, _out, fn=fn: fn(args[0]))
+               for layer, fn in outputs.items()]
+    try:
+        return model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _ce(logits, ids) -> float:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
+
+
+def _kl(logits, clean_logits) -> float:
+    logp = F.log_softmax(logits[:, :-1].float(), -1)
+    clean = F.log_softmax(clean_logits[:, :-1].float(), -1)
+    return (clean.exp() * (clean - logp)).sum(-1).mean().item()
+
+
+@pytest.fixture(scope="module")
+def together_result(adapter, eval_ids, single_thread):
+    coders = {0: make_coder(0, seed=1), 1: make_coder(1, seed=3), 2: make_coder(2, seed=2)}
+    means = {0: 0.01 * torch.ones(D_MODEL), 1: 0.02 * torch.ones(D_MODEL), 2: -0.02 * torch.ones(D_MODEL)}
+    out = evaluate_coders(adapter, coders, eval_ids, mlp_out_means=means, batch_size=2, progress=False, together=True)
+    return coders, means, out
+
+
+def test_all_at_once_equals_hand_computation(together_result, adapter, eval_ids):
+    coders, means, out = together_result
+    t = out["spliced_together"]
+    model = adapter.model
+    clean = model(eval_ids).logits
+    tc = {layer: (lambda x, c=c: c.decode(c.encode(x), x)) for layer, c in coders.items()}
+    spliced = _hand_run(model, eval_ids, tc)
+    zero = _hand_run(model, eval_ids, {layer: torch.zeros_like for layer in coders})
+    mean = _hand_run(model, eval_ids, {layer: (lambda x, m=m: m.expand_as(x)) for layer, m in means.items()})
+    assert t["layers"] == [0, 1, 2]
+    assert t["ce_clean"] == pytest.approx(_ce(clean, eval_ids), rel=1e-5)
+    assert t["ce_spliced"] == pytest.approx(_ce(spliced, eval_ids), rel=1e-5)
+    assert t["kl"] == pytest.approx(_kl(spliced, clean), rel=1e-4)
+    assert t["ce_zero_ablation"] == pytest.approx(_ce(zero, eval_ids), rel=1e-5)
+    assert t["ce_mean_ablation"] == pytest.approx(_ce(mean, eval_ids), rel=1e-5)
+    assert t["ce_increase"] == pytest.approx(t["ce_spliced"] - t["ce_clean"], rel=1e-9)
+    assert t["loss_recovered_vs_zero"] == pytest.approx(
+        (t["ce_zero_ablation"] - t["ce_spliced"]) / (t["ce_zero_ablation"] - t["ce_clean"]), rel=1e-9)
+    # all at once is not the sum of the single splices: the together run really splices them all
+    assert abs(t["ce_spliced"] - max(m["ce_spliced"] for m in out["layers"].values())) > 1e-4
+    for layer in coders:
+        rest = _hand_run(model, eval_ids, {k: f for k, f in tc.items() if k != layer})
+        loo = t["leave_one_out"][str(layer)]
+        assert loo["ce_without"] == pytest.approx(_ce(rest, eval_ids), rel=1e-5)
+        assert loo["kl_without"] == pytest.approx(_kl(rest, clean), rel=1e-4)
+        assert loo["ce_added"] == pytest.approx(t["ce_spliced"] - loo["ce_without"], rel=1e-9)
+
+
+def test_all_at_once_with_one_coder_is_the_single_layer_splice(adapter, eval_ids):
+    coder = make_coder(1, seed=5)
+    out = evaluate_coders(adapter, {1: coder}, eval_ids, mlp_out_means={1: torch.zeros(D_MODEL)}, batch_size=2,
+                          progress=False, together=True)
+    single, t = out["layers"]["1"], out["spliced_together"]
+    for a, b in (("ce_spliced", "ce_spliced"), ("kl", "kl"), ("ce_zero_ablation", "ce_zero_ablation"),
+                 ("ce_mean_ablation", "ce_mean_ablation"), ("ce_loss_recovered", "loss_recovered_vs_zero")):
+        assert t[b] == single[a], a
+    assert t["leave_one_out"] == {}
+
+
+def test_all_at_once_refuses_two_coders_for_one_layer(adapter, eval_ids):
+    with pytest.raises(ValueError, match="one coder per layer"):
+        evaluate_coders(adapter, {"1/a": make_coder(1), "1/b": make_coder(1, seed=9)}, eval_ids, progress=False,
+                        together=True)
+
+
+def test_report_shows_the_together_table(tmp_path, together_result):
+    _, _, out = together_result
+    write_report(tmp_path, out)
+    text = (tmp_path / SUMMARY).read_text()
+    assert "## All 3 coders spliced at once (layers 0-2)" in text
+    assert f"{out['spliced_together']['ce_spliced']:.4f}" in text
+    assert sum(line.startswith("| 1 |") for line in text.splitlines()) == 2  # per-layer row and leave-one-out row
+    assert json.loads((tmp_path / METRICS).read_text())["spliced_together"]["layers"] == [0, 1, 2]

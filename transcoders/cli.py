@@ -11,7 +11,7 @@ import torch
 
 from . import __version__
 from .circuit_cli import CIRCUIT_COMMANDS
-from .cli_common import config_options, explicit_settings, quiet_progress, user_errors
+from .cli_common import config_options, explicit_settings, parse_layers, quiet_progress, user_errors
 from .coders.formats import FORMATS
 from .features_cli import FEATURE_COMMANDS
 from .files import refuse_to_replace
@@ -130,17 +130,26 @@ def train(ctx: click.Context, run_dir: Path, resume_dir: Path | None, override: 
               help="start every context with BOS [default: as the run was trained]; contradicting the run is an error")
 @click.option("--eval-tokens", type=int, default=8192, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="contexts per forward pass")
+@click.option("--all-at-once", is_flag=True,
+              help="also splice every coder at once (and all but one, per layer): CE, KL, loss recovered")
+@click.option("--layers", "layers", default=None, help="only these layers' coders (comma-separated)")
 @click.option("--quiet", is_flag=True)
 @user_errors
 def evaluate(run_dir: Path, data: str | None, out: Path | None, model: str | None, prepend_bos: bool | None,
-             eval_tokens: int, batch_size: int, quiet: bool) -> None:
-    """Evaluate the coders in RUN_DIR: L0, FVU, dead/dense features, spliced-in loss."""
+             eval_tokens: int, batch_size: int, all_at_once: bool, layers: str | None, quiet: bool) -> None:
+    """Evaluate the coders in RUN_DIR: L0, FVU, dead/dense features, spliced-in loss (one layer at
+    a time, and with --all-at-once every layer together)."""
     quiet_progress(quiet)
     from .evaluation.run import evaluate_run
 
+    chosen = None
+    if layers is not None:
+        chosen = parse_layers(layers)
+        chosen = None if chosen == "all" else chosen
     metrics = evaluate_run(run_dir, data=data, out=out, model=model, prepend_bos=prepend_bos, eval_tokens=eval_tokens,
-                           batch_size=batch_size, progress=not quiet)
-    click.echo(json.dumps({k: v for k, v in metrics.items() if k in ("layers", "eval_tokens")}, indent=2))
+                           batch_size=batch_size, progress=not quiet, all_at_once=all_at_once, layers=chosen)
+    click.echo(json.dumps({k: v for k, v in metrics.items() if k in ("layers", "eval_tokens", "spliced_together")},
+                          indent=2))
     click.echo(f"report: {metrics['summary_path']}")
 
 

@@ -8,6 +8,11 @@ the coder spliced in place of the MLP, with the MLP zero-ablated and mean-ablate
 fraction of loss recovered ``(CE_zero - CE_spliced) / (CE_zero - CE_clean)`` (None when zero
 ablation does not change the loss) and the mean
 KL divergence ``KL(clean || spliced)`` in nats/token (Dunefsky et al. 2024, Sec. 4).
+
+With ``together=True`` the same pass also splices every layer's coder at once (the paper's
+"all MLPs replaced" setting, Dunefsky et al. 2024, Sec. 4.2), against zero- and mean-ablating
+the same set of MLPs, and once more for each layer with every coder but that one spliced: the
+difference is the loss that layer adds on top of the others.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ def evaluate_coders(
     batch_size: int = 8,
     progress: bool = True,
     skip_first: int = 0,
+    together: bool = False,
 ) -> dict:
-    """Evaluate coders spliced one at a time into the model on held-out tokens.
+    """Evaluate coders spliced one at a time into the model on held-out tokens (and, with
+    ``together``, all at once).
 
     Args:
         adapter: the model's adapter (float32 for exact CE).
@@ -57,16 +64,28 @@ def evaluate_coders(
         batch_size: contexts per forward pass.
         skip_first: leading positions of every context left out of L0/FVU, and where every
             splice (coder, zero or mean ablation) keeps the real MLP output (the attention sink).
+        together: also splice all coders at once; needs one coder per layer.
 
     Returns:
         ``{"layers": {"<key>": {l0, fvu, mse, dead_fraction, dense_fraction, ce_clean,
         ce_spliced, ce_zero_ablation, ce_mean_ablation, ce_loss_recovered, kl}},
         "eval_tokens": n}`` and, under ``"feature_frequency"``, per-layer ``[d_sae]`` firing
-        frequencies (a tensor, for plots; not JSON).
+        frequencies (a tensor, for plots; not JSON). With ``together``, also
+        ``"spliced_together"``: ``{layers, ce_clean, ce_spliced, ce_increase, kl,
+        ce_zero_ablation, ce_mean_ablation, loss_recovered_vs_zero, loss_recovered_vs_mean,
+        leave_one_out: {"<layer>": {ce_without, kl_without, ce_added}}}`` (nats/token;
+        ``ce_added = ce_spliced - ce_without``).
+
+    Raises:
+        ValueError: ``together`` with two coders for one layer (sweep variants).
     """
     layer_of = {key: coders[key].cfg.layer if coders[key].cfg.layer is not None else int(key) for key in coders}
     keys = sorted(coders, key=lambda key: (layer_of[key], str(key)))
     layers = sorted(set(layer_of.values()))
+    if together and len(layers) != len(keys):
+        raise ValueError(f"splicing all at once needs one coder per layer; these are {', '.join(map(str, keys))} "
+                         "(sweep variants): evaluate one variant's folder, or pass --layers")
+    joint = _Together(layers) if together else None
     device = adapter.device
     acc = {key: {"sq_err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "l0": 0.0,
                  "fires": torch.zeros(coders[key].cfg.d_sae, dtype=torch.int64, device=device),
@@ -115,6 +134,12 @@ def evaluate_coders(
                 ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp)
             acc[key]["ce_spliced"] += ce
             acc[key]["kl"] += kl
+        if joint is not None:
+            coder_of = {layer_of[key]: coders[key] for key in keys}
+            joint.add(adapter, ids, clean_logp, {
+                layer: keep_first(coder_replacement(coder_of[layer], adapter), adapter, layer, skip_first) for layer in layers
+            }, {layer: keep_first(zero_ablation, adapter, layer, skip_first) for layer in layers},
+                {layer: keep_first(mean_ablation(means[layer].to(device)), adapter, layer, skip_first) for layer in layers})
         del clean_logp
     out: dict = {"layers": {}, "eval_tokens": int(acc[keys[0]]["n"]), "feature_frequency": {}}
     for key in keys:
@@ -137,4 +162,49 @@ def evaluate_coders(
             "kl": a["kl"] / n_pred,
         }
         out["feature_frequency"][str(key)] = freq
+    if joint is not None:
+        out["spliced_together"] = joint.result(ce_clean / n_pred, n_pred)
     return out
+
+
+class _Together:
+    """Summed CE and KL of the all-at-once splices over the batches of one evaluation."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = layers
+        self.ce = {"spliced": 0.0, "zero": 0.0, "mean": 0.0}
+        self.kl = 0.0
+        self.without = {layer: [0.0, 0.0] for layer in layers}  # CE, KL with every coder but this layer's
+
+    def add(self, adapter: ModelAdapter, ids: torch.Tensor, clean_logp: torch.Tensor, coders: dict, zero: dict,
+            mean: dict) -> None:
+        def run(replacements: dict) -> tuple[float, float]:
+            with splice_mlps(adapter, replacements):
+                ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp)
+            return ce, kl
+
+        ce, self_kl = run(coders)
+        self.ce["spliced"] += ce
+        self.kl += self_kl
+        self.ce["zero"] += run(zero)[0]
+        self.ce["mean"] += run(mean)[0]
+        if len(self.layers) > 1:
+            for layer in self.layers:
+                ce, kl = run({k: r for k, r in coders.items() if k != layer})
+                self.without[layer][0] += ce
+                self.without[layer][1] += kl
+
+    def result(self, ce_clean: float, n_pred: int) -> dict:
+        spliced, zero, mean = (self.ce[k] / n_pred for k in ("spliced", "zero", "mean"))
+        out = {
+            "layers": self.layers, "ce_clean": ce_clean, "ce_spliced": spliced, "ce_increase": spliced - ce_clean,
+            "kl": self.kl / n_pred, "ce_zero_ablation": zero, "ce_mean_ablation": mean,
+            "loss_recovered_vs_zero": (zero - spliced) / (zero - ce_clean) if zero != ce_clean else None,
+            "loss_recovered_vs_mean": (mean - spliced) / (mean - ce_clean) if mean != ce_clean else None,
+            "leave_one_out": {},
+        }
+        if len(self.layers) > 1:
+            out["leave_one_out"] = {str(layer): {"ce_without": ce / n_pred, "kl_without": kl / n_pred,
+                                                 "ce_added": spliced - ce / n_pred}
+                                    for layer, (ce, kl) in self.without.items()}
+        return out

@@ -50,7 +50,35 @@ def summary_text(metrics: dict, header: str = "") -> str:
             f"{m['ce_clean']:.4f} | {m['ce_spliced']:.4f} | {m['ce_zero_ablation']:.4f} | {m['ce_mean_ablation']:.4f} | "
             f"{'n/a' if m['ce_loss_recovered'] is None else format(m['ce_loss_recovered'], '.3f')} | {m['kl']:.4f} |"
         )
+    together = metrics.get("spliced_together")
+    if together:
+        lines += ["", f"## All {len(together['layers'])} coders spliced at once (layers {_ranges(together['layers'])})", "",
+                  "| CE clean | CE spliced | CE increase | KL | CE zero-abl. | CE mean-abl. | recovered vs zero | "
+                  "recovered vs mean |", "|---|---|---|---|---|---|---|---|",
+                  f"| {together['ce_clean']:.4f} | {together['ce_spliced']:.4f} | {together['ce_increase']:+.4f} | "
+                  f"{together['kl']:.4f} | {together['ce_zero_ablation']:.4f} | {together['ce_mean_ablation']:.4f} | "
+                  f"{_frac(together['loss_recovered_vs_zero'])} | {_frac(together['loss_recovered_vs_mean'])} |"]
+        if together["leave_one_out"]:
+            lines += ["", "What each layer's coder adds on top of all the others (CE spliced minus CE with every "
+                      "coder but that one):", "", "| layer | CE without it | CE added | KL without it |", "|---|---|---|---|"]
+            lines += [f"| {layer} | {m['ce_without']:.4f} | {m['ce_added']:+.4f} | {m['kl_without']:.4f} |"
+                      for layer, m in together["leave_one_out"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _frac(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
+    out, start = [], None
+    for i, x in enumerate(layers):
+        start = x if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(str(x) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)
 
 
 def write_report(run_dir: str | Path, metrics: dict, extra: dict | None = None, header: str = "") -> Path:

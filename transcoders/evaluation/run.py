@@ -52,7 +52,7 @@ def read_train_config(run_dir: str | Path) -> TrainConfig | None:
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Path | None = None, model: str | None = None,
                  prepend_bos: bool | None = None, eval_tokens: int = 8192, batch_size: int = 8,
                  loaded: LoadedModel | None = None, eval_split: torch.Tensor | None = None, progress: bool = True,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, all_at_once: bool = False, layers: list[int] | None = None) -> dict:
     """Evaluate every coder in ``run_dir`` and write ``metrics.json``, ``summary.md`` and
     ``feature_density.png``.
 
@@ -70,6 +70,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
         prepend_bos: start every context with BOS; default: as the run was trained (runs from
             before the setting: no BOS; coders without a run: the model's policy).
         eval_tokens: cap on evaluation tokens.
+        all_at_once: also splice every coder at once (``metrics["spliced_together"]``, see
+            :func:`~transcoders.evaluation.metrics.evaluate_coders`).
+        layers: evaluate (and splice together) only the coders of these layers.
 
     Raises:
         CoderFileError: missing/corrupt coders, or coders that do not fit the model.
@@ -80,6 +83,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
     """
     run_dir = Path(run_dir)
     coder_dirs = find_coders(run_dir)
+    if layers is not None:
+        missing = sorted(set(layers) - {key.layer for key in coder_dirs})
+        if missing:
+            raise CoderFileError(f"{run_dir} has no coder for layer(s) {missing}; it has layers "
+                                 f"{sorted({key.layer for key in coder_dirs})}")
+        coder_dirs = {key: folder for key, folder in coder_dirs.items() if key.layer in set(layers)}
     out_dir = check_writable(Path(out) if out is not None else eval_folder(run_dir, data))
     coders = {key: load_coder(folder) for key, folder in coder_dirs.items()}
     recorded = read_train_config(run_dir)
@@ -111,7 +120,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
             means[key.layer] = load_file(folder / "stats.safetensors")["mlp_out_mean"]
     t0 = time.perf_counter()
     metrics = evaluate_coders(loaded.adapter, {str(k): c for k, c in coders.items()}, tokens, mlp_out_means=means,
-                              batch_size=batch_size, progress=progress, skip_first=train_cfg.skip_first_tokens)
+                              batch_size=batch_size, progress=progress, skip_first=train_cfg.skip_first_tokens,
+                              together=all_at_once)
     info = {"model": loaded.name, "eval_data": source, "prepend_bos": use_bos, "eval_seconds": time.perf_counter() - t0,
             **(extra or {})}
     if out_dir == run_dir and "training" not in info and (run_dir / "timing.json").exists():
