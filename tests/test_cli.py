@@ -314,3 +314,29 @@ def test_evaluate_cli_all_at_once_and_layers(run_copy):
     assert together["layers"] == [1] and together["ce_spliced"] == single["ce_spliced"]
     assert "spliced at once" in (run / "summary.md").read_text()
     assert_one_line_error(invoke("evaluate", run, "--layers", "0", "--quiet"), "no coder for layer(s) [0]")
+
+
+def test_evaluate_cli_on_a_mixture_reports_each_source(run_copy, files, tmp_path):
+    import shutil
+
+    run = run_copy
+    third = tmp_path / "third.jsonl"
+    shutil.copy(files["train"], third)  # a second source the run never saw held out
+    mixture = f"{files['other']}:0.5,{third}:0.5"
+    out = invoke("evaluate", run, "--data", mixture, "--eval-tokens", "128", "--quiet")
+    assert out.exit_code == 0, out.output
+    folder = next((run / "eval").glob("mixture-*"))
+    saved = json.loads((folder / "metrics.json").read_text())
+    parts = saved["by_source"]
+    assert len(parts) == 2 and sum(p["eval_tokens"] for p in parts.values()) == saved["eval_tokens"]
+    # each source's part is that source evaluated alone on as many contexts
+    for path in (files["other"], third):
+        label = next(k for k in parts if k.endswith(path.name))
+        n_ctx = parts[label]["eval_tokens"] // 15  # 16-token contexts less the sink position
+        alone = invoke("evaluate", run, "--data", path, "--eval-tokens", str(16 * n_ctx), "--out", tmp_path / path.stem,
+                       "--quiet")
+        assert alone.exit_code == 0, alone.output
+        ref = json.loads((tmp_path / path.stem / "metrics.json").read_text())["layers"]["1"]
+        assert parts[label]["layers"]["1"]["ce_spliced"] == pytest.approx(ref["ce_spliced"], rel=1e-6)
+        assert parts[label]["layers"]["1"]["fvu"] == pytest.approx(ref["fvu"], rel=1e-6)
+    assert "alone (" in (folder / "summary.md").read_text()

@@ -148,8 +148,8 @@ def evaluate(run_dir: Path, data: str | None, out: Path | None, model: str | Non
         chosen = None if chosen == "all" else chosen
     metrics = evaluate_run(run_dir, data=data, out=out, model=model, prepend_bos=prepend_bos, eval_tokens=eval_tokens,
                            batch_size=batch_size, progress=not quiet, all_at_once=all_at_once, layers=chosen)
-    click.echo(json.dumps({k: v for k, v in metrics.items() if k in ("layers", "eval_tokens", "spliced_together")},
-                          indent=2))
+    shown = ("layers", "eval_tokens", "spliced_together", "by_source")
+    click.echo(json.dumps({k: v for k, v in metrics.items() if k in shown}, indent=2))
     click.echo(f"report: {metrics['summary_path']}")
 
 

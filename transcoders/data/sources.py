@@ -159,11 +159,18 @@ def load_documents(
 
     Returns a list of :class:`Document`.
     Raises :class:`DataSourceError` if a path-like source does not exist, a file is not UTF-8,
-    a JSON line is invalid or lacks ``text_field``, a dataset cannot be loaded, or no
-    non-empty text results.
+    a JSON line is invalid or lacks ``text_field``, a dataset cannot be loaded, no
+    non-empty text results, or ``source`` is a mixture (``a.jsonl:0.5,sotu:0.5``, see
+    :func:`~transcoders.data.mixture.parse_data`: tokenize those with
+    :func:`~transcoders.data.tokens.build_token_split` / ``tokenize_source``).
     """
     if source is None or (isinstance(source, str) and source == DEFAULT_SOURCE):
         docs = list(_bundled_documents())
+    elif isinstance(source, str) and "," in source and _is_mixture(source):
+        raise DataSourceError(
+            f"{source!r} is a mixture of several sources, and load_documents reads one; tokenize a mixture "
+            f"with transcoders.data.tokens.build_token_split or tokenize_source."
+        )
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -193,11 +200,29 @@ def load_documents(
     return docs
 
 
+def _is_mixture(source: str) -> bool:
+    from .mixture import is_mixture  # mixture.py imports this module
+
+    return is_mixture(source)
+
+
 def describe_source(source: str | os.PathLike | None) -> str:
-    """A short human-readable description of ``source`` (as accepted by :func:`load_documents`).
+    """A short human-readable description of ``source``: one source as accepted by
+    :func:`load_documents`, or a mixture (``"mixture: 50% JSON lines file notes.jsonl, 30% State
+    of the Union corpus (...), 20% folder docs (...)"``, shares rounded to 3 significant digits).
 
     Does not load or validate the source, except that the bundled corpus is counted.
+    Raises :class:`DataSourceError` for a malformed mixture (see :func:`~transcoders.data.mixture.parse_data`).
     """
+    from .mixture import parse_data
+
+    parts = parse_data(source)
+    if len(parts) > 1:
+        return "mixture: " + ", ".join(f"{float(p.share) * 100:.3g}% {_describe_one(p.source)}" for p in parts)
+    return _describe_one(parts[0].source)
+
+
+def _describe_one(source: str | os.PathLike | None) -> str:
     if source is None or (isinstance(source, str) and source == DEFAULT_SOURCE):
         return f"State of the Union corpus (bundled, {len(_bundled_documents())} documents)"
     path = Path(source).expanduser()

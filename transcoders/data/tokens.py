@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
+from .mixture import mixture_counts, parse_data
 from .sources import DataSourceError, Document, load_documents
 
-__all__ = ["TokenSplit", "split_documents", "tokenize_documents", "build_token_split", "separator_token_id"]
+__all__ = ["TokenSplit", "split_documents", "tokenize_documents", "tokenize_source", "build_token_split",
+           "separator_token_id"]
 
 _BATCH_DOCS = 64
 
@@ -21,7 +27,11 @@ class TokenSplit:
 
     ``train``: [n_train_ctx, ctx_len] int64; ``eval``: [n_eval_ctx, ctx_len] int64.
     ``train_documents`` / ``eval_documents``: names of the documents that contributed tokens
-    to those rows, in order. ``separator_id``: the token appended after every document.
+    to those rows, in order (in a mixture prefixed by their source's label: ``"sotu|1790_...txt"``).
+    ``separator_id``: the token appended after every document.
+    ``train_sources`` / ``eval_sources``: ``(label, rows)`` per source, in the order given,
+    ``rows`` a slice of the row axis (``split.eval[rows]`` are that source's contexts); the
+    slices tile the rows in order. One entry for a lone source.
     """
 
     train: torch.Tensor
@@ -29,6 +39,8 @@ class TokenSplit:
     train_documents: list[str]
     eval_documents: list[str]
     separator_id: int
+    train_sources: list[tuple[str, slice]] = field(default_factory=list)
+    eval_sources: list[tuple[str, slice]] = field(default_factory=list)
 
 
 def _hash_fraction(name: str) -> float:
@@ -91,9 +103,9 @@ def separator_token_id(tokenizer) -> int:
 
 
 def _tokenize(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | None,
-              bos_id: int | None = None) -> tuple[torch.Tensor, int]:
-    """Rows of tokens (each led by ``bos_id`` when given) and the number of leading documents
-    that contributed to them."""
+              bos_id: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Rows of tokens (each led by ``bos_id`` when given) and the end of each tokenized
+    document in the joined text tokens (cumulative lengths, separators included)."""
     if ctx_len < 1 + (bos_id is not None):
         raise ValueError(f"ctx_len must be >= {1 + (bos_id is not None)}, got {ctx_len}")
     if max_tokens is not None and max_tokens < ctx_len:
@@ -102,6 +114,7 @@ def _tokenize(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | N
     body = ctx_len - (bos_id is not None)  # text tokens per row
     wanted = None if max_tokens is None else (max_tokens // ctx_len) * body
     pieces: list[torch.Tensor] = []
+    ends: list[int] = []
     total = 0
     for start in range(0, len(docs), _BATCH_DOCS):
         if wanted is not None and total >= wanted:
@@ -110,20 +123,23 @@ def _tokenize(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | N
         for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             pieces.append(torch.tensor([*ids, sep], dtype=torch.int64))
             total += len(ids) + 1
+            ends.append(total)
     n_rows = (total if wanted is None else min(total, wanted)) // body
     if n_rows == 0:
         raise DataSourceError(
             f"{len(docs)} documents gave only {total} tokens, fewer than ctx_len={ctx_len}; "
             f"use a smaller ctx_len or more text."
         )
-    used, n_docs = 0, 0
-    while used < n_rows * body:
-        used += len(pieces[n_docs])
-        n_docs += 1
+    n_docs = _docs_in(ends, n_rows * body)
     rows = torch.cat(pieces[:n_docs])[: n_rows * body].view(n_rows, body)
     if bos_id is not None:
         rows = torch.cat([torch.full((n_rows, 1), bos_id, dtype=torch.int64), rows], dim=1)
-    return rows, n_docs
+    return rows, ends
+
+
+def _docs_in(ends: list[int], n_tokens: int) -> int:
+    """How many leading documents (ending at ``ends``) contribute to the first ``n_tokens`` tokens."""
+    return 0 if n_tokens <= 0 else bisect.bisect_left(ends, n_tokens) + 1
 
 
 def tokenize_documents(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | None = None,
@@ -143,6 +159,110 @@ def tokenize_documents(docs: list[Document], tokenizer, ctx_len: int, max_tokens
     return _tokenize(docs, tokenizer, ctx_len, max_tokens, bos_id)[0]
 
 
+def _check_cap(name: str, cap: int | None, ctx_len: int) -> int | None:
+    """``cap`` tokens as whole contexts (None: no cap); the same check as :func:`_tokenize`."""
+    if cap is None:
+        return None
+    if cap < ctx_len:
+        raise ValueError(f"{name} ({cap}) must be at least ctx_len ({ctx_len})")
+    return cap // ctx_len
+
+
+def _load(label: str, source, text_field: str, split: str) -> list[Document]:
+    try:
+        return load_documents(source, text_field=text_field, split=split)
+    except DataSourceError as e:
+        raise DataSourceError(f"mixture source {label!r}: {e}") from None
+
+
+def _mix(what: str, groups: Sequence[tuple[str, list[Document]]], shares: Sequence[Fraction], tokenizer,
+         ctx_len: int, cap: int | None, bos_id: int | None, log: Callable[[str], None] | None,
+         ) -> tuple[torch.Tensor, list[str], list[tuple[str, slice]]]:
+    """Tokenize each ``(label, documents)`` group and keep the first ``counts[i]`` contexts of group
+    ``i``, ``counts = mixture_counts(contexts per group, shares, cap)`` (``cap`` in contexts).
+
+    Returns rows [sum(counts), ctx_len] grouped by source in order, the labelled names of the
+    contributing documents, and ``(label, slice)`` per source.
+    """
+    body = ctx_len - (bos_id is not None)
+    tokenized, complete = [], []
+    for (label, docs), share in zip(groups, shares):
+        # No source can give more than ceil(cap * share) contexts, so tokenization stops there; a
+        # prefix of a capped tokenization is the same prefix as of the full one.
+        limit = None if cap is None else math.ceil(cap * share)
+        try:
+            tokenized.append(_tokenize(docs, tokenizer, ctx_len, None if limit is None else limit * ctx_len, bos_id))
+        except DataSourceError as e:
+            raise DataSourceError(f"{what} of mixture source {label!r}: {e}") from None
+        complete.append(limit is None or tokenized[-1][0].shape[0] < limit)  # False: it may have more
+    available = [rows.shape[0] for rows, _ in tokenized]
+    counts = mixture_counts(available, shares, cap)
+    pieces, names, sources, start = [], [], [], 0
+    for (label, docs), (rows, ends), n in zip(groups, tokenized, counts):
+        pieces.append(rows[:n])
+        names += [f"{label}|{d.name}" for d in docs[: _docs_in(ends, n * body)]]
+        sources.append((label, slice(start, start + n)))
+        start += n
+    if log is not None:
+        log(_summary(what, [label for label, _ in groups], counts, available, shares, cap, ctx_len, complete))
+    return torch.cat(pieces), names, sources
+
+
+def _summary(what: str, labels: list[str], counts: list[int], available: list[int], shares: Sequence[Fraction],
+             cap: int | None, ctx_len: int, complete: list[bool]) -> str:
+    """One log line: how many contexts each source gave, and what limited the total."""
+    total = sum(counts)
+    each = []
+    for label, n, have, share, whole in zip(labels, counts, available, shares, complete):
+        of = (f"all {have} it has" if n == have else f"of {have}") if whole else f"of the first {have}"
+        each.append(f"{n} from {label} ({float(share) * 100:.3g}%, {of})")
+    if cap is not None and total == cap:
+        why = "the cap on tokens sets the total"
+    else:
+        short = [label for label, have, share in zip(labels, available, shares) if math.floor(have / share) == total]
+        verb = "limits" if len(short) == 1 else "limit"
+        why = f"{' and '.join(short)} ran out first and {verb} the total (sources are not repeated)"
+    empty = [label for label, n in zip(labels, counts) if n == 0]
+    warn = f"; warning: {', '.join(empty)} gave no contexts (share below one context)" if empty else ""
+    return f"data mixture, {what}: {total} contexts of {ctx_len} tokens: {', '.join(each)}; {why}{warn}"
+
+
+def tokenize_source(
+    source: str | os.PathLike | None,
+    tokenizer,
+    ctx_len: int,
+    *,
+    max_tokens: int | None = None,
+    text_field: str = "text",
+    split: str = "train",
+    bos_id: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, list[tuple[str, slice]]]:
+    """All documents of ``source`` (one source or a mixture, see
+    :func:`~transcoders.data.mixture.parse_data`) as contexts, without a train/eval split: for
+    text other than a run's own (``evaluate --data``).
+
+    A lone source gives exactly ``tokenize_documents(load_documents(source), ...)``. A mixture
+    takes from each source the number of contexts that
+    :func:`~transcoders.data.mixture.mixture_counts` gives for ``cap = max_tokens // ctx_len``:
+    the first contexts of each source, grouped by source in the order given.
+
+    Returns (int64 rows [n_ctx, ctx_len], ``(label, slice)`` per source); ``log`` gets a line
+    saying what each source of a mixture gave.
+    Raises DataSourceError (bad or malformed source, too little text) or ValueError (bad
+    ``ctx_len`` / ``max_tokens``, tokenizer without eos/bos).
+    """
+    parts = parse_data(source)
+    if len(parts) == 1:
+        rows = tokenize_documents(load_documents(parts[0].source, text_field=text_field, split=split), tokenizer,
+                                  ctx_len, max_tokens, bos_id)
+        return rows, [(parts[0].label, slice(0, rows.shape[0]))]
+    cap = _check_cap("max_tokens", max_tokens, ctx_len)
+    groups = [(p.label, _load(p.label, p.source, text_field, split)) for p in parts]
+    rows, _, sources = _mix("all documents", groups, [p.share for p in parts], tokenizer, ctx_len, cap, bos_id, log)
+    return rows, sources
+
+
 def build_token_split(
     source: str | os.PathLike | None,
     tokenizer,
@@ -154,26 +274,69 @@ def build_token_split(
     text_field: str = "text",
     split: str = "train",
     bos_id: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TokenSplit:
     """Load ``source`` (see :func:`load_documents`), split it by document and tokenize both sides.
+
+    ``source`` may be a weighted mixture ``"a.jsonl:0.5,sotu:0.3,docs/:0.2"`` (see
+    :func:`~transcoders.data.mixture.parse_data`). Each source is then loaded and split on its own
+    by :func:`split_documents` (so its held-out documents are the same as when it is used alone,
+    and never reach training) and tokenized on its own; each split takes the first
+    ``counts[i]`` contexts of source ``i``, ``counts = mixture_counts(contexts of each source,
+    shares, cap)`` (:func:`~transcoders.data.mixture.mixture_counts`: exact shares, the source
+    that runs out first limits the total, nothing is repeated; ``cap = max_*_tokens // ctx_len``).
+    Rows are grouped by source in the order given; ``train_sources`` / ``eval_sources`` say
+    which rows came from which source, and ``log`` gets one line per split with the counts.
+    A lone source, with or without a weight, gives exactly what it gave before mixtures.
 
     Returns a :class:`TokenSplit` with train [n_train_ctx, ctx_len] and eval [n_eval_ctx, ctx_len]
     int64 tensors from disjoint documents, capped at ``max_train_tokens`` / ``max_eval_tokens``;
     every row starts with ``bos_id`` when it is given.
-    Raises DataSourceError (bad source, too little text on either side) or ValueError (bad
-    ``eval_fraction`` / ``ctx_len`` / caps, tokenizer without eos/bos).
+    Raises DataSourceError (bad or malformed source, too little text on either side of any
+    source) or ValueError (bad ``eval_fraction`` / ``ctx_len`` / caps, tokenizer without eos/bos).
     """
-    docs = load_documents(source, text_field=text_field, split=split)
+    parts = parse_data(source)
+    if len(parts) > 1:
+        return _build_mixture_split(parts, tokenizer, ctx_len, eval_fraction=eval_fraction,
+                                    max_train_tokens=max_train_tokens, max_eval_tokens=max_eval_tokens,
+                                    text_field=text_field, split=split, bos_id=bos_id, log=log)
+    label = parts[0].label
+    docs = load_documents(parts[0].source, text_field=text_field, split=split)
     train_docs, eval_docs = split_documents(docs, eval_fraction)
-    train, n_train = _tokenize(train_docs, tokenizer, ctx_len, max_train_tokens, bos_id)
+    train, train_ends = _tokenize(train_docs, tokenizer, ctx_len, max_train_tokens, bos_id)
     try:
-        evals, n_eval = _tokenize(eval_docs, tokenizer, ctx_len, max_eval_tokens, bos_id)
+        evals, eval_ends = _tokenize(eval_docs, tokenizer, ctx_len, max_eval_tokens, bos_id)
     except DataSourceError as e:
         raise DataSourceError(f"eval split (eval_fraction={eval_fraction}): {e}") from None
+    body = ctx_len - (bos_id is not None)
     return TokenSplit(
         train=train,
         eval=evals,
-        train_documents=[d.name for d in train_docs[:n_train]],
-        eval_documents=[d.name for d in eval_docs[:n_eval]],
+        train_documents=[d.name for d in train_docs[: _docs_in(train_ends, train.shape[0] * body)]],
+        eval_documents=[d.name for d in eval_docs[: _docs_in(eval_ends, evals.shape[0] * body)]],
         separator_id=separator_token_id(tokenizer),
+        train_sources=[(label, slice(0, train.shape[0]))],
+        eval_sources=[(label, slice(0, evals.shape[0]))],
     )
+
+
+def _build_mixture_split(parts, tokenizer, ctx_len: int, *, eval_fraction: float, max_train_tokens: int | None,
+                         max_eval_tokens: int | None, text_field: str, split: str, bos_id: int | None,
+                         log: Callable[[str], None] | None) -> TokenSplit:
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be strictly between 0 and 1, got {eval_fraction!r}")
+    train_cap = _check_cap("max_train_tokens", max_train_tokens, ctx_len)
+    eval_cap = _check_cap("max_eval_tokens", max_eval_tokens, ctx_len)
+    train_groups, eval_groups = [], []
+    for part in parts:
+        train_docs, eval_docs = split_documents(_load(part.label, part.source, text_field, split), eval_fraction)
+        train_groups.append((part.label, train_docs))
+        eval_groups.append((part.label, eval_docs))
+    shares = [p.share for p in parts]
+    train, train_names, train_sources = _mix("train split", train_groups, shares, tokenizer, ctx_len, train_cap,
+                                             bos_id, log)
+    evals, eval_names, eval_sources = _mix(f"eval split (eval_fraction={eval_fraction})", eval_groups, shares,
+                                           tokenizer, ctx_len, eval_cap, bos_id, log)
+    return TokenSplit(train=train, eval=evals, train_documents=train_names, eval_documents=eval_names,
+                      separator_id=separator_token_id(tokenizer), train_sources=train_sources,
+                      eval_sources=eval_sources)

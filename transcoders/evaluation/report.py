@@ -63,6 +63,15 @@ def summary_text(metrics: dict, header: str = "") -> str:
                       "coder but that one):", "", "| layer | CE without it | CE added | KL without it |", "|---|---|---|---|"]
             lines += [f"| {layer} | {m['ce_without']:.4f} | {m['ce_added']:+.4f} | {m['kl_without']:.4f} |"
                       for layer, m in together["leave_one_out"].items()]
+    for label, m in (metrics.get("by_source") or {}).items():
+        lines += ["", f"## {label} alone ({m['eval_tokens']:,} tokens)", "",
+                  "| layer | L0 | FVU | CE spliced | loss recovered | KL |", "|---|---|---|---|---|---|"]
+        lines += [f"| {layer} | {x['l0']:.1f} | {x['fvu']:.3f} | {x['ce_spliced']:.4f} | {_frac(x['ce_loss_recovered'])} | "
+                  f"{x['kl']:.4f} |" for layer, x in m["layers"].items()]
+        if m.get("spliced_together"):
+            t = m["spliced_together"]
+            lines += ["", f"All at once: CE {t['ce_clean']:.4f} -> {t['ce_spliced']:.4f} ({t['ce_increase']:+.4f}), "
+                      f"KL {t['kl']:.4f}"]
     return "\n".join(lines) + "\n"
 
 

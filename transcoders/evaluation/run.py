@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from ..coders.io import CoderFileError, check_compatible, load_coder
 from ..coders.run_folder import find_coders
-from ..data.sources import describe_source, load_documents
-from ..data.tokens import build_token_split, tokenize_documents
+from ..data.sources import describe_source
+from ..data.tokens import build_token_split, tokenize_source
 from ..files import check_writable, slugify
 from ..models.bos import bos_id_if, check_run_policy, resolve_prepend_bos
 from ..models.loading import LoadedModel, load_model
@@ -30,6 +30,10 @@ def eval_folder(run_dir: str | Path, data: str | None) -> Path:
     run_dir = Path(run_dir)
     if data is None:
         return run_dir
+    from ..data.mixture import is_mixture
+
+    if is_mixture(data):
+        return run_dir / "eval" / slugify("mixture " + data)
     name = Path(data).expanduser().name if Path(data).expanduser().exists() else data
     return run_dir / "eval" / slugify(Path(name).stem if "." in name else name)
 
@@ -74,6 +78,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
             :func:`~transcoders.evaluation.metrics.evaluate_coders`).
         layers: evaluate (and splice together) only the coders of these layers.
 
+    When the text is a mixture, ``metrics["by_source"]`` holds the same evaluation on each
+    source's contexts alone (``{label: {"layers", "eval_tokens"[, "spliced_together"]}}``).
+
     Raises:
         CoderFileError: missing/corrupt coders, or coders that do not fit the model.
         DataSourceError: an empty or unreadable text source.
@@ -104,14 +111,16 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
     ctx_len = train_cfg.ctx_len
     use_bos = resolve_prepend_bos(use_bos, loaded.adapter, loaded.tokenizer)
     bos_id = bos_id_if(use_bos, loaded.tokenizer)
+    sources: list[tuple[str, slice]] = []  # (label, rows) of each source of a mixture
     if eval_split is not None:
         tokens, source = eval_split, f"held-out split of {describe_source(train_cfg.data)}"
     elif data is not None:
-        tokens = tokenize_documents(load_documents(data), loaded.tokenizer, ctx_len, max_tokens=eval_tokens, bos_id=bos_id)
+        tokens, sources = tokenize_source(data, loaded.tokenizer, ctx_len, max_tokens=eval_tokens, bos_id=bos_id)
         source = describe_source(data)
     else:
-        tokens = build_token_split(train_cfg.data, loaded.tokenizer, ctx_len, eval_fraction=train_cfg.eval_fraction,
-                                   max_train_tokens=ctx_len, max_eval_tokens=eval_tokens, bos_id=bos_id).eval
+        split = build_token_split(train_cfg.data, loaded.tokenizer, ctx_len, eval_fraction=train_cfg.eval_fraction,
+                                  max_train_tokens=ctx_len, max_eval_tokens=eval_tokens, bos_id=bos_id)
+        tokens, sources = split.eval, split.eval_sources
         source = f"held-out split of {describe_source(train_cfg.data)}"
     tokens = tokens[: max(1, eval_tokens // tokens.shape[1])]
     means = {}
@@ -122,6 +131,15 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
     metrics = evaluate_coders(loaded.adapter, {str(k): c for k, c in coders.items()}, tokens, mlp_out_means=means,
                               batch_size=batch_size, progress=progress, skip_first=train_cfg.skip_first_tokens,
                               together=all_at_once)
+    if len(sources) > 1:  # a mixture: each source's rows on their own as well
+        metrics["by_source"] = {}
+        for label, rows in sources:
+            part = tokens[rows.start: min(rows.stop, tokens.shape[0])]
+            if len(part):
+                m = evaluate_coders(loaded.adapter, {str(k): c for k, c in coders.items()}, part, mlp_out_means=means,
+                                    batch_size=batch_size, progress=progress, skip_first=train_cfg.skip_first_tokens,
+                                    together=all_at_once)
+                metrics["by_source"][label] = {k: v for k, v in m.items() if k != "feature_frequency"}
     info = {"model": loaded.name, "eval_data": source, "prepend_bos": use_bos, "eval_seconds": time.perf_counter() - t0,
             **(extra or {})}
     if out_dir == run_dir and "training" not in info and (run_dir / "timing.json").exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # settings a store is built with: extending it with other values would mix incompatible records
 STORE_SETTINGS = ("data", "split", "seed", "top_k", "n_samples", "before", "after", "random_every")
@@ -15,7 +15,8 @@ class FeaturesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str | None = Field(default=None, description="text source [default: the run's training text]")
+    data: str | None = Field(default=None, description="text source, or a weighted mixture such as "
+                             "a.jsonl:0.5,sotu:0.5 [default: the run's training text]")
     split: Literal["train", "eval"] = Field(default="train", description="which side of the run's document split to read")
     tokens: int = Field(default=1_000_000, gt=0, description="tokens the store covers in all (it grows to this)")
     ctx_len: int | None = Field(default=None, gt=1, description="tokens per context [default: the run's, else 256]")
@@ -33,3 +34,11 @@ class FeaturesConfig(BaseModel):
     device: str = Field(default="auto", description="cpu, cuda, or auto")
     harvest_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="dtype of the model's forward pass (auto: bf16 where the device runs it fast)")
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, data: str | None) -> str | None:
+        from ..data.mixture import parse_data
+
+        parse_data(data)  # a malformed mixture fails here, before the model is loaded
+        return data

@@ -25,7 +25,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default=DEFAULT_MODEL, description="hub name, model folder, .gguf file or package shipping one")
-    data: str | None = Field(default=None, description="text file, folder of .txt, .jsonl, or dataset name "
+    data: str | None = Field(default=None, description="text file, folder of .txt, .jsonl, or dataset name, or a "
+                             "weighted mixture such as a.jsonl:0.5,sotu:0.3,docs/:0.2 "
                              "[default: the bundled State of the Union corpus]")
     layers: list[int] | Literal["all"] = Field(default_factory=lambda: [6], description="comma-separated layers, or 'all'")
     kind: Kind = Field(default="transcoder", description="transcoder (MLP in -> MLP out), skip_transcoder (+ W_skip x), "
@@ -94,6 +95,14 @@ class TrainConfig(BaseModel):
     def _canonical_model(cls, name: str) -> str:
         # the package alias of a known model is saved under the model's own hub name
         return canonical_model_name(name)
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, data: str | None) -> str | None:
+        from ..data.mixture import parse_data
+
+        parse_data(data)  # a malformed mixture fails here, before the model is loaded
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

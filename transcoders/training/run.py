@@ -148,7 +148,8 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, ov
 
     Before training, the model's clean loss on a little bundled text is measured with and
     without BOS (:func:`~transcoders.models.bos.check_model`); ``log`` gets that line, and a
-    warning when the BOS policy looks wrong, as soon as they are known.
+    warning when the BOS policy looks wrong, as soon as they are known; with a data mixture it
+    also gets a line per split saying how many contexts each source gave.
 
     Returns:
         ``{"run_dir", "timing": {harvest_s, train_s, tokens_per_s, ...}, "metrics"}``; the
@@ -191,7 +192,8 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
             log(f"warning: {check.warning}")
     split = build_token_split(cfg.data, loaded.tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
                               max_eval_tokens=max(eval_tokens, cfg.ctx_len),
-                              bos_id=bos_id_if(bool(cfg.prepend_bos), loaded.tokenizer))
+                              bos_id=bos_id_if(bool(cfg.prepend_bos), loaded.tokenizer),
+                              log=log if is_main() else None)  # a mixture says what each source gave
     adapter = harvest_copy(loaded, cfg.harvest_dtype)
     t_setup = time.perf_counter() - t0
     stream, t_cache = None, 0.0
