@@ -350,3 +350,18 @@ def test_report_shows_the_together_table(tmp_path, together_result):
     assert f"{out['spliced_together']['ce_spliced']:.4f}" in text
     assert sum(line.startswith("| 1 |") for line in text.splitlines()) == 2  # per-layer row and leave-one-out row
     assert json.loads((tmp_path / METRICS).read_text())["spliced_together"]["layers"] == [0, 1, 2]
+
+
+def test_splices_after_the_first_layer_reuse_the_clean_prefix(adapter, eval_ids):
+    """Layers below a splice replay their clean outputs: layer 0's attention runs only in the
+    clean pass and in the three runs that change layer 0 itself (metrics stay those of the
+    manual runs above, which compute every layer)."""
+    calls = []
+    handle = adapter.model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        evaluate_coders(adapter, {0: make_coder(0), 2: make_coder(2, seed=2)}, eval_ids[:2], batch_size=2, progress=False,
+                        mlp_out_means={0: torch.zeros(D_MODEL), 2: torch.zeros(D_MODEL)})
+    finally:
+        handle.remove()
+    assert len(calls) == 1 + 3  # clean, then zero / mean / coder at layer 0; nothing for layer 2's runs
+    assert "forward" not in vars(adapter.model.model.layers[0])  # the replay is undone

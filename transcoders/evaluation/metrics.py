@@ -17,6 +17,9 @@ difference is the loss that layer adds on top of the others.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -107,7 +110,11 @@ def evaluate_coders(
     batches = range(0, len(eval_tokens), batch_size)
     for start in tqdm(batches, desc="evaluate", disable=not progress):
         ids = eval_tokens[start : start + batch_size].to(device)
-        acts = harvest(adapter, ids, layers)
+        # One clean pass gives the MLP activations, the clean loss and the layer outputs to replay.
+        prefix, acts = _CleanPrefix(adapter), {}
+        keep = lambda layer, x, y, into=acts: into.__setitem__(layer, (x, y))
+        with prefix.record(), adapter.hook_mlps(layers, on_output=keep):
+            ce, _, clean_logp = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, None)
         for key in keys:
             a, coder = acc[key], coders[key]
             x = acts[layer_of[key]][0][:, skip_first:].flatten(0, 1).float()
@@ -121,26 +128,26 @@ def evaluate_coders(
             a["n"] += y.shape[0]
             a["l0"] += active.sum().item()
             a["fires"] += active.sum(0)
-        ce, _, clean_logp = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, None)
+        acts.clear()
         ce_clean += ce
         n_pred += ids.shape[0] * (ids.shape[1] - 1)
         for layer in layers:  # ablations depend on the layer only, not on the coder
             for store, fn in ((ce_zero, zero_ablation), (ce_mean, mean_ablation(means[layer].to(device)))):
-                with splice_mlps(adapter, {layer: keep_first(fn, adapter, layer, skip_first)}):
+                with prefix.replay(layer), splice_mlps(adapter, {layer: keep_first(fn, adapter, layer, skip_first)}):
                     store[layer] += _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, None)[0]
         for key in keys:
             replace = keep_first(coder_replacement(coders[key], adapter), adapter, layer_of[key], skip_first)
-            with splice_mlps(adapter, {layer_of[key]: replace}):
+            with prefix.replay(layer_of[key]), splice_mlps(adapter, {layer_of[key]: replace}):
                 ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp)
             acc[key]["ce_spliced"] += ce
             acc[key]["kl"] += kl
         if joint is not None:
             coder_of = {layer_of[key]: coders[key] for key in keys}
-            joint.add(adapter, ids, clean_logp, {
+            joint.add(adapter, ids, clean_logp, prefix, {
                 layer: keep_first(coder_replacement(coder_of[layer], adapter), adapter, layer, skip_first) for layer in layers
             }, {layer: keep_first(zero_ablation, adapter, layer, skip_first) for layer in layers},
                 {layer: keep_first(mean_ablation(means[layer].to(device)), adapter, layer, skip_first) for layer in layers})
-        del clean_logp
+        del clean_logp, prefix
     out: dict = {"layers": {}, "eval_tokens": int(acc[keys[0]]["n"]), "feature_frequency": {}}
     for key in keys:
         a, layer = acc[key], layer_of[key]
@@ -167,6 +174,40 @@ def evaluate_coders(
     return out
 
 
+class _CleanPrefix:
+    """The clean pass's output of every decoder layer, replayed so that a run which changes
+    nothing before layer ``l`` computes only layers ``l`` onward (the outputs of the layers below
+    are exactly the clean ones). About halves the cost of the single-layer splices."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.blocks = adapter.layers()
+        self.outputs: dict[int, object] = {}
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        def keep(i: int):
+            return lambda _m, _args, out: self.outputs.__setitem__(i, out)
+
+        handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def replay(self, start: int) -> Iterator[None]:
+        """Blocks below ``start`` return their recorded outputs without computing."""
+        patched = [i for i in range(start) if i in self.outputs]
+        for i in patched:
+            self.blocks[i].forward = lambda *_a, _out=self.outputs[i], **_k: _out
+        try:
+            yield
+        finally:
+            for i in patched:
+                del self.blocks[i].forward
+
+
 class _Together:
     """Summed CE and KL of the all-at-once splices over the batches of one evaluation."""
 
@@ -176,10 +217,10 @@ class _Together:
         self.kl = 0.0
         self.without = {layer: [0.0, 0.0] for layer in layers}  # CE, KL with every coder but this layer's
 
-    def add(self, adapter: ModelAdapter, ids: torch.Tensor, clean_logp: torch.Tensor, coders: dict, zero: dict,
-            mean: dict) -> None:
+    def add(self, adapter: ModelAdapter, ids: torch.Tensor, clean_logp: torch.Tensor, prefix: _CleanPrefix, coders: dict,
+            zero: dict, mean: dict) -> None:
         def run(replacements: dict) -> tuple[float, float]:
-            with splice_mlps(adapter, replacements):
+            with prefix.replay(min(replacements, default=0)), splice_mlps(adapter, replacements):
                 ce, kl, _ = _next_token_stats(adapter.model(ids, use_cache=False).logits, ids, clean_logp)
             return ce, kl
 
