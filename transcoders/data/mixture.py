@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
-from .sources import DEFAULT_SOURCE, DataSourceError
+from .sources import DEFAULT_SOURCE, NAMED_SOURCES, DataSourceError
 
 __all__ = ["MixturePart", "is_mixture", "mixture_counts", "parse_data"]
 
@@ -80,8 +80,9 @@ def _split_entry(entry: str) -> tuple[str, Fraction | None]:
 
 
 def _key(name: str) -> str:
-    """What makes two entries the same source: the resolved path of an existing path, else the name."""
-    if name == DEFAULT_SOURCE:
+    """What makes two entries the same source: the name of a named source, else the resolved path
+    of an existing path, else the name."""
+    if name in NAMED_SOURCES:
         return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
@@ -90,9 +91,9 @@ def _key(name: str) -> str:
 def parse_data(data: str | os.PathLike | None) -> list[MixturePart]:
     """Read a ``--data`` value: one source, or a weighted mixture ``SOURCE:WEIGHT,SOURCE:WEIGHT,...``.
 
-    A lone source (``None``, ``"sotu"``, a path that exists as written, anything without a comma
-    or a trailing ``:NUMBER``) is returned unchanged as one part with share 1, so it loads exactly
-    as before. Otherwise the value is split at commas (spaces around entries are ignored) and
+    A lone source (``None``, a named source such as ``"sotu"``, a path that exists as written,
+    anything without a comma or a trailing ``:NUMBER``) is returned unchanged as one part with
+    share 1, so it loads exactly as before. Otherwise the value is split at commas (spaces around entries are ignored) and
     each entry that is not an existing path is split at its last ``:`` when what follows is a
     number (``float()`` syntax): that number is the weight. Local paths and dataset names may
     therefore contain ``:`` (an existing path always wins) and ``/``. A lone weighted source
@@ -106,7 +107,7 @@ def parse_data(data: str | os.PathLike | None) -> list[MixturePart]:
     """
     if data is None or isinstance(data, os.PathLike):
         return [MixturePart(data, Fraction(1), DEFAULT_SOURCE if data is None else str(data))]
-    if data == DEFAULT_SOURCE or _exists(data):
+    if data in NAMED_SOURCES or _exists(data):
         return [MixturePart(data, Fraction(1), data)]
     entries = [e.strip() for e in data.split(",")]
     if len(entries) == 1:

