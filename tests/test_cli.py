@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 WORDS = ("the state of union is strong citizens senate house representatives nation people congress "
          "law year work peace war trade people country government public new great must have will our "
          "quick brown fox jumps over lazy dog america world freedom budget tax jobs").split()
-LAYER_KEYS = {"l0", "fvu", "mse", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation",
+LAYER_KEYS = {"l0", "fvu", "mse", "dead_fraction", "dead_in_training", "ce_clean", "ce_spliced", "ce_zero_ablation",
               "ce_mean_ablation", "ce_loss_recovered", "kl"}
 FAST = ["--total-tokens", "640", "--batch-size", "64", "--ctx-len", "16", "--d-sae", "64", "-k", "4",
         "--precision", "fp32", "--harvest-dtype", "float32", "--quiet"]
@@ -95,7 +95,7 @@ def assert_metrics_shape(data: dict, layers: set[str]) -> None:
     assert set(data["layers"]) == layers
     for m in data["layers"].values():
         assert set(m) >= LAYER_KEYS
-        assert all(isinstance(v, float) for v in m.values())
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m.values())
     assert isinstance(data["eval_tokens"], int) and data["eval_tokens"] > 0
 
 

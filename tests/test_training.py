@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import transcoders.training.losses as losses_mod
 import transcoders.training.trainer as trainer_mod
 from transcoders.coders.io import load_coder
+from transcoders.evaluation.run import training_dead
 from transcoders.coders.run_folder import CoderKey
 from transcoders.data.activations import harvest
 from transcoders.training.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
@@ -461,6 +462,27 @@ def test_dead_feature_counters_follow_the_topk_selection(tmp_path, llama_adapter
     stats = load_file(tmp_path / "layers.1.mlp" / "stats.safetensors")
     assert torch.equal(stats["fire_count"], st.fire_count)
     assert int(st.fire_count.sum()) == sum(int((c["values"] > 0).sum()) for c in calls)
+    # what evaluation reports: silent over the last dead_tokens training tokens, from the calls alone
+    recent = torch.zeros(64, dtype=torch.bool)
+    ever = torch.zeros(64, dtype=torch.bool)
+    for s, call in enumerate(calls):
+        active = call["indices"][call["values"] > 0]
+        ever[active] = True
+        if s >= steps - dead_tokens // BATCH:
+            recent[active] = True
+    got = training_dead(stats)
+    assert got["dead_in_training"] == pytest.approx((~recent).double().mean().item())
+    assert got["never_fired_in_training"] == pytest.approx((~ever).double().mean().item())
+    assert got["dead_window"] == dead_tokens and got["trained_tokens"] == BATCH * steps
+    assert got["dead_in_training"] >= 8 / 64
+
+
+def test_dead_window_scales_with_the_run_length():
+    """A tenth of the run, within [100k, 10M] tokens, unless dead_tokens is set."""
+    assert make_cfg(total_tokens=1_228_800, dead_tokens=None).dead_window == 122_880
+    assert make_cfg(total_tokens=409_600, dead_tokens=None).dead_window == 100_000
+    assert make_cfg(total_tokens=10**9, dead_tokens=None).dead_window == 10_000_000
+    assert make_cfg(total_tokens=10**9, dead_tokens=5).dead_window == 5
 
 
 def test_relu_fire_counts_match_active_features(tmp_path, llama_adapter, train_tokens):

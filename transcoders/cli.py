@@ -13,6 +13,7 @@ from . import __version__
 from .circuit_cli import CIRCUIT_COMMANDS
 from .cli_common import config_options, explicit_settings, parse_layers, quiet_progress, user_errors
 from .coders.formats import FORMATS
+from .data.sources import describe_source
 from .features_cli import FEATURE_COMMANDS
 from .files import refuse_to_replace
 from .training.checkpoint import CheckpointError
@@ -44,7 +45,13 @@ def _print_report(result: dict) -> None:
                 f"layer {layer}: L0 {m['l0']:.1f}, FVU {m['fvu']:.3f}, CE clean {m['ce_clean']:.4f} / spliced "
                 f"{m['ce_spliced']:.4f} / zero-ablated {m['ce_zero_ablation']:.4f} nats/token, "
                 f"loss recovered {_fmt(m['ce_loss_recovered'])}, KL {m['kl']:.4f}"
+                + ("" if m.get("dead_in_training") is None else
+                   f", dead {m['dead_in_training']:.1%} (silent for the last {m['dead_window']:,} training tokens)")
             )
+            by_source = metrics.get("by_source") or {}
+            if by_source:
+                click.echo("  loss recovered by source: " + ", ".join(
+                    f"{label} {_fmt(part['layers'][layer]['ce_loss_recovered'])}" for label, part in by_source.items()))
         click.echo(f"report: {metrics['summary_path']}")
 
 
@@ -184,13 +191,14 @@ def convert(source: Path, dest: Path, to_format: str, from_format: str | None, f
 @click.option("--quiet", is_flag=True)
 @user_errors
 def demo(run_dir: Path, total_tokens: int, overwrite: bool, quiet: bool) -> None:
-    """The main job: a layer-6 TopK transcoder of SmolLM2-135M on the State of the Union corpus,
-    trained and evaluated on held-out addresses (about 10 minutes on 2 CPU cores)."""
+    """The main job: a layer-6 TopK transcoder of SmolLM2-135M trained on the default text mixture
+    (books, email, Python and Django docs, Python code, State of the Union addresses) and
+    evaluated on each source's held-out documents (about 15 minutes on 2 CPU cores)."""
     quiet_progress(quiet)
     from .training.run import train_run
 
     cfg = TrainConfig(total_tokens=total_tokens)
-    click.echo(f"training a layer-6 transcoder of {cfg.model} on the State of the Union corpus into {run_dir}")
+    click.echo(f"training a layer-6 transcoder of {cfg.model} on {describe_source(cfg.data)} into {run_dir}")
     _print_report(train_run(cfg, run_dir, overwrite=overwrite, progress=not quiet, log=_log_line))
 
 

@@ -6,7 +6,7 @@ The named sources (:data:`NAMED_SOURCES`, ``--data NAME`` or ``--data books:0.3,
 name                    documents   text       xz      licence
 ======================  ==========  =========  ======  ============================================
 ``sotu`` (the default)  233         10.8 MB    2.5 MB  public domain (US government works)
-``books``               385         11.7 MB    3.1 MB  public domain (Project Gutenberg, NLTK's 18)
+``books``               382         11.7 MB    3.1 MB  public domain (Project Gutenberg, NLTK's 18)
 ``email``               3,862       3.3 MB     1.1 MB  PDDL-1.0 / CC0-1.0 (SpamAssassin easy ham)
 ``pydocs``              496         11.1 MB    2.3 MB  PSF-2.0 (Python 3.11 docs, reST)
 ``djangodocs``          271         4.6 MB     1.0 MB  BSD-3-Clause (Django 5.2 docs, reST)

@@ -41,12 +41,16 @@ def plot_feature_density(frequencies: dict[str, torch.Tensor], path: Path) -> Pa
 def summary_text(metrics: dict, header: str = "") -> str:
     """A short human-readable table of the per-layer metrics."""
     lines = [f"# Evaluation{(' - ' + header) if header else ''}", "",
-             f"Evaluation tokens: {metrics['eval_tokens']:,}. Cross-entropy in nats/token.", "",
-             "| layer | L0 | FVU | dead | dense | CE clean | CE spliced | CE zero-abl. | CE mean-abl. | loss recovered | KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Evaluation tokens: {metrics['eval_tokens']:,}. Cross-entropy in nats/token. Dead (training): no "
+             f"activation in the last {_window(metrics)} training tokens; silent (eval): no activation on the "
+             f"evaluation tokens (too few tokens to call a rare feature dead).", "",
+             "| layer | L0 | FVU | dead (training) | silent (eval) | dense | CE clean | CE spliced | CE zero-abl. | "
+             "CE mean-abl. | loss recovered | KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for layer, m in metrics["layers"].items():
+        dead = "n/a" if m.get("dead_in_training") is None else f"{m['dead_in_training']:.1%}"
         lines.append(
-            f"| {layer} | {m['l0']:.1f} | {m['fvu']:.3f} | {m['dead_fraction']:.1%} | {m['dense_fraction']:.1%} | "
+            f"| {layer} | {m['l0']:.1f} | {m['fvu']:.3f} | {dead} | {m['dead_fraction']:.1%} | {m['dense_fraction']:.1%} | "
             f"{m['ce_clean']:.4f} | {m['ce_spliced']:.4f} | {m['ce_zero_ablation']:.4f} | {m['ce_mean_ablation']:.4f} | "
             f"{'n/a' if m['ce_loss_recovered'] is None else format(m['ce_loss_recovered'], '.3f')} | {m['kl']:.4f} |"
         )
@@ -73,6 +77,11 @@ def summary_text(metrics: dict, header: str = "") -> str:
             lines += ["", f"All at once: CE {t['ce_clean']:.4f} -> {t['ce_spliced']:.4f} ({t['ce_increase']:+.4f}), "
                       f"KL {t['kl']:.4f}"]
     return "\n".join(lines) + "\n"
+
+
+def _window(metrics: dict) -> str:
+    windows = sorted({m["dead_window"] for m in metrics["layers"].values() if m.get("dead_window")})
+    return "/".join(f"{w:,}" for w in windows) or "n/a"
 
 
 def _frac(x: float | None) -> str:

@@ -38,6 +38,21 @@ def eval_folder(run_dir: str | Path, data: str | None) -> Path:
     return run_dir / "eval" / slugify(Path(name).stem if "." in name else name)
 
 
+def training_dead(stats: dict[str, torch.Tensor]) -> dict:
+    """Dead features as training saw them, from a coder's ``stats.safetensors``:
+    ``dead_in_training`` (share of features silent for the last ``dead_window`` training tokens,
+    the AuxK criterion), ``never_fired_in_training`` (share with no activation in the whole run),
+    ``dead_window`` and ``trained_tokens``. Far more tokens than an evaluation sees, so a rare
+    live feature is not called dead. Coders saved before these counters give ``dead_in_training: None``.
+    """
+    if "tokens_since_fired" not in stats:
+        return {"dead_in_training": None}
+    silent = stats["tokens_since_fired"]
+    return {"dead_in_training": (silent >= stats["dead_window"]).double().mean().item(),
+            "never_fired_in_training": (stats["fire_count"] == 0).double().mean().item(),
+            "dead_window": int(stats["dead_window"]), "trained_tokens": int(stats["tokens"])}
+
+
 def read_train_config(run_dir: str | Path) -> TrainConfig | None:
     """The run's ``train_config.json`` read through :class:`TrainConfig` (None if absent).
 
@@ -123,14 +138,18 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
         tokens, sources = split.eval, split.eval_sources
         source = f"held-out split of {describe_source(train_cfg.data)}"
     tokens = tokens[: max(1, eval_tokens // tokens.shape[1])]
-    means = {}
+    means, trained = {}, {}
     for key, folder in coder_dirs.items():
         if (folder / "stats.safetensors").exists():
-            means[key.layer] = load_file(folder / "stats.safetensors")["mlp_out_mean"]
+            stats = load_file(folder / "stats.safetensors")
+            means[key.layer] = stats["mlp_out_mean"]
+            trained[str(key)] = training_dead(stats)
     t0 = time.perf_counter()
     metrics = evaluate_coders(loaded.adapter, {str(k): c for k, c in coders.items()}, tokens, mlp_out_means=means,
                               batch_size=batch_size, progress=progress, skip_first=train_cfg.skip_first_tokens,
                               together=all_at_once)
+    for key, m in metrics["layers"].items():
+        m.update(trained.get(key) or {"dead_in_training": None})
     if len(sources) > 1:  # a mixture: each source's rows on their own as well
         metrics["by_source"] = {}
         for label, rows in sources:

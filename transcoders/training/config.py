@@ -7,12 +7,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..coders.config import Activation, Kind
+from ..data.mixture import DEFAULT_DATA, parse_data
+from ..data.sources import DEFAULT_SOURCE
 from ..models.loading import DEFAULT_MODEL, canonical_model_name
 
 # Settings a resumed run may change (with --override): the checkpoint does not depend on them.
 RESUME_OVERRIDABLE = frozenset({"total_tokens", "checkpoint_every", "log_every", "device", "model_batch", "decay_fraction"})
 
-SWEEPABLE = {"activation", "kind", "k", "d_sae", "expansion_factor", "l1_coefficient", "l0_coefficient", "lr", "auxk_coefficient"}
+SWEEPABLE = {"activation", "kind", "k", "d_sae", "expansion_factor", "l1_coefficient", "l0_coefficient", "lr", "auxk_coefficient",
+             "dead_tokens"}
 
 
 class TrainConfig(BaseModel):
@@ -25,9 +28,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default=DEFAULT_MODEL, description="hub name, model folder, .gguf file or package shipping one")
-    data: str | None = Field(default=None, description="text file, folder of .txt, .jsonl, or dataset name, or a "
-                             "weighted mixture such as a.jsonl:0.5,sotu:0.3,docs/:0.2 "
-                             "[default: the bundled State of the Union corpus]")
+    data: str = Field(default=DEFAULT_DATA, description="text file, folder of .txt, .jsonl, a named source (sotu, "
+                      "books, email, pydocs, djangodocs, stdlib) or dataset name, or a weighted mixture such as "
+                      "a.jsonl:0.5,sotu:0.3,docs/:0.2 [default: bundled books, email, Python and Django docs, "
+                      "this Python's standard library and State of the Union addresses]")
     layers: list[int] | Literal["all"] = Field(default_factory=lambda: [6], description="comma-separated layers, or 'all'")
     kind: Kind = Field(default="transcoder", description="transcoder (MLP in -> MLP out), skip_transcoder (+ W_skip x), "
                        "or sae (reconstructs the MLP input)")
@@ -42,11 +46,9 @@ class TrainConfig(BaseModel):
     l0_coefficient: float = Field(default=2e-3, ge=0, description="L0 penalty weight (jumprelu)")
     jumprelu_bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width for JumpReLU thresholds")
     auxk_coefficient: float = Field(default=1 / 32, ge=0, description="weight of the AuxK loss that revives dead features (topk)")
-    # Gao et al. use 10M tokens for long runs; our default runs are ~1M tokens, and at 1M a
-    # demo run ended with 43% of features silent and AuxK never having acted.
-    dead_tokens: int = Field(
-        default=250_000, gt=0, description="a feature silent this many tokens counts as dead (AuxK revives it)"
-    )
+    dead_tokens: int | None = Field(
+        default=None, gt=0, description="a feature silent this many training tokens counts as dead, and AuxK trains it "
+        "[default: a tenth of the run, at least 100,000 and at most 10,000,000 tokens]")
     lr: float | None = Field(
         default=None, gt=0, description="Adam learning rate [default: min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))]"
     )
@@ -96,11 +98,11 @@ class TrainConfig(BaseModel):
         # the package alias of a known model is saved under the model's own hub name
         return canonical_model_name(name)
 
-    @field_validator("data")
+    @field_validator("data", mode="before")
     @classmethod
-    def _check_data(cls, data: str | None) -> str | None:
-        from ..data.mixture import parse_data
-
+    def _check_data(cls, data: str | None) -> str:
+        # Runs saved before the default became a mixture recorded null for the State of the Union corpus.
+        data = DEFAULT_SOURCE if data is None else data
         parse_data(data)  # a malformed mixture fails here, before the model is loaded
         return data
 
@@ -138,6 +140,16 @@ class TrainConfig(BaseModel):
         precision = self.precision if self.precision != "auto" else ("bf16" if fast else "fp32")
         harvest = self.harvest_dtype if self.harvest_dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
         return self.model_copy(update={"precision": precision, "harvest_dtype": harvest})
+
+    @property
+    def dead_window(self) -> int:
+        """Tokens of silence after which a feature counts as dead: ``dead_tokens``, by default
+        ``clamp(total_tokens // 10, 100_000, 10_000_000)``. Gao et al. (2024) use 10M tokens for
+        runs of billions; a fixed window longer than a short run means AuxK never acts (a 1.2M-token
+        demo with a 250,000-token window ended with a third of its features dead)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return min(10_000_000, max(100_000, self.total_tokens // 10))
 
     @property
     def total_steps(self) -> int:

@@ -152,7 +152,7 @@ class Trainer:
         st.out_sum += y_raw.sum(0, dtype=torch.float64)
         x = x_raw.float() * st.scale_in
         y = x if cfg.kind == "sae" else y_raw.float() * st.scale_out
-        dead = st.tokens_since_fired >= cfg.dead_tokens
+        dead = st.tokens_since_fired >= cfg.dead_window
         red = self.reducer
         result = LOSSES[cfg.activation](cfg, coder, x, y, dead, self.step, red)
         result.loss.backward()
@@ -376,7 +376,8 @@ class Trainer:
                 save_coder(coder, folder)
                 atomic_save_tensors(
                     {"mlp_in_mean": (st.in_sum / tokens).float(), "mlp_out_mean": (st.out_sum / tokens).float(),
-                     "fire_count": st.fire_count, "tokens": torch.tensor(tokens)},
+                     "fire_count": st.fire_count, "tokens_since_fired": st.tokens_since_fired,
+                     "dead_window": torch.tensor(st.cfg.dead_window), "tokens": torch.tensor(tokens)},
                     folder / STATS,
                 )
             out[key] = coder
