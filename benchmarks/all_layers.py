@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--run-root", type=Path, default=ROOT / "runs")
     ap.add_argument("--eval-tokens", type=int, default=131_072)
     ap.add_argument("--model-batch", type=int, default=16, help="contexts per forward pass when harvesting")
+    ap.add_argument("--checkpoint-every", type=int, default=100, help="steps (a checkpoint of 30 coders is ~4 GB)")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "all_layers.json")
     args = ap.parse_args()
 
@@ -48,7 +49,7 @@ def main() -> None:
     for job in args.jobs.split(","):
         kind, tokens = job.split(":")
         cfg = TrainConfig(model=args.model, layers="all", kind=kind, total_tokens=int(tokens),
-                          model_batch=args.model_batch)
+                          model_batch=args.model_batch, checkpoint_every=args.checkpoint_every)
         run_dir = args.run_root / f"all-{kind}-{int(tokens)}"
         t0 = time.perf_counter()
         out = train_run(cfg, run_dir, loaded=loaded, eval_tokens=0, log=print, progress=False)

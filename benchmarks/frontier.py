@@ -11,8 +11,8 @@ KL from the clean model.
 FVU is not comparable across kinds: an SAE's is of the MLP input, a transcoder's of the MLP
 output. The spliced loss is: it is what the paper plots.
 
-Writes ``--json`` (every number), a markdown table on stdout, and two PNGs in ``--plots``
-(loss recovered against L0, FVU against L0, one panel per layer).
+Writes ``--json`` (every number), a markdown table on stdout, and three PNGs in ``--plots``
+(loss recovered, KL and FVU against L0, one panel per layer).
 
     .venv/bin/python benchmarks/frontier.py --run-dir runs/frontier          # train, evaluate, plot
     .venv/bin/python benchmarks/frontier.py --run-dir runs/frontier --plot   # re-plot from the JSON
@@ -74,6 +74,7 @@ def _plot(result: dict, folder: Path) -> list[Path]:
     layers = sorted({r["layer"] for r in result["rows"]})
     written = []
     for metric, ylabel, name in (("ce_loss_recovered", "loss recovered (spliced, vs zero-ablation)", "frontier_loss.png"),
+                                 ("kl", "KL from the clean model (nats/token)", "frontier_kl.png"),
                                  ("fvu", "FVU (SAE: of the MLP input)", "frontier_fvu.png")):
         fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
         for ax, layer in zip(axes[0], layers):

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 import transcoders.training.losses as losses_mod
 import transcoders.training.trainer as trainer_mod
 from transcoders.coders.io import load_coder
-from transcoders.evaluation.run import training_dead
 from transcoders.coders.run_folder import CoderKey
 from transcoders.data.activations import harvest
+from transcoders.evaluation.run import training_dead
 from transcoders.training.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from transcoders.training.config import TrainConfig
 from transcoders.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted

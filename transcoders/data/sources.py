@@ -22,21 +22,24 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import io
+import itertools
 import json
 import os
 import platform
 import sysconfig
 import tarfile
 import tokenize
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataSourceError", "Document", "DEFAULT_SOURCE", "NAMED_SOURCES", "NamedSource", "describe_source",
-           "iter_jsonl", "load_documents"]
+__all__ = ["DataSourceError", "Document", "DEFAULT_SOURCE", "NAMED_SOURCES", "NamedSource", "TXT_PIECE_BYTES",
+           "describe_source", "iter_documents", "iter_jsonl", "load_documents"]
 
 DEFAULT_SOURCE = "sotu"
 _FILE_SUFFIXES = (".txt", ".jsonl", ".json")
+# A plain text file larger than this is streamed by iter_documents in pieces of about this size.
+TXT_PIECE_BYTES = 1 << 20
 
 
 class DataSourceError(ValueError):
@@ -51,9 +54,10 @@ class Document:
     text: str
 
 
-def _decode(data: bytes, where: str) -> str:
+def _decode(data: bytes, where: str, bom: bool = True) -> str:
+    """``data`` as UTF-8 text, a leading byte-order mark dropped when ``bom`` (the start of a file)."""
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig" if bom else "utf-8")
     except UnicodeDecodeError as e:
         raise DataSourceError(
             f"{where} is not valid UTF-8 ({e}); convert it to UTF-8, "
@@ -216,9 +220,63 @@ def _load_json(path: Path, text_field: str) -> list[Document]:
     return [Document(f"{path.name}:{i}", _text_of(r, text_field, f"{path}, item {i}")) for i, r in enumerate(records, 1)]
 
 
-def _load_folder(path: Path) -> list[Document]:
-    files = sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
-    return [Document(p.relative_to(path).as_posix(), _decode(p.read_bytes(), f"file {p}")) for p in files]
+def _folder_files(path: Path) -> list[Path]:
+    """The ``*.txt`` files under ``path``, recursively, sorted by relative POSIX path."""
+    return sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+
+
+def _iter_folder(path: Path, piece_bytes: int | None) -> Iterator[Document]:
+    """The documents of the ``*.txt`` files under ``path`` (see :func:`_folder_files`), each
+    file read when reached (:func:`_iter_text_file`, named by its relative path)."""
+    for p in _folder_files(path):
+        yield from _iter_text_file(p, p.relative_to(path).as_posix(), piece_bytes)
+
+
+def _utf8_cut(data: bytes) -> int:
+    """Where to end a piece of ``data`` that has no newline: after its last space or tab, else
+    at the last UTF-8 character boundary (never inside a character)."""
+    cut = max(data.rfind(b" "), data.rfind(b"\t")) + 1
+    if cut:
+        return cut
+    end = len(data)
+    tail = 0
+    while tail < 3 and tail < end and data[end - 1 - tail] & 0xC0 == 0x80:  # continuation bytes
+        tail += 1
+    if tail < end:
+        lead = data[end - 1 - tail]
+        size = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if size > tail + 1:  # the last character is not complete: cut before it
+            return end - 1 - tail
+    return end
+
+
+def _iter_text_file(path: Path, name: str, piece_bytes: int | None) -> Iterator[Document]:
+    """A plain text file as one document ``name`` (``piece_bytes`` None, or a file no larger
+    than that), else as pieces of at most ``piece_bytes`` bytes read one at a time, each ending
+    after a newline (failing that after a space or tab, failing that at a character boundary),
+    named ``"name@1"``, ``"name@2"``, ...: the pieces joined give the file's text.
+
+    Raises:
+        DataSourceError: the file (or a piece) is not valid UTF-8.
+    """
+    if piece_bytes is None or path.stat().st_size <= piece_bytes:
+        yield Document(name, _decode(path.read_bytes(), f"file {path}"))
+        return
+    piece_bytes = max(piece_bytes, 4)  # room for a whole UTF-8 character
+    with open(path, "rb") as fh:
+        carry, piece, offset = b"", 0, 0
+        while True:
+            chunk = fh.read(piece_bytes - len(carry))  # a piece is never longer than piece_bytes
+            data = carry + chunk
+            if not data:
+                return
+            cut = len(data) if not chunk else (data.rfind(b"\n") + 1 or _utf8_cut(data))
+            body, carry = data[:cut], data[cut:]
+            piece += 1
+            yield Document(f"{name}@{piece}", _decode(body, f"file {path}, bytes {offset}-{offset + cut}", bom=piece == 1))
+            offset += cut
+            if not chunk:
+                return
 
 
 def _load_hf_dataset(name: str, text_field: str, split: str) -> list[Document]:
@@ -228,17 +286,119 @@ def _load_hf_dataset(name: str, text_field: str, split: str) -> list[Document]:
 
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise DataSourceError(
-            f"could not load {name!r} as a Hugging Face dataset (split {split!r}): {type(e).__name__}: {e}. "
-            f"It is not a named source ({', '.join(NAMED_SOURCES)}) or an existing local path either. Check the "
-            f"name and split; if this machine is offline, pass a local .txt/.jsonl file or folder, or a named source."
-        ) from e
+        raise _hf_error(name, split, e) from e
     if text_field not in ds.column_names:
         raise DataSourceError(
             f"Hugging Face dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); "
             f"pass text_field=<one of those columns>."
         )
     return [Document(f"{name}:{i}", t if isinstance(t, str) else "") for i, t in enumerate(ds[text_field])]
+
+
+def _hf_error(name: str, split: str, e: Exception, how: str = "") -> DataSourceError:
+    return DataSourceError(
+        f"could not load {name!r} as a Hugging Face dataset{how} (split {split!r}): {type(e).__name__}: {e}. "
+        f"It is not a named source ({', '.join(NAMED_SOURCES)}) or an existing local path either. Check the "
+        f"name and split; if this machine is offline, pass a local .txt/.jsonl file or folder, or a named source."
+    )
+
+
+def _iter_hf_dataset(name: str, text_field: str, split: str) -> Iterator[Document]:
+    """Stream ``datasets.load_dataset(name, split=split, streaming=True)``, column ``text_field``,
+    rows named ``"name:ROW"`` as :func:`_load_hf_dataset` names them (nothing is downloaded whole).
+
+    The dataset is opened now (errors raised at once); rows are read as they are iterated.
+
+    Raises:
+        DataSourceError: the dataset cannot be opened or read, or has no column ``text_field``.
+    """
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:
+        raise _hf_error(name, split, e, " (streaming)") from e
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and text_field not in columns:
+        raise DataSourceError(f"Hugging Face dataset {name!r} has no column {text_field!r} (columns: {columns}); "
+                              f"pass text_field=<one of those columns>.")
+    return _hf_rows(ds, name, text_field)
+
+
+def _hf_rows(ds, name: str, text_field: str) -> Iterator[Document]:
+    rows = iter(ds)
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataSourceError(f"reading Hugging Face dataset {name!r} (streaming) failed at row {i}: "
+                                  f"{type(e).__name__}: {e}. Check the network, or pass a local copy.") from e
+        if not isinstance(row, dict) or text_field not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataSourceError(f"Hugging Face dataset {name!r}, row {i} has no column {text_field!r} (columns: {keys}); "
+                                  f"pass text_field=<one of those columns>.")
+        text = row[text_field]
+        yield Document(f"{name}:{i}", text if isinstance(text, str) else "")
+
+
+def _open_source(source: str | os.PathLike, text_field: str, split: str, *, piece_bytes: int | None,
+                 hub_streaming: bool) -> Iterable[Document]:
+    """The documents of one source, blank ones included, read lazily where the kind allows
+    (see :func:`load_documents` and :func:`iter_documents`). Which kind ``source`` is, and a
+    missing path, a mixture or a dataset that cannot be opened, are settled now; the reading
+    errors of a file come while iterating."""
+    if isinstance(source, str) and source in NAMED_SOURCES:
+        return NAMED_SOURCES[source].load()
+    if isinstance(source, str) and "," in source and _is_mixture(source):
+        raise DataSourceError(
+            f"{source!r} is a mixture of several sources, and load_documents reads one; tokenize a mixture "
+            f"with transcoders.data.tokens.build_token_split or tokenize_source."
+        )
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _iter_folder(path, piece_bytes)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return iter_jsonl(path, text_field)
+        if suffix == ".json":
+            return _load_json(path, text_field)
+        return _iter_text_file(path, path.name, piece_bytes)
+    if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
+        raise DataSourceError(
+            f"data source {str(source)!r} looks like a file path but does not exist; "
+            f"check the path, or pass a Hugging Face dataset name or {DEFAULT_SOURCE!r} for the bundled corpus."
+        )
+    if hub_streaming:
+        return _iter_hf_dataset(str(source), text_field, split)
+    return _load_hf_dataset(str(source), text_field, split)
+
+
+def iter_documents(source: str | os.PathLike | None = None, *, text_field: str = "text", split: str = "train",
+                   piece_bytes: int | None = TXT_PIECE_BYTES) -> Iterator[Document]:
+    """The non-empty documents of one source, one at a time, in :func:`load_documents`'s order,
+    without holding the source in memory: a named source iterates its (cached) tuple; a
+    ``.jsonl`` file is read line by line; a folder file by file (sorted, each read when reached);
+    a plain text file larger than ``piece_bytes`` (default :data:`TXT_PIECE_BYTES`, 1 MiB) is
+    read in pieces named ``"file.txt@1"``, ``"file.txt@2"``, ... (see :func:`_iter_text_file`;
+    ``piece_bytes=None``: whole files, as :func:`load_documents` reads them); a Hugging Face
+    dataset is opened with ``datasets.load_dataset(source, split=split, streaming=True)``. A
+    ``.json`` array is parsed whole (convert it to ``.jsonl`` to stream it).
+
+    For a source small enough to hold, the documents equal ``load_documents(source)``'s (text
+    files over ``piece_bytes`` aside). Unlike it, an empty source gives no documents instead of
+    an error: the caller says what it needed.
+
+    Raises:
+        DataSourceError: now, for a path-like source that does not exist, a mixture, or a
+        dataset that cannot be opened; while iterating, for a file that is not UTF-8, an invalid
+        JSON line or one without ``text_field``, or a dataset row that cannot be read.
+    """
+    docs = _open_source(DEFAULT_SOURCE if source is None else source, text_field, split, piece_bytes=piece_bytes,
+                        hub_streaming=True)
+    return (d for d in docs if d.text.strip())
 
 
 def load_documents(
@@ -267,33 +427,8 @@ def load_documents(
     """
     if source is None:
         source = DEFAULT_SOURCE
-    if isinstance(source, str) and source in NAMED_SOURCES:
-        docs = list(NAMED_SOURCES[source].load())
-    elif isinstance(source, str) and "," in source and _is_mixture(source):
-        raise DataSourceError(
-            f"{source!r} is a mixture of several sources, and load_documents reads one; tokenize a mixture "
-            f"with transcoders.data.tokens.build_token_split or tokenize_source."
-        )
-    else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            docs = _load_folder(path)
-        elif path.is_file():
-            suffix = path.suffix.lower()
-            if suffix == ".jsonl":
-                docs = _load_jsonl(path, text_field)
-            elif suffix == ".json":
-                docs = _load_json(path, text_field)
-            else:
-                docs = [Document(path.name, _decode(path.read_bytes(), f"file {path}"))]
-        elif isinstance(source, os.PathLike) or _looks_like_path(str(source)):
-            raise DataSourceError(
-                f"data source {str(source)!r} looks like a file path but does not exist; "
-                f"check the path, or pass a Hugging Face dataset name or {DEFAULT_SOURCE!r} for the bundled corpus."
-            )
-        else:
-            docs = _load_hf_dataset(str(source), text_field, split)
-    docs = [d for d in docs if d.text.strip()]
+    # the reading that iter_documents streams, collected: whole text files, a dataset loaded (and cached) whole
+    docs = [d for d in _open_source(source, text_field, split, piece_bytes=None, hub_streaming=False) if d.text.strip()]
     if not docs:
         hint = " (a folder is searched for *.txt files only; pass a .jsonl file by its path)" if (
             source is not None and Path(source).expanduser().is_dir()) else ""

@@ -81,7 +81,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
 
     Args:
         data: a text source to measure on (all of it, up to ``eval_tokens``); default: the
-            held-out split of the run's training text.
+            held-out split of the run's training text (for a run that streamed its text, read
+            as it was then: :func:`~transcoders.data.stream.collect_eval`, only as far as needed).
         out: output folder (default: see above).
         model: the model to load. Default: the coders' model, but only when it is the default
             model or another known local model; a name taken from a file never makes us
@@ -132,6 +133,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
     elif data is not None:
         tokens, sources = tokenize_source(data, loaded.tokenizer, ctx_len, max_tokens=eval_tokens, bos_id=bos_id)
         source = describe_source(data)
+    elif train_cfg.streaming:  # the run streamed its text: the held-out rows it evaluated on, read the same way
+        from ..data.stream import collect_eval
+
+        tokens, sources = collect_eval(train_cfg.data, loaded.tokenizer, ctx_len, eval_fraction=train_cfg.eval_fraction,
+                                       max_eval_tokens=eval_tokens, bos_id=bos_id)
+        source = f"held-out split of {describe_source(train_cfg.data)}"
     else:
         split = build_token_split(train_cfg.data, loaded.tokenizer, ctx_len, eval_fraction=train_cfg.eval_fraction,
                                   max_train_tokens=ctx_len, max_eval_tokens=eval_tokens, bos_id=bos_id)

@@ -75,6 +75,14 @@ class TrainConfig(BaseModel):
     harvest_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         default="auto", description="dtype of the model when harvesting [auto: as --precision]")
     block_contexts: int = Field(default=64, gt=0, description="contexts shuffled together (shuffle buffer)")
+    streaming: bool | None = Field(
+        default=None,
+        description="read, split and tokenize the text while training, holding a shuffle buffer instead of the "
+                    "whole text [default: yes when a source of --data is a Hugging Face dataset or its local files "
+                    "total more than 256 MB; the run records the choice]")
+    shuffle_contexts: int = Field(
+        default=1024, gt=0, description="with --streaming: contexts in the seeded shuffle buffer that spreads the "
+                                        "contexts of one document apart")
     model_batch: int = Field(default=16, gt=0, description="contexts per forward pass of the model")
     shard_layers: bool = Field(
         default=False,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..coders.io import CONFIG, WEIGHTS
+from ..data.stream import TokenStream, collect_eval, should_stream
 from ..data.tokens import build_token_split
 from ..files import OutputExistsError, atomic_write_json, atomic_write_text, folder_lock
 from ..models.bos import bos_id_if, check_model, resolve_prepend_bos
@@ -47,11 +48,18 @@ def harvest_copy(loaded: LoadedModel, dtype_name: str):
     return adapter_for(copy.deepcopy(loaded.model).to(getattr(torch, dtype_name)))
 
 
-def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor, progress: bool = True):
+def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor | TokenStream, progress: bool = True):
     """Open ``cfg.activation_cache``, building it from the live model first if it does not exist.
 
+    ``train_tokens`` is the training text: a token tensor, or (``cfg.streaming``) a
+    :class:`~transcoders.data.stream.TokenStream`, whose first ``cfg.total_tokens`` tokens of
+    activations (in training order) then fill the cache. A streamed cache records
+    ``streaming`` and ``shuffle_contexts``, so it is never mistaken for one built from the
+    in-memory order, or the other way round.
+
     Raises:
-        ActivationCacheError: the cache was built for another model, text, context length or layers.
+        ActivationCacheError: the cache was built for another model, text, context length, layers
+            or context order (streamed or not).
     """
     from ..data.activations import ActivationStream
     from ..data.cache import ActivationCacheError, CachedStream, build_cache
@@ -61,14 +69,18 @@ def open_cache(cfg: TrainConfig, adapter, train_tokens: torch.Tensor, progress: 
     identity = {"model": cfg.model, "data": cfg.data, "ctx_len": cfg.ctx_len, "eval_fraction": cfg.eval_fraction,
                 "harvest_dtype": cfg.harvest_dtype, "dtype": cfg.cache_dtype, "skip_first_tokens": cfg.skip_first_tokens,
                 "prepend_bos": bool(cfg.prepend_bos)}
+    identity["streaming"] = bool(cfg.streaming)  # another order of contexts
+    if cfg.streaming:
+        identity["shuffle_contexts"] = cfg.shuffle_contexts
     if not (folder / "meta.json").exists():
         stream = ActivationStream(adapter, train_tokens, layers, cfg.batch_size, seed=cfg.seed,
                                   block_contexts=cfg.block_contexts, model_batch=cfg.model_batch,
                                   skip_first=cfg.skip_first_tokens)
         build_cache(stream, folder, cfg.total_tokens, dtype=cfg.cache_dtype, meta=identity, progress=progress)
     cached = CachedStream(folder, cfg.batch_size, layers)
-    # caches from before: the model's old alias, no BOS
-    built = {"prepend_bos": False, **cached.meta, "model": canonical_model_name(str(cached.meta.get("model")))}
+    # caches from before: the model's old alias, no BOS, not streamed
+    built = {"prepend_bos": False, "streaming": False, **cached.meta,
+             "model": canonical_model_name(str(cached.meta.get("model")))}
     differs = {k: (built.get(k), v) for k, v in identity.items() if built.get(k) != v}
     if differs:
         raise ActivationCacheError(f"activation cache {folder} was built with other settings (cache, run): {differs}; "
@@ -151,6 +163,14 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, ov
     warning when the BOS policy looks wrong, as soon as they are known; with a data mixture it
     also gets a line per split saying how many contexts each source gave.
 
+    With ``cfg.streaming`` (by default: when the text is a Hugging Face dataset or more than
+    256 MB of local files, see :func:`~transcoders.data.stream.should_stream`; the choice is
+    saved in ``train_config.json``), the text is never held whole: the held-out contexts are
+    read first (:func:`~transcoders.data.stream.collect_eval`), and training reads a
+    :class:`~transcoders.data.stream.TokenStream` (a resumed run replays its tokenization up to
+    the checkpoint's step, and gets the same batches as an uninterrupted run). ``log`` then
+    gets a line saying so.
+
     Returns:
         ``{"run_dir", "timing": {harvest_s, train_s, tokens_per_s, ...}, "metrics"}``; the
         coders are saved under ``run_dir/<hookpoint>/``.
@@ -171,6 +191,32 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, ov
                           eval_tokens=eval_tokens, log=log)
 
 
+def _training_text(cfg: TrainConfig, tokenizer, max_eval_tokens: int, log: Callable[[str], None] | None,
+                   ) -> tuple[torch.Tensor | TokenStream, torch.Tensor]:
+    """(training contexts, held-out contexts [n, ctx_len]) of ``cfg.data``: with
+    ``cfg.streaming``, a :class:`~transcoders.data.stream.TokenStream` and the eval rows of
+    :func:`~transcoders.data.stream.collect_eval` (read only as far as needed, so a source that
+    cannot be read fails here, before any training); else the tensors of
+    :func:`~transcoders.data.tokens.build_token_split`. A mixture logs what each source gave.
+
+    Raises:
+        DataSourceError: a bad source, or too little text on either side.
+    """
+    bos_id = bos_id_if(bool(cfg.prepend_bos), tokenizer)
+    if not cfg.streaming:  # None: a resumed run from before the setting, which did not stream
+        split = build_token_split(cfg.data, tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
+                                  max_eval_tokens=max_eval_tokens, bos_id=bos_id, log=log)
+        return split.train, split.eval
+    evals, _ = collect_eval(cfg.data, tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
+                            max_eval_tokens=max_eval_tokens, bos_id=bos_id, log=log)
+    train = TokenStream(cfg.data, tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+                        shuffle_contexts=cfg.shuffle_contexts, bos_id=bos_id)
+    if log is not None:
+        log(f"streaming the training text: tokenized while training reads it, shuffled {cfg.shuffle_contexts} "
+            f"contexts at a time; {evals.shape[0]} held-out contexts read for evaluation")
+    return train, evals
+
+
 def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, loaded: LoadedModel | None,
                evaluate: bool, eval_tokens: int, log: Callable[[str], None] | None) -> dict:
     t0 = time.perf_counter()
@@ -185,23 +231,22 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
         cfg = cfg.model_copy(update={"prepend_bos": False})  # a run from before the setting: no BOS
     cfg = cfg.model_copy(update={"prepend_bos": resolve_prepend_bos(cfg.prepend_bos, loaded.adapter, loaded.tokenizer)})
     cfg = cfg.resolved(device.type)
+    if cfg.streaming is None and not resume:  # auto, decided once and recorded in train_config.json
+        cfg = cfg.model_copy(update={"streaming": should_stream(cfg.data)})
     check = check_model(loaded.model, loaded.tokenizer, bool(cfg.prepend_bos)) if is_main() else None
     if check is not None and log is not None:
         log(check.line())
         if check.warning:
             log(f"warning: {check.warning}")
-    split = build_token_split(cfg.data, loaded.tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
-                              max_eval_tokens=max(eval_tokens, cfg.ctx_len),
-                              bos_id=bos_id_if(bool(cfg.prepend_bos), loaded.tokenizer),
-                              log=log if is_main() else None)  # a mixture says what each source gave
+    train, evals = _training_text(cfg, loaded.tokenizer, max(eval_tokens, cfg.ctx_len), log if is_main() else None)
     adapter = harvest_copy(loaded, cfg.harvest_dtype)
     t_setup = time.perf_counter() - t0
     stream, t_cache = None, 0.0
     if cfg.activation_cache:
         t1 = time.perf_counter()
-        stream = open_cache(cfg, adapter, split.train, progress)
+        stream = open_cache(cfg, adapter, train, progress)
         t_cache = time.perf_counter() - t1
-    trainer = Trainer(cfg, adapter, split.train, run_dir, stream=stream)
+    trainer = Trainer(cfg, adapter, train, run_dir, stream=stream)  # type: ignore[arg-type]  # a TokenStream too
     trainer.fit(resume=resume, progress=progress)
     tokens = trainer.step * cfg.batch_size
     if not is_main():  # other torchrun ranks are done once the coders are saved
@@ -218,7 +263,7 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
         from ..evaluation.run import evaluate_run
 
         result["metrics"] = evaluate_run(
-            run_dir, loaded=loaded, eval_split=split.eval, progress=progress,
+            run_dir, loaded=loaded, eval_split=evals, progress=progress,
             extra={"training": timing, "model_check": dataclasses.asdict(check) if check else None},
         )
     return result
