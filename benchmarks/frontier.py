@@ -58,11 +58,12 @@ def _train(args) -> dict:
 
 
 def _table(result: dict) -> None:
-    print("| layer | kind | k | L0 | FVU | CE spliced | loss recovered | KL | dead |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layer | kind | k | L0 | FVU | CE spliced | loss recovered | KL | dead in training | silent on the eval tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(result["rows"], key=lambda r: (r["layer"], KINDS.index(r["kind"]), r["k"])):
+        dead = "n/a" if r.get("dead_in_training") is None else f"{r['dead_in_training']:.2f}"
         print(f"| {r['layer']} | {LABELS[r['kind']]} | {r['k']} | {r['l0']:.1f} | {r['fvu']:.3f} | "
-              f"{r['ce_spliced']:.3f} | {r['ce_loss_recovered']:.3f} | {r['kl']:.3f} | {r.get('dead_fraction', 0):.2f} |")
+              f"{r['ce_spliced']:.3f} | {r['ce_loss_recovered']:.3f} | {r['kl']:.3f} | {dead} | {r['dead_fraction']:.2f} |")
 
 
 def _plot(result: dict, folder: Path) -> list[Path]:
