@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transcoders.data.mixture import MixturePart, is_mixture, mixture_counts, parse_data
-from transcoders.data.sources import DataSourceError, describe_source, load_documents
+from transcoders.data.sources import DataSourceError, Document, describe_source, load_documents
 from transcoders.data.tokens import build_token_split, split_documents, tokenize_documents, tokenize_source
 
 CTX = 8
@@ -315,3 +315,142 @@ def test_tokenize_source(sources, tokenizer):
         assert torch.equal(rows[s], w[:n])
     rows, parts = tokenize_source("notes.jsonl:3,docs:1", tokenizer, CTX)
     assert [s.stop - s.start for _, s in parts] == _expected_counts([w.shape[0] for w in whole], ["3", "1"], None)
+
+
+def _first_of_each(specs: list[tuple[str, str]], tokenizer, cap: int, bos_id=None) -> tuple[torch.Tensor, list[int]]:
+    """What a capped mixture gave when every source was loaded whole: per ``mixture_counts``,
+    the first contexts of each source on its own, grouped by source (from the primitives)."""
+    whole = [tokenize_documents(load_documents(s), tokenizer, CTX, bos_id=bos_id) for s, _ in specs]
+    counts = _expected_counts([w.shape[0] for w in whole], [w for _, w in specs], cap)
+    return torch.cat([w[:n] for w, n in zip(whole, counts)]), counts
+
+
+@pytest.mark.parametrize("bos_id", [None, 0])
+def test_capped_tokenize_source_equals_loading_everything(sources, tokenizer, bos_id):
+    """With a cap, each source is read only as far as needed, and gives what loading it whole
+    gave: a lone source ``tokenize_documents(load_documents(...))``, a mixture the first
+    contexts of each source per ``mixture_counts``, with the same slices and log line."""
+    from transcoders.data.tokens import _mix
+
+    for source in ["notes.jsonl", "docs", "speech.txt"]:
+        n_all = tokenize_documents(load_documents(source), tokenizer, CTX, bos_id=bos_id).shape[0]
+        for cap in [1, 7, 30, n_all, n_all + 1, 10 * n_all]:
+            want = tokenize_documents(load_documents(source), tokenizer, CTX, cap * CTX + CTX - 1, bos_id)
+            rows, parts = tokenize_source(source, tokenizer, CTX, max_tokens=cap * CTX + CTX - 1, bos_id=bos_id)
+            assert torch.equal(rows, want) and rows.dtype == torch.int64, (source, cap)
+            assert parts == [(source, slice(0, min(cap, n_all)))]
+    mixtures = [[("notes.jsonl", "3"), ("docs", "1")], [("notes.jsonl", "0.5"), ("docs", "0.3"), ("speech.txt", "0.2")],
+                [("speech.txt", "1"), ("notes.jsonl", "2")]]
+    for specs in mixtures:
+        spec = ",".join(f"{s}:{w}" for s, w in specs)
+        for cap in [1, 2, 5, 30, 100_000]:
+            want, counts = _first_of_each(specs, tokenizer, cap, bos_id)
+            lines: list[str] = []
+            rows, parts = tokenize_source(spec, tokenizer, CTX, max_tokens=cap * CTX, bos_id=bos_id, log=lines.append)
+            assert torch.equal(rows, want), (spec, cap)
+            assert [(label, s.stop - s.start) for label, s in parts] == [(s, n) for (s, _), n in zip(specs, counts)]
+            assert [s.start for _, s in parts] == [sum(counts[:i]) for i in range(len(counts))]
+            # the line the eager path (all documents loaded, still build_token_split's) logs
+            eager: list[str] = []
+            groups = [(s, load_documents(s)) for s, _ in specs]
+            old_rows, _, old_parts = _mix("all documents", groups, [p.share for p in parse_data(spec)], tokenizer, CTX,
+                                          cap, bos_id, eager.append)
+            assert torch.equal(old_rows, rows) and old_parts == parts and lines == eager and len(lines) == 1
+
+
+def test_capped_tokenize_source_reads_large_text_files_whole(sources, tokenizer):
+    """A text file over TXT_PIECE_BYTES is one document, as load_documents reads it, not pieces
+    (each piece would end in a separator): the same rows, capped or not."""
+    from transcoders.data.sources import TXT_PIECE_BYTES
+
+    (sources / "long.txt").write_text(_text(7, 30) + "\n" + _text(8, 220_000))
+    assert (sources / "long.txt").stat().st_size > TXT_PIECE_BYTES
+    want = tokenize_documents(load_documents("long.txt"), tokenizer, CTX)
+    rows, parts = tokenize_source("long.txt", tokenizer, CTX, max_tokens=10**9)
+    assert torch.equal(rows, want) and parts == [("long.txt", slice(0, want.shape[0]))]
+
+
+def test_capped_tokenize_source_errors_as_before(sources, tokenizer):
+    """A capped call raises what an uncapped one raises for the part it reads."""
+    (sources / "tiny.txt").write_text("the fox")
+    (sources / "blank.jsonl").write_text('{"text": "  "}\n\n{"text": ""}\n')
+    cases = [("tiny.txt", r"^1 documents gave only \d+ tokens, fewer than ctx_len=8"),
+             ("blank.jsonl", r"'blank.jsonl' yielded no non-empty text"),
+             ("gone.jsonl", r"gone.jsonl.*does not exist"),
+             ("notes.jsonl:1,tiny.txt:1", r"^all documents of mixture source 'tiny.txt': 1 documents gave only"),
+             ("tiny.txt:1,blank.jsonl:1", r"^mixture source 'blank.jsonl': .*yielded no non-empty text"),
+             ("notes.jsonl:1,gone.jsonl:1", r"^mixture source 'gone.jsonl': .*does not exist")]
+    for spec, message in cases:
+        errors = []
+        for cap in [None, 4 * CTX]:
+            with pytest.raises(DataSourceError, match=message) as e:
+                tokenize_source(spec, tokenizer, CTX, max_tokens=cap)
+            errors.append(str(e.value))
+        assert errors[0] == errors[1], spec
+    with pytest.raises(ValueError, match=r"max_tokens \(7\) must be at least ctx_len \(8\)"):
+        tokenize_source("notes.jsonl", tokenizer, CTX, max_tokens=7)
+    with pytest.raises(ValueError, match=r"max_tokens \(7\) must be at least ctx_len \(8\)"):
+        tokenize_source("notes.jsonl:1,docs:1", tokenizer, CTX, max_tokens=7)
+
+
+def test_capped_tokenize_source_reads_no_further_than_needed(sources, tokenizer):
+    """A .jsonl file whose lines after the first 300 are not JSON: a small cap never reaches
+    them; a call without a cap (or with one the valid lines cannot fill) does, and says where."""
+    good = [json.dumps({"text": _text(i, 20 + i % 13)}) for i in range(300)]
+    (sources / "bad.jsonl").write_text("\n".join(good + ["{not json"] * 500) + "\n")
+    valid = [Document(f"bad.jsonl:{i + 1}", json.loads(line)["text"]) for i, line in enumerate(good)]
+    n_valid = tokenize_documents(valid, tokenizer, CTX).shape[0]
+    assert n_valid > 200
+    valid_rows, docs_rows = tokenize_documents(valid, tokenizer, CTX), tokenize_documents(load_documents("docs"), tokenizer, CTX)
+    for cap in [1, 10, 100]:
+        rows, parts = tokenize_source("bad.jsonl", tokenizer, CTX, max_tokens=cap * CTX)
+        assert torch.equal(rows, valid_rows[:cap]) and parts == [("bad.jsonl", slice(0, cap))]
+        rows, parts = tokenize_source("bad.jsonl:1,docs:1", tokenizer, CTX, max_tokens=cap * CTX)
+        counts = _expected_counts([n_valid, docs_rows.shape[0]], ["1", "1"], cap)
+        assert [s.stop - s.start for _, s in parts] == counts
+        assert torch.equal(rows, torch.cat([valid_rows[: counts[0]], docs_rows[: counts[1]]]))
+    message = r"bad.jsonl, line 301 is not valid JSON"
+    for spec, cap in [("bad.jsonl", None), ("bad.jsonl", (n_valid + 1) * CTX), ("bad.jsonl:1,docs:1", None),
+                      ("docs:1,bad.jsonl:1", 10 * n_valid * CTX)]:
+        with pytest.raises(DataSourceError, match=message):
+            tokenize_source(spec, tokenizer, CTX, max_tokens=cap)
+
+
+def test_capped_tokenize_source_streams_hub_datasets(monkeypatch, tokenizer):
+    """A Hub dataset is streamed and read only as far as needed; one that cannot be streamed
+    (offline with a cached copy) is loaded whole, as without a cap; one that cannot be loaded
+    either raises what it raised before."""
+    datasets = pytest.importorskip("datasets")
+    texts = [_text(i, 20 + i % 13) if i % 5 else "" for i in range(200)]
+    read: list[int] = []
+    calls: list[tuple[str, bool]] = []
+
+    class Rows:  # what load_dataset(..., streaming=True) returns: an iterable of dicts, read as iterated
+        column_names = ["text"]
+
+        def __iter__(self):
+            for i, text in enumerate(texts):
+                read.append(i)
+                yield {"text": text}
+
+    def fake_load(name, split, streaming=False):
+        calls.append((name, streaming))
+        if streaming and name != "owner/ds":
+            raise ConnectionError("offline")
+        if name == "gone/ds":
+            raise ConnectionError("offline, not cached")
+        return Rows() if streaming else datasets.Dataset.from_dict({"text": texts})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    whole = tokenize_documents(load_documents("owner/ds"), tokenizer, CTX)
+    for name in ["owner/ds", "cached/ds"]:
+        calls.clear()
+        rows, parts = tokenize_source(name, tokenizer, CTX, max_tokens=5 * CTX)
+        assert torch.equal(rows, whole[:5]) and parts == [(name, slice(0, 5))]
+        assert calls == ([("owner/ds", True)] if name == "owner/ds" else [("cached/ds", True), ("cached/ds", False)])
+    assert 0 < len(read) < 20  # the first few rows, not all 200
+    with pytest.raises(DataSourceError) as before:
+        tokenize_source("gone/ds", tokenizer, CTX)
+    with pytest.raises(DataSourceError) as capped:
+        tokenize_source("gone/ds", tokenizer, CTX, max_tokens=5 * CTX)
+    assert str(capped.value) == str(before.value) and "not cached" in str(capped.value)

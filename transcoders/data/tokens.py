@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 
-from .mixture import mixture_counts, parse_data
-from .sources import DataSourceError, Document, load_documents
+from .mixture import MixturePart, mixture_counts, parse_data
+from .sources import DataSourceError, Document, iter_documents, load_documents
 
 __all__ = ["TokenSplit", "split_documents", "tokenize_documents", "tokenize_source", "build_token_split",
            "separator_token_id"]
@@ -106,8 +107,7 @@ def _tokenize(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | N
               bos_id: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """Rows of tokens (each led by ``bos_id`` when given) and the end of each tokenized
     document in the joined text tokens (cumulative lengths, separators included)."""
-    if ctx_len < 1 + (bos_id is not None):
-        raise ValueError(f"ctx_len must be >= {1 + (bos_id is not None)}, got {ctx_len}")
+    _check_ctx_len(ctx_len, bos_id)
     if max_tokens is not None and max_tokens < ctx_len:
         raise ValueError(f"max_tokens ({max_tokens}) must be at least ctx_len ({ctx_len})")
     sep = separator_token_id(tokenizer)
@@ -126,15 +126,22 @@ def _tokenize(docs: list[Document], tokenizer, ctx_len: int, max_tokens: int | N
             ends.append(total)
     n_rows = (total if wanted is None else min(total, wanted)) // body
     if n_rows == 0:
-        raise DataSourceError(
-            f"{len(docs)} documents gave only {total} tokens, fewer than ctx_len={ctx_len}; "
-            f"use a smaller ctx_len or more text."
-        )
+        raise _too_little_text(len(docs), total, ctx_len)
     n_docs = _docs_in(ends, n_rows * body)
     rows = torch.cat(pieces[:n_docs])[: n_rows * body].view(n_rows, body)
     if bos_id is not None:
         rows = torch.cat([torch.full((n_rows, 1), bos_id, dtype=torch.int64), rows], dim=1)
     return rows, ends
+
+
+def _check_ctx_len(ctx_len: int, bos_id: int | None) -> None:
+    if ctx_len < 1 + (bos_id is not None):
+        raise ValueError(f"ctx_len must be >= {1 + (bos_id is not None)}, got {ctx_len}")
+
+
+def _too_little_text(n_docs: int, n_tokens: int, ctx_len: int) -> DataSourceError:
+    return DataSourceError(f"{n_docs} documents gave only {n_tokens} tokens, fewer than ctx_len={ctx_len}; "
+                           f"use a smaller ctx_len or more text.")
 
 
 def _docs_in(ends: list[int], n_tokens: int) -> int:
@@ -247,20 +254,133 @@ def tokenize_source(
     :func:`~transcoders.data.mixture.mixture_counts` gives for ``cap = max_tokens // ctx_len``:
     the first contexts of each source, grouped by source in the order given.
 
+    What is read: without ``max_tokens``, every document of every source (``load_documents``).
+    With it, each source is read lazily, one document at a time
+    (:func:`~transcoders.data.sources.iter_documents` with whole text files, as
+    ``load_documents`` reads them; a Hub dataset streamed), and only until its contexts are
+    full: a lone source's ``max_tokens // ctx_len``, a mixture source's ``ceil(cap * share)``
+    (the most it can give), plus at most the rest of the tokenizer batch in progress (1, 2,
+    4, ... up to 64 documents). The rows, slices and log line are the same either way; so is
+    the error for a source that cannot be read -- unless the bad part lies beyond what a capped
+    call reads, which then never sees it. A Hub dataset that cannot be streamed is loaded whole.
+
     Returns (int64 rows [n_ctx, ctx_len], ``(label, slice)`` per source); ``log`` gets a line
     saying what each source of a mixture gave.
-    Raises DataSourceError (bad or malformed source, too little text) or ValueError (bad
-    ``ctx_len`` / ``max_tokens``, tokenizer without eos/bos).
+    Raises DataSourceError (a source that is missing, malformed in the part that is read, or
+    empty; too little text: fewer than ``ctx_len`` tokens in a whole source; in a mixture the
+    message names the source) or ValueError (bad ``ctx_len`` / ``max_tokens``, tokenizer without
+    eos/bos; with ``max_tokens`` these are raised before any document is read).
     """
     parts = parse_data(source)
+    if max_tokens is not None:
+        return _tokenize_first(parts, tokenizer, ctx_len, max_tokens, text_field=text_field, split=split,
+                               bos_id=bos_id, log=log)
     if len(parts) == 1:
         rows = tokenize_documents(load_documents(parts[0].source, text_field=text_field, split=split), tokenizer,
                                   ctx_len, max_tokens, bos_id)
         return rows, [(parts[0].label, slice(0, rows.shape[0]))]
-    cap = _check_cap("max_tokens", max_tokens, ctx_len)
     groups = [(p.label, _load(p.label, p.source, text_field, split)) for p in parts]
-    rows, _, sources = _mix("all documents", groups, [p.share for p in parts], tokenizer, ctx_len, cap, bos_id, log)
+    rows, _, sources = _mix("all documents", groups, [p.share for p in parts], tokenizer, ctx_len, None, bos_id, log)
     return rows, sources
+
+
+def _lazy_documents(source: str | os.PathLike | None, text_field: str, split: str) -> Iterator[Document]:
+    """The documents of one source in ``load_documents``'s order, read as they are iterated
+    (text files whole, as ``load_documents`` reads them). A source that cannot be opened so
+    (a Hub dataset that cannot be streamed, e.g. offline with a cached copy) is read by
+    ``load_documents``, which raises what it raises today when it cannot read it either."""
+    try:
+        return iter_documents(source, text_field=text_field, split=split, piece_bytes=None)
+    except DataSourceError:
+        return iter(load_documents(source, text_field=text_field, split=split))
+
+
+def _close(it: Iterator) -> None:
+    """Close a generator now (an open file with it) rather than when it is collected."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+def _first_rows(docs: Iterator[Document], source: str | os.PathLike | None, tokenizer, ctx_len: int, limit: int, *,
+                text_field: str, split: str, bos_id: int | None) -> tuple[list[torch.Tensor], int, int]:
+    """The first ``limit`` contexts of ``docs``, the documents of ``source`` (fewer if it has
+    fewer), reading them only until those are full; and how many documents and tokens were
+    tokenized for them. ``docs`` is closed.
+
+    Raises DataSourceError for documents read before the contexts are full that are malformed,
+    or a source with no non-empty text (the message ``load_documents`` gives); none for a source
+    too short for one context (no rows).
+    """
+    from .stream import _Packed, pack_contexts  # stream.py imports this module
+
+    counts = _Packed()
+    try:
+        made = pack_contexts(docs, tokenizer, ctx_len, bos_id, counts)
+        try:
+            rows = list(itertools.islice(made, limit))
+        finally:
+            _close(made)
+    finally:
+        _close(docs)
+    if counts.documents == 0:  # an empty source: the error load_documents gives for it
+        load_documents(source, text_field=text_field, split=split)
+    return rows, counts.documents, counts.tokens
+
+
+def _tokenize_first(parts: list[MixturePart], tokenizer, ctx_len: int, max_tokens: int, *, text_field: str,
+                    split: str, bos_id: int | None, log: Callable[[str], None] | None,
+                    ) -> tuple[torch.Tensor, list[tuple[str, slice]]]:
+    """:func:`tokenize_source` with a cap, each source read only as far as its contexts need;
+    the checks in the order of the uncapped path (a missing path first, then the arguments)."""
+    if len(parts) == 1:
+        source = parts[0].source
+        docs = _lazy_documents(source, text_field, split)
+        try:
+            _check_ctx_len(ctx_len, bos_id)
+            cap = _check_cap("max_tokens", max_tokens, ctx_len)
+            assert cap is not None
+            separator_token_id(tokenizer)
+        except ValueError:
+            _close(docs)
+            raise
+        first, n_docs, n_tokens = _first_rows(docs, source, tokenizer, ctx_len, cap, text_field=text_field,
+                                              split=split, bos_id=bos_id)
+        if not first:
+            raise _too_little_text(n_docs, n_tokens, ctx_len)
+        return torch.stack(first), [(parts[0].label, slice(0, len(first)))]
+    cap = _check_cap("max_tokens", max_tokens, ctx_len)
+    assert cap is not None
+    _check_ctx_len(ctx_len, bos_id)
+    separator_token_id(tokenizer)
+    what = "all documents"
+    shares = [p.share for p in parts]
+    limits = [math.ceil(cap * share) for share in shares]  # the most each source can give (see _mix)
+    got: list[list[torch.Tensor]] = []
+    short: list[DataSourceError] = []
+    for part, limit in zip(parts, limits):
+        try:
+            rows, n_docs, n_tokens = _first_rows(_lazy_documents(part.source, text_field, split), part.source,
+                                                 tokenizer, ctx_len, limit, text_field=text_field, split=split,
+                                                 bos_id=bos_id)
+        except DataSourceError as e:
+            raise DataSourceError(f"mixture source {part.label!r}: {e}") from None
+        if not rows:  # raised once every source is read, as _mix tokenizes only after loading them all
+            short.append(DataSourceError(f"{what} of mixture source {part.label!r}: "
+                                         f"{_too_little_text(n_docs, n_tokens, ctx_len)}"))
+        got.append(rows)
+    if short:
+        raise short[0]
+    available = [len(rows) for rows in got]
+    complete = [n < limit for n, limit in zip(available, limits)]  # False: it may have more
+    counts = mixture_counts(available, shares, cap)
+    sources, start = [], 0
+    for part, n in zip(parts, counts):
+        sources.append((part.label, slice(start, start + n)))
+        start += n
+    if log is not None:
+        log(_summary(what, [p.label for p in parts], counts, available, shares, cap, ctx_len, complete))
+    return torch.stack([row for rows, n in zip(got, counts) for row in rows[:n]]), sources
 
 
 def build_token_split(
