@@ -340,3 +340,22 @@ def test_evaluate_cli_on_a_mixture_reports_each_source(run_copy, files, tmp_path
         assert parts[label]["layers"]["1"]["ce_spliced"] == pytest.approx(ref["ce_spliced"], rel=1e-6)
         assert parts[label]["layers"]["1"]["fvu"] == pytest.approx(ref["fvu"], rel=1e-6)
     assert "alone (" in (folder / "summary.md").read_text()
+
+
+def test_train_cli_on_a_mixture_reports_each_source(files, tmp_path):
+    """Training on a mixture evaluates each source's held-out contexts alone, as a later
+    `evaluate RUN` of the same held-out split does (an independent rebuild of the split)."""
+    third = tmp_path / "third.jsonl"
+    third.write_bytes(files["other"].read_bytes())
+    run = tmp_path / "run"
+    result = invoke("train", "--model", files["model"], "--data", f"{files['train']}:0.5,{third}:0.5", "--run-dir", run,
+                    *FAST, "--layers", "1", "--eval-tokens", "128")
+    assert result.exit_code == 0, result.output
+    trained = json.loads((run / "metrics.json").read_text())["by_source"]
+    assert len(trained) == 2
+    again = invoke("evaluate", run, "--eval-tokens", "128", "--quiet")
+    assert again.exit_code == 0, again.output
+    rebuilt = json.loads((run / "metrics.json").read_text())["by_source"]
+    for label, part in trained.items():
+        assert part["layers"]["1"]["ce_spliced"] == pytest.approx(rebuilt[label]["layers"]["1"]["ce_spliced"], rel=1e-6)
+    assert "loss recovered by source" in result.output

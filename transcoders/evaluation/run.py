@@ -70,7 +70,8 @@ def read_train_config(run_dir: str | Path) -> TrainConfig | None:
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Path | None = None, model: str | None = None,
                  prepend_bos: bool | None = None, eval_tokens: int = 8192, batch_size: int = 8,
-                 loaded: LoadedModel | None = None, eval_split: torch.Tensor | None = None, progress: bool = True,
+                 loaded: LoadedModel | None = None, eval_split: torch.Tensor | None = None,
+                 eval_sources: list[tuple[str, slice]] | None = None, progress: bool = True,
                  extra: dict | None = None, all_at_once: bool = False, layers: list[int] | None = None) -> dict:
     """Evaluate every coder in ``run_dir`` and write ``metrics.json``, ``summary.md`` and
     ``feature_density.png``.
@@ -84,6 +85,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
             held-out split of the run's training text (for a run that streamed its text, read
             as it was then: :func:`~transcoders.data.stream.collect_eval`, only as far as needed).
         out: output folder (default: see above).
+        eval_sources: with ``eval_split``, ``(label, rows)`` of each source of a mixture (a
+            :class:`~transcoders.data.tokens.TokenSplit`'s ``eval_sources``), for ``by_source``.
         model: the model to load. Default: the coders' model, but only when it is the default
             model or another known local model; a name taken from a file never makes us
             download or import anything.
@@ -130,6 +133,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
     sources: list[tuple[str, slice]] = []  # (label, rows) of each source of a mixture
     if eval_split is not None:
         tokens, source = eval_split, f"held-out split of {describe_source(train_cfg.data)}"
+        sources = list(eval_sources or [])
     elif data is not None:
         tokens, sources = tokenize_source(data, loaded.tokenizer, ctx_len, max_tokens=eval_tokens, bos_id=bos_id)
         source = describe_source(data)

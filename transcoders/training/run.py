@@ -192,8 +192,8 @@ def train_run(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, ov
 
 
 def _training_text(cfg: TrainConfig, tokenizer, max_eval_tokens: int, log: Callable[[str], None] | None,
-                   ) -> tuple[torch.Tensor | TokenStream, torch.Tensor]:
-    """(training contexts, held-out contexts [n, ctx_len]) of ``cfg.data``: with
+                   ) -> tuple[torch.Tensor | TokenStream, tuple[torch.Tensor, list[tuple[str, slice]]]]:
+    """(training contexts, (held-out contexts [n, ctx_len], ``(label, rows)`` per source)) of ``cfg.data``: with
     ``cfg.streaming``, a :class:`~transcoders.data.stream.TokenStream` and the eval rows of
     :func:`~transcoders.data.stream.collect_eval` (read only as far as needed, so a source that
     cannot be read fails here, before any training); else the tensors of
@@ -206,15 +206,15 @@ def _training_text(cfg: TrainConfig, tokenizer, max_eval_tokens: int, log: Calla
     if not cfg.streaming:  # None: a resumed run from before the setting, which did not stream
         split = build_token_split(cfg.data, tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
                                   max_eval_tokens=max_eval_tokens, bos_id=bos_id, log=log)
-        return split.train, split.eval
-    evals, _ = collect_eval(cfg.data, tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
+        return split.train, (split.eval, split.eval_sources)
+    evals, sources = collect_eval(cfg.data, tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
                             max_eval_tokens=max_eval_tokens, bos_id=bos_id, log=log)
     train = TokenStream(cfg.data, tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
                         shuffle_contexts=cfg.shuffle_contexts, bos_id=bos_id)
     if log is not None:
         log(f"streaming the training text: tokenized while training reads it, shuffled {cfg.shuffle_contexts} "
             f"contexts at a time; {evals.shape[0]} held-out contexts read for evaluation")
-    return train, evals
+    return train, (evals, sources)
 
 
 def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, loaded: LoadedModel | None,
@@ -238,7 +238,8 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
         log(check.line())
         if check.warning:
             log(f"warning: {check.warning}")
-    train, evals = _training_text(cfg, loaded.tokenizer, max(eval_tokens, cfg.ctx_len), log if is_main() else None)
+    train, (evals, eval_sources) = _training_text(cfg, loaded.tokenizer, max(eval_tokens, cfg.ctx_len),
+                                                  log if is_main() else None)
     adapter = harvest_copy(loaded, cfg.harvest_dtype)
     t_setup = time.perf_counter() - t0
     stream, t_cache = None, 0.0
@@ -263,7 +264,7 @@ def _train_run(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool,
         from ..evaluation.run import evaluate_run
 
         result["metrics"] = evaluate_run(
-            run_dir, loaded=loaded, eval_split=evals, progress=progress,
+            run_dir, loaded=loaded, eval_split=evals, eval_sources=eval_sources, progress=progress,
             extra={"training": timing, "model_check": dataclasses.asdict(check) if check else None},
         )
     return result
