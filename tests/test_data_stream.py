@@ -501,5 +501,6 @@ def test_memory_stays_flat_on_a_2gb_jsonl(loaded, tmp_path):
     finally:
         big.unlink()
     print(f"peak RSS: 20 MB file {rss_small / 2**20:.0f} MiB, 2 GB file {rss_big / 2**20:.0f} MiB")
-    assert rss_big < 2**30  # well under the file's 2 GiB
+    # Flat: the 2 GB file costs what a 20 MB one does. (The absolute level depends on the process
+    # environment: 484 MiB alone, about 3 GiB for both files inside the full suite.)
     assert rss_big - rss_small < 200 * 2**20

@@ -48,7 +48,7 @@ def test_captured_mlp_input_through_the_mlp_reproduces_the_captured_output(smoll
 
 
 def test_short_training_and_evaluation_on_held_out_text(smollm2, tmp_path):
-    cfg = TrainConfig(layers=[6], expansion_factor=4, k=32, lr=4e-4, batch_size=1024, total_tokens=48 * 1024,
+    cfg = TrainConfig(data="sotu", layers=[6], expansion_factor=4, k=32, lr=4e-4, batch_size=1024, total_tokens=48 * 1024,
                       ctx_len=128, warmup_steps=5, block_contexts=16, model_batch=16, checkpoint_every=1000)
     result = train_run(cfg, tmp_path, loaded=smollm2, progress=False, eval_tokens=1024)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
