@@ -51,9 +51,9 @@ from typing import Literal
 
 import torch
 
-from .mixture import MixturePart, mixture_counts, parse_data
+from .mixture import MixturePart, parse_data
 from .sources import NAMED_SOURCES, DataSourceError, Document, _folder_files, _looks_like_path, iter_documents
-from .tokens import _check_cap, _hash_fraction, _split_single, _summary, separator_token_id
+from .tokens import _check_cap, _hash_fraction, _split_single, separator_token_id, take_shares
 
 __all__ = ["STREAM_AUTO_BYTES", "SHUFFLE_CONTEXTS", "TokenStream", "collect_eval", "interleave_schedule",
            "pack_contexts", "should_stream", "side_documents"]
@@ -488,11 +488,5 @@ def collect_eval(data: str | os.PathLike | None, tokenizer, ctx_len: int, *, max
             raise DataSourceError(f"{what} of mixture source {part.label!r}: {e}") from None
     available = [rows.shape[0] for rows in got]
     complete = [rows.shape[0] < math.ceil(cap * p.share) for rows, p in zip(got, parts)]
-    counts = mixture_counts(available, shares, cap)
-    sources, start = [], 0
-    for part, n in zip(parts, counts):
-        sources.append((part.label, slice(start, start + n)))
-        start += n
-    if log is not None:
-        log(_summary(what, [p.label for p in parts], counts, available, shares, cap, ctx_len, complete))
+    counts, sources = take_shares(what, [p.label for p in parts], shares, available, complete, cap, ctx_len, log)
     return torch.cat([rows[:n] for rows, n in zip(got, counts)]), sources

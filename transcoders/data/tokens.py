@@ -203,16 +203,28 @@ def _mix(what: str, groups: Sequence[tuple[str, list[Document]]], shares: Sequen
             raise DataSourceError(f"{what} of mixture source {label!r}: {e}") from None
         complete.append(limit is None or tokenized[-1][0].shape[0] < limit)  # False: it may have more
     available = [rows.shape[0] for rows, _ in tokenized]
-    counts = mixture_counts(available, shares, cap)
-    pieces, names, sources, start = [], [], [], 0
+    counts, sources = take_shares(what, [label for label, _ in groups], shares, available, complete, cap, ctx_len, log)
+    pieces, names = [], []
     for (label, docs), (rows, ends), n in zip(groups, tokenized, counts):
         pieces.append(rows[:n])
         names += [f"{label}|{d.name}" for d in docs[: _docs_in(ends, n * body)]]
+    return torch.cat(pieces), names, sources
+
+
+def take_shares(what: str, labels: Sequence[str], shares: Sequence[Fraction], available: list[int], complete: list[bool],
+                cap: int | None, ctx_len: int, log: Callable[[str], None] | None,
+                ) -> tuple[list[int], list[tuple[str, slice]]]:
+    """How many contexts each source of a mixture gives (:func:`~transcoders.data.mixture.mixture_counts`
+    of ``available``), the ``(label, rows)`` slice of each in the grouped rows, and the log line
+    saying so (``complete[i]``: source ``i`` was read to its end, not cut at a limit)."""
+    counts = mixture_counts(available, shares, cap)
+    sources, start = [], 0
+    for label, n in zip(labels, counts):
         sources.append((label, slice(start, start + n)))
         start += n
     if log is not None:
-        log(_summary(what, [label for label, _ in groups], counts, available, shares, cap, ctx_len, complete))
-    return torch.cat(pieces), names, sources
+        log(_summary(what, list(labels), counts, available, shares, cap, ctx_len, complete))
+    return counts, sources
 
 
 def _summary(what: str, labels: list[str], counts: list[int], available: list[int], shares: Sequence[Fraction],
@@ -373,13 +385,7 @@ def _tokenize_first(parts: list[MixturePart], tokenizer, ctx_len: int, max_token
         raise short[0]
     available = [len(rows) for rows in got]
     complete = [n < limit for n, limit in zip(available, limits)]  # False: it may have more
-    counts = mixture_counts(available, shares, cap)
-    sources, start = [], 0
-    for part, n in zip(parts, counts):
-        sources.append((part.label, slice(start, start + n)))
-        start += n
-    if log is not None:
-        log(_summary(what, [p.label for p in parts], counts, available, shares, cap, ctx_len, complete))
+    counts, sources = take_shares(what, [p.label for p in parts], shares, available, complete, cap, ctx_len, log)
     return torch.stack([row for rows, n in zip(got, counts) for row in rows[:n]]), sources
 
 
