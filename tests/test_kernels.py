@@ -91,10 +91,11 @@ def test_sparse_topk_encode_matches_dense_reference_values_and_gradients(n, d_in
     k_frac=st.floats(0.0, 1.0),
     dead_frac=st.floats(0.0, 1.0),
     aux_frac=st.floats(0.0, 1.0),
+    rows_frac=st.one_of(st.none(), st.floats(0.0, 1.0)),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
-def test_sparse_topk_encode_auxk_matches_dense_reference(n, d_in, d_sae, k_frac, dead_frac, aux_frac, dtype, seed):
+def test_sparse_topk_encode_auxk_matches_dense_reference(n, d_in, d_sae, k_frac, dead_frac, aux_frac, rows_frac, dtype, seed):
     k = max(1, min(d_sae, round(k_frac * d_sae)))
     x, W, b = _encoder(n, d_in, d_sae, dtype, seed)
     W.requires_grad_(True)
@@ -105,9 +106,11 @@ def test_sparse_topk_encode_auxk_matches_dense_reference(n, d_in, d_sae, k_frac,
     n_dead = int(dead.sum())
     k_aux = max(1, min(n_dead, round(aux_frac * n_dead)))
 
+    m = n if rows_frac is None else max(1, round(rows_frac * n))  # AuxK on the first m tokens only
+
     values, indices, aux_values, aux_indices = sparse_topk_encode(
-        x, W, b, k, dead=dead, k_aux=k_aux, matmul_dtype=torch.float32)
-    assert aux_values.shape == aux_indices.shape == (n, k_aux)
+        x, W, b, k, dead=dead, k_aux=k_aux, matmul_dtype=torch.float32, aux_rows=None if rows_frac is None else m)
+    assert aux_values.shape == aux_indices.shape == (m, k_aux)
 
     W_ref = W.detach().double().requires_grad_(True)
     b_ref = b.detach().double().requires_grad_(True)
@@ -116,15 +119,15 @@ def test_sparse_topk_encode_auxk_matches_dense_reference(n, d_in, d_sae, k_frac,
     _assert_is_topk(indices, pre.detach())
     # aux selection: only dead features, and the top k_aux of them
     assert bool(dead[aux_indices].all()), "aux selection contains a live feature"
-    _assert_is_topk(aux_indices, pre.detach().masked_fill(~dead, float("-inf")))
-    ref_values, ref_aux = pre.gather(1, indices), pre.gather(1, aux_indices)
+    _assert_is_topk(aux_indices, pre.detach()[:m].masked_fill(~dead, float("-inf")))
+    ref_values, ref_aux = pre.gather(1, indices), pre[:m].gather(1, aux_indices)
     torch.testing.assert_close(values.double(), ref_values.detach(), **TOL[dtype])
     torch.testing.assert_close(aux_values.double(), ref_aux.detach(), **TOL[dtype])
 
     # gradients flow through both value tensors (features may appear in both)
     g = _gen(seed + 3)
     w1 = torch.randn(n, k, generator=g, dtype=torch.float64)
-    w2 = torch.randn(n, k_aux, generator=g, dtype=torch.float64)
+    w2 = torch.randn(m, k_aux, generator=g, dtype=torch.float64)
     loss = (values.double() * w1).sum() + (aux_values.double() * w2).sum() + 0.5 * aux_values.double().pow(2).sum()
     loss_ref = (ref_values * w1).sum() + (ref_aux * w2).sum() + 0.5 * ref_aux.pow(2).sum()
     loss.backward()

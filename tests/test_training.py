@@ -418,8 +418,8 @@ def test_dead_feature_counters_follow_the_topk_selection(tmp_path, llama_adapter
     calls = []
     real = losses_mod.sparse_topk_encode
 
-    def recording(x, W_enc, b_enc, k, *, dead=None, k_aux=0, matmul_dtype=torch.float32):
-        out = real(x, W_enc, b_enc, k, dead=dead, k_aux=k_aux, matmul_dtype=matmul_dtype)
+    def recording(x, W_enc, b_enc, k, *, dead=None, k_aux=0, matmul_dtype=torch.float32, aux_rows=None):
+        out = real(x, W_enc, b_enc, k, dead=dead, k_aux=k_aux, matmul_dtype=matmul_dtype, aux_rows=aux_rows)
         calls.append({"dead": None if dead is None else dead.clone(), "k_aux": k_aux,
                       "values": out[0].detach().clone(), "indices": out[1].clone()})
         return out
@@ -517,3 +517,59 @@ def test_fresh_run_in_used_folder_starts_a_new_log(tmp_path, llama_adapter, trai
     Trainer(make_cfg(total_tokens=BATCH * 4, log_every=1), llama_adapter, train_tokens, tmp_path).fit(progress=False)
     Trainer(make_cfg(total_tokens=BATCH * 3, log_every=1, seed=1), llama_adapter, train_tokens, tmp_path).fit(progress=False)
     assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
+
+
+def test_auxk_on_a_token_subset_is_the_dense_loss_of_those_tokens_scaled():
+    """``auxk_tokens = m``: the AuxK term is (n / m) x the dense AuxK loss of the batch's first m
+    tokens (top ``d_out / 2`` dead pre-activations, ReLU, decoded), over the batch's variance."""
+    from transcoders.coders.coder import SparseCoder
+    from transcoders.coders.config import CoderConfig
+    from transcoders.training.losses import topk_loss
+
+    torch.manual_seed(3)
+    n, d, m_feat, m = 64, 8, 48, 16
+    coder = SparseCoder(CoderConfig(d_in=d, d_out=d, d_sae=m_feat, k=3))
+    with torch.no_grad():
+        coder.W_enc.normal_(0, 0.5)
+        coder.W_dec.normal_(0, 0.5)
+        coder.b_enc.normal_(0, 0.5)
+    x, y = torch.randn(n, d), torch.randn(n, d)
+    dead = torch.rand(m_feat) < 0.5
+    for tokens in (None, m):
+        cfg = TrainConfig(auxk_coefficient=1.0, auxk_tokens=tokens, precision="fp32")
+        r = topk_loss(cfg, coder, x, y, dead, 0)
+        with torch.no_grad():
+            pre = (x @ coder.W_enc.T + coder.b_enc).double()
+            vals, idx = pre.topk(3, dim=1)
+            y_hat = (vals.relu()[..., None] * coder.W_dec.double()[idx]).sum(1) + coder.b_dec.double()
+            err = y.double() - y_hat
+            total_var = (y.double() - y.double().mean(0)).pow(2).sum()
+            rows = n if tokens is None else tokens
+            k_aux = min(d // 2, int(dead.sum()))
+            av, ai = pre[:rows].masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)
+            e_hat = (av.relu()[..., None] * coder.W_dec.double()[ai]).sum(1)
+            aux = (err[:rows] - e_hat).pow(2).sum() * (n / rows) / total_var
+        torch.testing.assert_close(float(r.loss - r.fvu), float(aux), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_k_schedule_decays_from_k_start_to_k(tmp_path, llama_adapter, train_tokens, monkeypatch, activation):
+    """With ``k_start = 16`` and ``k = 4`` over 10 steps and an anneal fraction of 0.4 (4 steps),
+    the encoder keeps 16, 13, 10, 7 and then 4 features per token (BatchTopK: 4x as many
+    candidates, and k x n kept over the batch)."""
+    seen = []
+    real = losses_mod.sparse_topk_encode
+
+    def recording(x, W_enc, b_enc, k, **kw):
+        out = real(x, W_enc, b_enc, k, **kw)
+        seen.append(k)
+        return out
+
+    monkeypatch.setattr(losses_mod, "sparse_topk_encode", recording)
+    cfg = make_cfg(total_tokens=BATCH * 10, layers=[0], activation=activation, k=4, k_start=16, k_anneal_fraction=0.4,
+                   log_every=1)
+    Trainer(cfg, llama_adapter, train_tokens, tmp_path / "run").fit(progress=False)
+    expected = [16, 13, 10, 7] + [4] * 6
+    assert seen == (expected if activation == "topk" else [4 * k for k in expected])
+    if activation == "batchtopk":
+        assert [round(r["layers"]["0"]["l0"]) for r in _log(tmp_path / "run")] == expected

@@ -15,7 +15,8 @@ from ..models.loading import DEFAULT_MODEL, canonical_model_name
 RESUME_OVERRIDABLE = frozenset({"total_tokens", "checkpoint_every", "log_every", "device", "model_batch", "decay_fraction"})
 
 SWEEPABLE = {"activation", "kind", "k", "d_sae", "expansion_factor", "l1_coefficient", "l0_coefficient", "lr", "auxk_coefficient",
-             "dead_tokens"}
+             "dead_tokens", "jumprelu_bandwidth", "auxk_tokens",
+             "k_start", "k_anneal_fraction"}
 
 
 class TrainConfig(BaseModel):
@@ -39,6 +40,10 @@ class TrainConfig(BaseModel):
     expansion_factor: int = Field(default=16, gt=0, description="d_sae = expansion_factor * d_model")
     d_sae: int | None = Field(default=None, gt=0, description="overrides expansion_factor * d_model")
     k: int = Field(default=32, gt=0, description="active features per token (topk, batchtopk)")
+    k_start: int | None = Field(
+        default=None, gt=0, description="k at the first step, decayed linearly to k over the first k_anneal_fraction of "
+        "the steps (topk, batchtopk) [default: k throughout]")
+    k_anneal_fraction: float = Field(default=0.1, gt=0, le=1, description="share of steps over which k_start decays to k")
     l1_coefficient: float = Field(default=1.0, ge=0, description="L1 penalty weight (relu)")
     l1_warmup_fraction: float = Field(
         default=0.05, ge=0, le=1, description="share of steps over which L1/L0 coefficients ramp up"
@@ -50,6 +55,9 @@ class TrainConfig(BaseModel):
     # SmolLM2 layers 6 and 15, 1.2M tokens (benchmarks/RESULTS.md): 1/32 -> 1/2 took dead features
     # 22.8% -> 8.0% (layer 6) and 75% -> 61% (layer 15), with lower FVU and KL at both.
     auxk_coefficient: float = Field(default=0.5, ge=0, description="weight of the AuxK loss that revives dead features (topk)")
+    auxk_tokens: int | None = Field(
+        default=None, gt=0, description="tokens of each batch in the AuxK loss, a random subset (the batch is shuffled) "
+        "[default: all]")
     dead_tokens: int | None = Field(
         default=None, gt=0, description="a feature silent this many training tokens counts as dead, and AuxK trains it "
         "[default: a tenth of the run, at least 100,000 and at most 10,000,000 tokens]")

@@ -40,41 +40,64 @@ def _fvu(y: torch.Tensor, y_hat: torch.Tensor, red: Reducer) -> tuple[torch.Tens
 
 
 def _auxk(coder: SparseCoder, err: torch.Tensor, total_var: torch.Tensor, aux_values, aux_indices) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): dead features reconstruct the residual error."""
+    """AuxK (Gao et al. 2024): dead features reconstruct the residual error. The selection may
+    cover only the batch's first ``m`` tokens (a random subset: batches are shuffled); their
+    squared error is scaled by ``n / m`` so the loss keeps its full-batch expectation."""
+    m = aux_values.shape[0]
     aux_values = F.relu(aux_values)  # dead features mostly sit below zero: decode only the positive ones
     err_hat = sparse_decode(aux_values, aux_indices, coder.W_dec, aux_values > 0)
-    return (err.detach() - err_hat).pow(2).sum() / total_var
+    return (err[:m].detach() - err_hat).pow(2).sum() * (err.shape[0] / m) / total_var
+
+
+def _aux_args(cfg: TrainConfig, coder: SparseCoder, dead: torch.Tensor) -> dict:
+    """The AuxK part of :func:`sparse_topk_encode`'s arguments: ``k_aux = min(d_out / 2, dead)``
+    (Gao et al. 2024) over ``cfg.auxk_tokens`` tokens of the batch."""
+    k_aux = min(coder.cfg.d_out // 2, int(dead.sum())) if cfg.auxk_coefficient > 0 else 0
+    return {"dead": dead if k_aux else None, "k_aux": k_aux, "aux_rows": cfg.auxk_tokens}
 
 
 def _matmul_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def topk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, _step: int, red: Reducer = _SINGLE) -> StepResult:
+def current_k(cfg: TrainConfig, k: int, step: int) -> int:
+    """The TopK / BatchTopK k at ``step``: ``cfg.k_start`` at step 0, linearly down to the coder's
+    ``k`` over the first ``cfg.k_anneal_fraction`` of the steps, then ``k`` (constant without
+    ``k_start``). More features per token early gives more features gradient while the
+    dictionary forms."""
+    if cfg.k_start is None or cfg.k_start == k:
+        return k
+    frac = min(1.0, step / max(1.0, cfg.k_anneal_fraction * cfg.total_steps))
+    return max(1, round(cfg.k_start + (k - cfg.k_start) * frac))
+
+
+def topk_loss(cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE) -> StepResult:
     """TopK (Gao et al. 2024) with AuxK; encoder and decoder backward touch only active features."""
-    k_aux = min(coder.cfg.d_out // 2, int(dead.sum())) if cfg.auxk_coefficient > 0 else 0
+    aux = _aux_args(cfg, coder, dead)
+    k = min(coder.cfg.d_sae, current_k(cfg, coder.cfg.k, step))
     values, indices, aux_values, aux_indices = sparse_topk_encode(
-        x, coder.W_enc, coder.b_enc, coder.cfg.k, dead=dead if k_aux else None, k_aux=k_aux, matmul_dtype=_matmul_dtype(cfg))
+        x, coder.W_enc, coder.b_enc, k, matmul_dtype=_matmul_dtype(cfg), **aux)
     values = F.relu(values)
     fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x), red)
-    loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu
+    loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if aux["k_aux"] else fvu
     active = values > 0
     counts = torch.bincount(indices[active], minlength=coder.cfg.d_sae)
     return StepResult(loss, fvu, active.sum() / x.shape[0], counts)
 
 
 def batchtopk_loss(
-    cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, _step: int, red: Reducer = _SINGLE
+    cfg: TrainConfig, coder: SparseCoder, x, y, dead: torch.Tensor, step: int, red: Reducer = _SINGLE
 ) -> StepResult:
     """BatchTopK (Bussmann, Leask & Nanda 2024): keep the ``k * n`` largest activations of the
     whole batch, so tokens may use more or fewer than k features. Candidates are each token's
     top ``4k`` (a token can use at most 4k features), which keeps the work sparse."""
-    k_row = min(coder.cfg.d_sae, 4 * coder.cfg.k)
-    k_aux = min(coder.cfg.d_out // 2, int(dead.sum())) if cfg.auxk_coefficient > 0 else 0
+    k = current_k(cfg, coder.cfg.k, step)
+    k_row = min(coder.cfg.d_sae, 4 * k)
+    aux = _aux_args(cfg, coder, dead)
     values, indices, aux_values, aux_indices = sparse_topk_encode(
-        x, coder.W_enc, coder.b_enc, k_row, dead=dead if k_aux else None, k_aux=k_aux, matmul_dtype=_matmul_dtype(cfg))
+        x, coder.W_enc, coder.b_enc, k_row, matmul_dtype=_matmul_dtype(cfg), **aux)
     values = F.relu(values)
-    n_keep = coder.cfg.k * x.shape[0]
+    n_keep = min(k_row, k) * x.shape[0]
     # Exactly k * n entries (a threshold test would keep every tie at the boundary, e.g. the
     # identical activations of repeated text).
     top = values.detach().flatten().topk(n_keep, sorted=False).indices
@@ -82,7 +105,7 @@ def batchtopk_loss(
     keep = keep.view_as(values) & (values > 0)
     values = values * keep
     fvu, err, total_var = _fvu(y, coder.decode_sparse(values, indices, x, mask=keep), red)
-    loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if k_aux else fvu
+    loss = fvu + cfg.auxk_coefficient * _auxk(coder, err, total_var, aux_values, aux_indices) if aux["k_aux"] else fvu
     counts = torch.bincount(indices[keep], minlength=coder.cfg.d_sae)
     threshold = float(values.detach()[keep].min()) if bool(keep.any()) else None
     return StepResult(loss, fvu, keep.sum() / x.shape[0], counts, threshold=threshold)
