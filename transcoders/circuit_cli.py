@@ -7,7 +7,10 @@ library's errors into one-line messages.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -105,29 +108,40 @@ def _labels(graph, store_dir: Path | None):
     """``(label(node) -> str | None, note)``: feature labels from the feature store (``store_dir``,
     else the graph's RUN_DIR/features when it exists), checked against the graph's per-layer
     coder fingerprints; ``note`` says where they came from (None: no store)."""
-    from .circuits.graph import FEATURE
-
     folder = store_dir if store_dir is not None else (
         Path(graph.meta["run_dir"]) / "features" if graph.meta.get("run_dir") else None)
-    none = lambda _i: None
     if folder is None or not (Path(folder) / "store.json").exists():
         if store_dir is not None:
             raise ValueError(f"{store_dir} is not a feature store (no store.json); make one with `transcoders features`")
-        return none, None
-    fps = {int(k): v for k, v in graph.meta.get("layer_fingerprints", {}).items()}
-    if not fps:
-        return none, f"no labels from {folder}: the graph does not record its coders' fingerprints (re-run trace)"
+        return (lambda _i: None), None
     from .features.store import FeatureStore
 
-    labels, stale = FeatureStore(folder).labels_for(fps)
+    label, stale = graph_labels(graph, FeatureStore(folder))
+    if stale is None:
+        return label, f"no labels from {folder}: the graph does not record its coders' fingerprints (re-run trace)"
     note = f"labels from {folder}" + (f" (layers {stale} skipped: the store describes other weights)" if stale else "")
+    return label, note
+
+
+def graph_labels(graph, store) -> tuple[Callable[[int], str | None], list[int] | None]:
+    """``(label(node) -> str | None, stale)``: the labels a :class:`~transcoders.features.store.FeatureStore`
+    holds for the feature nodes of ``graph``, for the layers whose stored coder fingerprint
+    matches the graph's ``meta["layer_fingerprints"]``. ``stale`` lists the layers skipped
+    because the store describes other weights; it is None (and no node has a label) when the
+    graph records no fingerprints."""
+    from .circuits.graph import FEATURE
+
+    fps = {int(k): v for k, v in graph.meta.get("layer_fingerprints", {}).items()}
+    if not fps:
+        return (lambda _i: None), None
+    labels, stale = store.labels_for(fps)
 
     def label(i: int) -> str | None:
         if int(graph.kind[i]) != FEATURE:
             return None
         return labels.get(int(graph.layer[i]), {}).get(str(int(graph.feature[i])))
 
-    return label, note
+    return label, stale
 
 
 def _short(text: str | None, width: int = 60) -> str:
@@ -213,6 +227,68 @@ def _report(graph, *, target=None, n: int = 10, rank: str = "weight", min_length
         click.echo(note)
 
 
+@dataclass
+class Traced:
+    """What :func:`trace_prompt` made: the full ``graph`` (influence filled in, ``meta`` with
+    the model's and coders' identity, the prompt, BOS policy and ``scores``), its ``pruned``
+    version, the replacement model ``rep`` it was built from, the prompt's ``tokens`` ``[T]``,
+    whether BOS was prepended, and ``seconds`` spent on ``load``, ``graph`` and ``scores``."""
+
+    graph: Any
+    pruned: Any
+    rep: Any
+    tokens: torch.Tensor
+    bos: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, target_specs=(),
+                 max_feature_nodes: int = 2000, batch_size: int = 64, dtype: str = "float32",
+                 node_threshold: float = 0.8, edge_threshold: float = 0.98, prepend_bos: bool | None = None,
+                 progress: Callable[[float, str], None] | None = None) -> Traced:
+    """The work of ``transcoders trace`` without printing or saving: load ``model`` and the
+    transcoders of ``run_dir``, build the attribution graph of ``prompt`` for ``target_specs``
+    (default: the top next-token logits), compute influence, prune with the thresholds and
+    record the replacement/completeness scores in ``graph.meta["scores"]``.
+
+    Args:
+        max_feature_nodes: feature budget (0: every active feature).
+        progress: called with ``(fraction in [0, 1], what is happening)`` between stages.
+
+    Raises:
+        ValueError / OSError subclasses (the CLI's user errors): a model, run, prompt or target
+        that cannot be used; the message names the fix.
+    """
+    from .circuits import LocalReplacement, attribute
+    from .circuits.prune import graph_scores, node_influence, prune
+    from .circuits.replacement import bos_constant_positions
+    from .circuits.session import graph_identity
+
+    say = progress or (lambda _f, _m: None)
+    t0 = time.perf_counter()
+    say(0.0, "loading the model and transcoders")
+    loaded, coders, tokens, bos = _load(model, run_dir, prompt, prepend_bos)
+    t_load = time.perf_counter()
+    say(0.2, f"building the replacement model of {len(tokens)} tokens")
+    constant = bos_constant_positions(loaded.adapter, tokens, loaded.tokenizer) if bos else ()
+    rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer,
+                           constant_positions=constant)
+    targets = _targets(target_specs, loaded, coders, rep.logits)
+    say(0.3, "attributing")
+    graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
+    t_graph = time.perf_counter()
+    say(0.8, "influence, pruning and scores")
+    graph.meta.update(graph_identity(loaded, coders), run_dir=str(Path(run_dir).resolve()), prompt=prompt,
+                      prepend_bos=bos, constant_positions=list(constant))
+    node_influence(graph)
+    pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    graph.meta["scores"] = {"full": graph_scores(graph), "pruned": graph_scores(graph, pruned=pruned)}
+    t_scores = time.perf_counter()
+    say(0.95, "saving")
+    return Traced(graph, pruned, rep, tokens, bos,
+                  {"load": t_load - t0, "graph": t_graph - t_load, "scores": t_scores - t_graph})
+
+
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @MODEL_OPT
@@ -238,45 +314,32 @@ def _report(graph, *, target=None, n: int = 10, rank: str = "weight", min_length
 def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
           out, pruned_out, force, n_paths, paths_target, rank, min_length, store_dir, prepend_bos):
     """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
-    from .circuits import LocalReplacement, attribute
     from .circuits.export import save_graph
-    from .circuits.prune import graph_scores, node_influence, prune
-    from .circuits.replacement import bos_constant_positions
-    from .circuits.session import graph_identity
 
     out = out if out is not None else Path(run_dir) / "graphs" / f"{slugify(prompt)}.json"
     for path in (out, pruned_out):
         if path is not None:
             refuse_to_replace(path, force)
             check_writable(path.parent)  # before the work, not after
-    t0 = time.perf_counter()
-    loaded, coders, tokens, bos = _load(model, run_dir, prompt, prepend_bos)
-    t_load = time.perf_counter()
-    constant = bos_constant_positions(loaded.adapter, tokens, loaded.tokenizer) if bos else ()
-    rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, dtype), tokenizer=loaded.tokenizer,
-                           constant_positions=constant)
-    targets = _targets(target_specs, loaded, coders, rep.logits)
-    graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
-    t_graph = time.perf_counter()
-    graph.meta.update(graph_identity(loaded, coders), run_dir=str(Path(run_dir).resolve()), prompt=prompt,
-                      prepend_bos=bos, constant_positions=list(constant))
-    node_influence(graph)
-    pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
-    full_s, pruned_s = graph_scores(graph), graph_scores(graph, pruned=pruned)
-    graph.meta["scores"] = {"full": full_s, "pruned": pruned_s}
-    t_scores = time.perf_counter()
+    traced = trace_prompt(run_dir, prompt, model=model, target_specs=target_specs, max_feature_nodes=max_feature_nodes,
+                          batch_size=batch_size, dtype=dtype, node_threshold=node_threshold,
+                          edge_threshold=edge_threshold, prepend_bos=prepend_bos)
+    graph, pruned, rep, tokens = traced.graph, traced.pruned, traced.rep, traced.tokens
+    full_s, pruned_s = graph.meta["scores"]["full"], graph.meta["scores"]["pruned"]
+    t_save = time.perf_counter()
     save_graph(graph, out)
     if pruned_out is not None:
         pruned.meta = {**graph.meta, **pruned.meta}
         save_graph(pruned, pruned_out)
-    t_save = time.perf_counter()
+    t_save = time.perf_counter() - t_save
+    sec = traced.seconds
     click.echo(f"prompt: {len(tokens)} tokens; {graph.meta['n_active_features']} active features; "
                f"{graph.meta['feature_rows']} feature rows")
     click.echo(f"graph: {graph.n_nodes} nodes, {graph.n_edges} edges; pruned: {pruned.n_nodes} nodes, {pruned.n_edges} edges")
     click.echo(f"scores: replacement {full_s['replacement_score']:.3f}, completeness {full_s['completeness_score']:.3f} "
                f"(pruned: {pruned_s['replacement_score']:.3f}, {pruned_s['completeness_score']:.3f})")
-    click.echo(f"time: {t_graph - t_load:.1f} s graph, {t_scores - t_graph:.1f} s influence/pruning/scores, "
-               f"{t_save - t_scores:.1f} s saving ({t_load - t0:.1f} s loading model and transcoders)")
+    click.echo(f"time: {sec['graph']:.1f} s graph, {sec['scores']:.1f} s influence/pruning/scores, "
+               f"{t_save:.1f} s saving ({sec['load']:.1f} s loading model and transcoders)")
     click.echo("targets (most probable first): " + ", ".join(
         f"{i}: {t.label}@{int(graph.pos[n])} = {float(graph.value[n]):.3f} (p={float(t.weight):.3f})"
         for i, (t, n) in enumerate(zip(graph.targets, graph.target_nodes.tolist()))))
@@ -362,12 +425,19 @@ def paths(graph_file, n, target, rank, min_length, max_depth, through, via_layer
         filters["max_depth"] = max_depth
     rep = None
     if run_dir is not None or model is not None:
-        rep = _replacement_for_graph(graph, graph_file, model, run_dir)
+        rep = replacement_for_graph(graph, graph_file, model, run_dir)
     _report(graph, target=target, n=n, rank=rank, min_length=min_length, greedy=greedy, beam=beam, depth=depth,
             rep=rep, store_dir=store_dir, sources=_split(sources, str), **filters)
 
 
-def _replacement_for_graph(graph, graph_file: Path, model: str | None, run_dir: Path | None):
+def replacement_for_graph(graph, graph_file: Path, model: str | None, run_dir: Path | None):
+    """The :class:`~transcoders.circuits.LocalReplacement` a saved graph was built from: its
+    prompt's tokens, dtype and constant positions, with ``model`` / ``run_dir`` (default: the
+    graph's own; its model only if known locally), checked against the graph.
+
+    Raises:
+        ValueError subclasses: no run folder, an untrusted or unloadable model, or a mismatch.
+    """
     from .circuits import LocalReplacement
 
     loaded, coders, _ = _load_for_graph(graph, graph_file, model, run_dir)

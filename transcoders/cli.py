@@ -1,5 +1,7 @@
-"""Command-line interface: ``transcoders train | evaluate | convert | demo`` and the circuit
-commands ``trace | paths | intervene | verify`` (in :mod:`transcoders.circuit_cli`)."""
+"""Command-line interface: ``transcoders train | evaluate | convert | demo``, the circuit
+commands ``trace | paths | intervene | verify`` (in :mod:`transcoders.circuit_cli`), the feature
+commands (:mod:`transcoders.features_cli`) and the viewer's ``serve | export-html``
+(:mod:`transcoders.viewer_cli`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .features_cli import FEATURE_COMMANDS
 from .files import refuse_to_replace
 from .training.checkpoint import CheckpointError
 from .training.config import RESUME_OVERRIDABLE, TrainConfig
+from .viewer_cli import VIEWER_COMMANDS
 
 DEMO_TOKENS = 1_228_800
 
@@ -202,7 +205,7 @@ def demo(run_dir: Path, total_tokens: int, overwrite: bool, quiet: bool) -> None
     _print_report(train_run(cfg, run_dir, overwrite=overwrite, progress=not quiet, log=_log_line))
 
 
-for _command in CIRCUIT_COMMANDS + FEATURE_COMMANDS:
+for _command in CIRCUIT_COMMANDS + FEATURE_COMMANDS + VIEWER_COMMANDS:
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -149,9 +149,15 @@ def _cantor(a: int, b: int) -> int:
     return (a + b) * (a + b + 1) // 2 + b
 
 
-def _cumulative_scores(infl: torch.Tensor) -> torch.Tensor:
+def cumulative_scores(infl: torch.Tensor) -> torch.Tensor:
     """circuit-tracer's frontend ``influence``: for each node, the share of total influence held
-    by the nodes ranked at or above it (descending influence)."""
+    by the nodes ranked at or above it (descending influence; ties keep node order).
+
+    Args:
+        infl: ``[N]`` non-negative node influences (no NaN).
+    Returns:
+        ``[N]`` in ``[0, 1]``, same dtype; small = important. All ones when the total is 0.
+    """
     order = infl.argsort(descending=True, stable=True)
     total = float(infl.sum())
     out = torch.ones_like(infl)
@@ -165,7 +171,7 @@ def _frontend_view(graph: Graph) -> tuple[list[dict], list[dict]]:
     from .prune import _influence
 
     infl = graph.influence if graph.influence is not None else _safe_influence(graph, _influence)
-    cum = _cumulative_scores(infl.double().nan_to_num(0.0)).tolist()
+    cum = cumulative_scores(infl.double().nan_to_num(0.0)).tolist()
     L = graph.n_layers
     t_index = {int(n): i for i, n in enumerate(graph.target_nodes.tolist())}
     ids: list[str | None] = []
@@ -386,5 +392,5 @@ def validate_graph_json(obj) -> None:
                              "re-export it with save_graph()")
 
 
-__all__ = ["SCHEMA", "GraphFileError", "graph_from_json", "graph_schema", "graph_to_json", "load_graph",
+__all__ = ["SCHEMA", "GraphFileError", "cumulative_scores", "graph_from_json", "graph_schema", "graph_to_json", "load_graph",
            "save_graph", "validate_graph_json"]

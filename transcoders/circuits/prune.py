@@ -12,7 +12,7 @@ is a finite sum because the graph is a DAG). Everything is computed with sparse 
 edge list; no dense ``N x N`` matrix is ever built.
 
 Functions: :func:`normalized_adjacency`, :func:`node_influence`, :func:`edge_influence`,
-:func:`prune` and :func:`graph_scores`.
+:func:`prune` (with :func:`source_edges` to map its edges back) and :func:`graph_scores`.
 """
 
 from __future__ import annotations
@@ -255,6 +255,20 @@ def _subgraph(graph: Graph, node_keep: torch.Tensor, edge_keep: torch.Tensor, in
         edge_weight=graph.edge_weight[edge_keep], targets=list(graph.targets),
         target_nodes=remap[graph.target_nodes], influence=infl[kept].clone(), meta=meta,
     )
+
+
+def source_edges(pruned: Graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(src, dst, weight)`` (``[E']`` each) of a graph made by :func:`prune`, with ``src`` and
+    ``dst`` as node indices of the graph it was pruned from (``meta["pruned"]["kept_nodes"]``).
+
+    Raises:
+        ValueError: ``pruned`` has no ``kept_nodes`` matching its nodes.
+    """
+    info = pruned.meta.get("pruned")
+    if info is None or len(info.get("kept_nodes", ())) != pruned.n_nodes:
+        raise ValueError("`pruned` has no meta['pruned']['kept_nodes'] matching its nodes; make it with prune(graph)")
+    kept = torch.tensor(info["kept_nodes"], dtype=torch.long)
+    return kept[pruned.edge_src], kept[pruned.edge_dst], pruned.edge_weight
 
 
 def _extra_error_mass(graph: Graph, pruned: Graph | None) -> tuple[Graph, torch.Tensor]:
