@@ -17,7 +17,12 @@ opens the graph page and measures:
 Prints one JSON object (medians and 95th percentiles in ms). A frame at 60 Hz is 16.7 ms; the
 page should keep the median there and the p95 under ~50 ms.
 
+With ``--run RUN --graph NAME`` it measures a real graph of a run instead (``RUN/graphs/NAME.json``,
+with the run's feature store), and with ``--screenshots DIR`` it also writes the graph page (the
+most influential feature selected) and that feature's page as PNG, as in ``docs/viewer.md``.
+
     .venv/bin/python benchmarks/viewer_perf.py [--features 2000] [--layers 30] [--positions 20]
+    .venv/bin/python benchmarks/viewer_perf.py --run runs/all --graph my-prompt --screenshots docs/images
 """
 
 from __future__ import annotations
@@ -115,12 +120,12 @@ def synthetic_graph(n_features: int, n_layers: int, n_pos: int, fan_in: int = 30
                  meta={"model": "synthetic", "prompt": "".join(token_strs)})
 
 
-def serve(graph_dir: Path):
+def serve(graph_dir: Path | None, runs: list[Path] = ()):
     import uvicorn
 
     from transcoders.viewer.app import create_app
 
-    app = create_app([], [graph_dir])
+    app = create_app(list(runs), [graph_dir] if graph_dir else [])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -193,6 +198,27 @@ def measure(page, args) -> dict:
             "slider_filter_and_draw_js": summary(draws)}
 
 
+def screenshots(page, base: str, run: Path | None, out: Path) -> None:
+    """The graph page with its most influential feature selected (side panel: edges and
+    dashboard), and that feature's own page."""
+    out.mkdir(parents=True, exist_ok=True)
+    k = page.evaluate("""() => {
+        const v = window.tcViewer.graph;
+        let best = -1;
+        v.nodes.forEach((n, i) => { if (n.kind === 'feature' && (best < 0 || n.cum < v.nodes[best].cum)) best = i; });
+        v.select(best);
+        return best;
+    }""")
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(out / "viewer_graph.png"))
+    node = page.evaluate("(k) => window.tcViewer.graph.nodes[k]", k)
+    if run is not None:
+        page.goto(f"{base}/feature/{run.name}/{node['layer']}/{node['feature']}")
+        page.evaluate("window.tcViewer.ready")
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(out / "viewer_feature.png"), full_page=True)
+
+
 def wait_for(page, js: str, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -209,17 +235,30 @@ def main() -> None:
     ap.add_argument("--positions", type=int, default=20)
     ap.add_argument("--hover-nodes", type=int, default=150)
     ap.add_argument("--slider-steps", type=int, default=60)
+    ap.add_argument("--run", type=Path, default=None, help="measure a real graph of this run instead")
+    ap.add_argument("--graph", default=None, help="with --run: the graph's name (file stem in RUN/graphs)")
+    ap.add_argument("--screenshots", type=Path, default=None, help="write viewer_graph.png and viewer_feature.png here")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
+    from transcoders.circuits.export import load_graph
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        graph = synthetic_graph(args.features, args.layers, args.positions)
-        folder = Path(tmp) / "graphs"
-        folder.mkdir()
-        save_graph(graph, folder / "bench.json")
+        if args.run is not None:
+            name = args.graph
+            graph = load_graph(args.run / "graphs" / f"{name}.json")
+            args.features = int((graph.kind == FEATURE).sum())
+            args.layers, args.positions = graph.n_layers, len(graph.tokens)
+            srv, thread, base = serve(None, [args.run])
+        else:
+            name = "bench"
+            graph = synthetic_graph(args.features, args.layers, args.positions)
+            folder = Path(tmp) / "graphs"
+            folder.mkdir()
+            save_graph(graph, folder / "bench.json")
+            srv, thread, base = serve(folder)
         build_s = time.perf_counter() - t0
-        srv, thread, base = serve(folder)
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
@@ -227,14 +266,18 @@ def main() -> None:
                 errors: list[str] = []
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 t1 = time.perf_counter()
-                page.goto(f"{base}/graph/bench")
+                page.goto(f"{base}/graph/{name}")
                 load_ms = page.evaluate("window.tcViewer.ready.then(() => performance.now())")
                 first_s = time.perf_counter() - t1  # includes the server building the payload (cold)
-                page.goto(f"{base}/graph/bench")  # warm: the payload is cached by the server
+                page.goto(f"{base}/graph/{name}")  # warm: the payload is cached by the server
                 warm_ms = page.evaluate("window.tcViewer.ready.then(() => performance.now())")
                 stats = page.evaluate("window.tcViewer.stats")
                 if stats.get("error"):
                     raise SystemExit(f"the page failed: {stats['error']}")
+                if args.screenshots is not None:
+                    screenshots(page, base, args.run, args.screenshots)
+                    page.goto(f"{base}/graph/{name}")
+                    page.evaluate("window.tcViewer.ready")
                 # every node shown
                 page.locator("#threshold").focus()
                 page.keyboard.press("End")
