@@ -573,3 +573,14 @@ def test_k_schedule_decays_from_k_start_to_k(tmp_path, llama_adapter, train_toke
     assert seen == (expected if activation == "topk" else [4 * k for k in expected])
     if activation == "batchtopk":
         assert [round(r["layers"]["0"]["l0"]) for r in _log(tmp_path / "run")] == expected
+
+
+def test_jumprelu_thresholds_start_where_k_features_fire(tmp_path, llama_adapter, train_tokens):
+    """Each threshold starts at its feature's 1 - k/d_sae quantile on the first batch, so the
+    first step's L0 (on that batch) is k: with 64 tokens and k/d_sae = 4/64, each feature fires
+    on exactly 4 of them."""
+    cfg = make_cfg(total_tokens=BATCH * 2, layers=[0], activation="jumprelu", k=4, log_every=1, l0_coefficient=0.0)
+    Trainer(cfg, llama_adapter, train_tokens, tmp_path / "run").fit(progress=False)
+    first = _log(tmp_path / "run")[0]
+    assert first["step"] == 1
+    assert first["layers"]["0"]["l0"] == pytest.approx(4.0, abs=1e-6)

@@ -39,7 +39,8 @@ class TrainConfig(BaseModel):
     activation: Activation = Field(default="topk", description="batchtopk is saved as jumprelu with its fitted threshold")
     expansion_factor: int = Field(default=16, gt=0, description="d_sae = expansion_factor * d_model")
     d_sae: int | None = Field(default=None, gt=0, description="overrides expansion_factor * d_model")
-    k: int = Field(default=32, gt=0, description="active features per token (topk, batchtopk)")
+    k: int = Field(default=32, gt=0, description="active features per token (topk, batchtopk; jumprelu: the L0 its "
+                   "thresholds start at)")
     k_start: int | None = Field(
         default=None, gt=0, description="k at the first step, decayed linearly to k over the first k_anneal_fraction of "
         "the steps (topk, batchtopk) [default: k throughout]")
