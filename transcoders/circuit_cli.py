@@ -27,7 +27,8 @@ BOS_OPT = click.option("--prepend-bos/--no-prepend-bos", "prepend_bos", default=
                             "else the model's policy: yes for Gemma and Llama 3, no for SmolLM2 and GPT-2]")
 TARGET_OPT = click.option(
     "--target", "target_specs", multiple=True,
-    help="logit:TOKEN, diff:A,B, feature:L.F or direction:L:FILE, each with optional @POS "
+    help="logit:TOKEN, diff:A,B, group:+A,B;-C,D (mean logit of a set minus that of another), feature:L.F or "
+         "direction:L:FILE, each with optional @POS "
          "[default: the top next-token logits, up to 95%% probability, at most 10]",
 )
 
@@ -44,13 +45,22 @@ FEATURES_OPT = click.option("--features", "store_dir", type=click.Path(path_type
                             help="feature store for labels [default: RUN_DIR/features when it exists]")
 
 
-def _load(model: str, run_dir: Path, prompt: str, prepend_bos: bool | None):
-    """The model, the run's transcoders, the prompt's tokens and the BOS policy used for them."""
-    from .circuits.session import load_layer_coders, prompt_bos_policy, tokenize_prompt
+def load_model_and_coders(model: str, run_dir: Path):
+    """``(loaded, coders)``: the model (float32) and the run's transcoders, one per layer; pass
+    them to :func:`trace_prompt` as ``preloaded`` to trace many prompts with one load."""
+    from .circuits.session import load_layer_coders
     from .models.loading import load_model
 
     loaded = load_model(model, dtype=torch.float32)
-    coders = load_layer_coders(run_dir, loaded)
+    return loaded, load_layer_coders(run_dir, loaded)
+
+
+def _load(model: str, run_dir: Path, prompt: str, prepend_bos: bool | None, preloaded=None):
+    """The model, the run's transcoders, the prompt's tokens and the BOS policy used for them
+    (``preloaded``: ``(loaded, coders)`` from :func:`load_model_and_coders`, else loaded here)."""
+    from .circuits.session import prompt_bos_policy, tokenize_prompt
+
+    loaded, coders = preloaded if preloaded is not None else load_model_and_coders(model, run_dir)
     bos = prompt_bos_policy(loaded, run_dir, prepend_bos)
     return loaded, coders, tokenize_prompt(loaded, prompt, bos=bos), bos
 
@@ -144,6 +154,15 @@ def graph_labels(graph, store) -> tuple[Callable[[int], str | None], list[int] |
     return label, stale
 
 
+def _value_note(t) -> str:
+    """What a logit-like target's value means, printed beside it."""
+    if t.kind == "logit" and t.centered:
+        return " (centred logit: logit - mean logit)"
+    if t.kind == "logit_group":
+        return " (mean logit of the + set - mean logit of the - set" + (", centred)" if t.centered else ")")
+    return ""
+
+
 def _short(text: str | None, width: int = 60) -> str:
     if not text:
         return ""
@@ -205,7 +224,7 @@ def _report(graph, *, target=None, n: int = 10, rank: str = "weight", min_length
         t = graph.targets[ti]
         shares = explained_shares(graph, ti, [p for p in found if p.target == ti])
         click.echo(f"what makes up {shares.label}@{int(graph.pos[graph.target_nodes[ti]])} = {shares.value:+.3f} "
-                   f"{shares.units}{' (centred logit: logit - mean logit)' if t.kind == 'logit' and t.centered else ''}"
+                   f"{shares.units}{_value_note(t)}"
                    " in the linearised replacement model (parts sum to the value):")
         for line in shares.table():
             click.echo(line)
@@ -245,7 +264,7 @@ class Traced:
 def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, target_specs=(),
                  max_feature_nodes: int = 2000, batch_size: int = 64, dtype: str = "float32",
                  node_threshold: float = 0.8, edge_threshold: float = 0.98, prepend_bos: bool | None = None,
-                 progress: Callable[[float, str], None] | None = None) -> Traced:
+                 progress: Callable[[float, str], None] | None = None, preloaded=None) -> Traced:
     """The work of ``transcoders trace`` without printing or saving: load ``model`` and the
     transcoders of ``run_dir``, build the attribution graph of ``prompt`` for ``target_specs``
     (default: the top next-token logits), compute influence, prune with the thresholds and
@@ -254,6 +273,8 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
     Args:
         max_feature_nodes: feature budget (0: every active feature).
         progress: called with ``(fraction in [0, 1], what is happening)`` between stages.
+        preloaded: ``(loaded, coders)`` from :func:`load_model_and_coders` (``model`` then only
+            names it): skips loading, for many prompts in a row (``transcoders task trace``).
 
     Raises:
         ValueError / OSError subclasses (the CLI's user errors): a model, run, prompt or target
@@ -267,7 +288,7 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
     say = progress or (lambda _f, _m: None)
     t0 = time.perf_counter()
     say(0.0, "loading the model and transcoders")
-    loaded, coders, tokens, bos = _load(model, run_dir, prompt, prepend_bos)
+    loaded, coders, tokens, bos = _load(model, run_dir, prompt, prepend_bos, preloaded)
     t_load = time.perf_counter()
     say(0.2, f"building the replacement model of {len(tokens)} tokens")
     constant = bos_constant_positions(loaded.adapter, tokens, loaded.tokenizer) if bos else ()
@@ -287,6 +308,28 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
     say(0.95, "saving")
     return Traced(graph, pruned, rep, tokens, bos,
                   {"load": t_load - t0, "graph": t_graph - t_load, "scores": t_scores - t_graph})
+
+
+def target_prob_diffs(traced: Traced) -> list[float | None]:
+    """Per target of a traced graph: the probability difference of a ``group:`` or ``diff:``
+    target (:func:`~transcoders.circuits.targets.prob_diff`: summed probability of its ``+``
+    tokens minus that of its ``-`` tokens, from the model's own next-token distribution at the
+    target's position, after any soft-cap), None for other kinds."""
+    from .circuits.targets import target_prob_diff
+
+    logits = traced.rep.capped(traced.rep.logits)
+    return [target_prob_diff(t, logits) for t in traced.graph.targets]
+
+
+def target_summary(traced: Traced) -> str:
+    """``0: label@pos = value (p=weight[, PD=+0.123])`` for each target of a traced graph; PD
+    (see :func:`target_prob_diffs`) beside ``group:`` and ``diff:`` targets."""
+    graph = traced.graph
+    pds = target_prob_diffs(traced)
+    return ", ".join(
+        f"{i}: {t.label}@{int(graph.pos[n])} = {float(graph.value[n]):.3f} (p={float(t.weight):.3f}"
+        + (f", PD={pd:+.3f})" if pd is not None else ")")
+        for i, (t, n, pd) in enumerate(zip(graph.targets, graph.target_nodes.tolist(), pds)))
 
 
 @click.command()
@@ -340,9 +383,7 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
                f"(pruned: {pruned_s['replacement_score']:.3f}, {pruned_s['completeness_score']:.3f})")
     click.echo(f"time: {sec['graph']:.1f} s graph, {sec['scores']:.1f} s influence/pruning/scores, "
                f"{t_save:.1f} s saving ({sec['load']:.1f} s loading model and transcoders)")
-    click.echo("targets (most probable first): " + ", ".join(
-        f"{i}: {t.label}@{int(graph.pos[n])} = {float(graph.value[n]):.3f} (p={float(t.weight):.3f})"
-        for i, (t, n) in enumerate(zip(graph.targets, graph.target_nodes.tolist()))))
+    click.echo("targets (most probable first): " + target_summary(traced))
     _report(graph, target=paths_target, n=n_paths, rank=rank, min_length=min_length, rep=rep, store_dir=store_dir,
             middle=True, sources=DEFAULT_SOURCES)
     click.echo(f"wrote {out}" + (f" and {pruned_out}" if pruned_out is not None else ""))

@@ -1,5 +1,7 @@
 """Command-line interface: ``transcoders train | evaluate | convert | demo``, the circuit
-commands ``trace | paths | intervene | verify`` (in :mod:`transcoders.circuit_cli`), the feature
+commands ``trace | paths | intervene | verify`` (in :mod:`transcoders.circuit_cli`),
+``benchmark-faithfulness`` (:mod:`transcoders.faithfulness_cli`), ``task make | trace``
+(:mod:`transcoders.task_cli`), the feature
 commands (:mod:`transcoders.features_cli`) and the viewer's ``serve | export-html``
 (:mod:`transcoders.viewer_cli`)."""
 
@@ -16,8 +18,10 @@ from .circuit_cli import CIRCUIT_COMMANDS
 from .cli_common import config_options, explicit_settings, parse_layers, quiet_progress, user_errors
 from .coders.formats import FORMATS
 from .data.sources import describe_source
+from .faithfulness_cli import FAITHFULNESS_COMMANDS
 from .features_cli import FEATURE_COMMANDS
 from .files import refuse_to_replace
+from .task_cli import TASK_COMMANDS
 from .training.checkpoint import CheckpointError
 from .training.config import RESUME_OVERRIDABLE, TrainConfig
 from .viewer_cli import VIEWER_COMMANDS
@@ -205,7 +209,7 @@ def demo(run_dir: Path, total_tokens: int, overwrite: bool, quiet: bool) -> None
     _print_report(train_run(cfg, run_dir, overwrite=overwrite, progress=not quiet, log=_log_line))
 
 
-for _command in CIRCUIT_COMMANDS + FEATURE_COMMANDS + VIEWER_COMMANDS:
+for _command in CIRCUIT_COMMANDS + FAITHFULNESS_COMMANDS + FEATURE_COMMANDS + TASK_COMMANDS + VIEWER_COMMANDS:
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from .graph import KINDS, Graph
 from .paths import format_path, greedy_paths, top_paths
 from .prune import graph_scores, node_influence, prune
 from .replacement import LocalReplacement, ReplacementError, bos_constant_positions
-from .targets import Target, TargetError, parse_target, target_values, top_logit_targets
+from .targets import Target, TargetError, group_target, parse_target, prob_diff, target_values, top_logit_targets
 
 __all__ = [
     "KINDS", "Graph", "GraphFileError", "LocalReplacement", "ReplacementError", "Target", "TargetError", "attribute",
-    "bos_constant_positions", "format_path", "graph_scores", "greedy_paths", "load_graph", "node_influence", "parse_target",
-    "prune", "save_graph", "target_values", "top_logit_targets", "top_paths",
+    "bos_constant_positions", "format_path", "graph_scores", "greedy_paths", "group_target", "load_graph", "node_influence",
+    "parse_target", "prob_diff", "prune", "save_graph", "target_values", "top_logit_targets", "top_paths",
 ]

@@ -100,17 +100,25 @@ def target_read(rep: LocalReplacement, t: Target) -> Read:
     T, d = rep.n_pos, rep.d_model
     g = torch.zeros(T, d, dtype=rep.dtype, device=rep.device)
     value = float(t.value(rep.logits, mlp_in=[fl.mlp_in for fl in rep.layers], resid_pre=rep.resid_pre, coders=rep.coders))
-    if t.kind in ("logit", "logit_diff"):
-        u = rep.W_U[:, t.token] - (rep.W_U[:, t.token_b] if t.kind == "logit_diff" else 0)
-        centered = t.kind == "logit" and t.centered
+    if t.kind in ("logit", "logit_diff", "logit_group"):
+        # A linear combination of logits: sum_i c_i logit[tokens_i] (minus sum(c) x the mean logit
+        # when centred) reads the final stream along sum_i c_i W_U[:, i] (- sum(c) x mean column).
+        if t.kind == "logit_group":
+            ids, coefs = t.group_weights(device=rep.device, dtype=rep.dtype)
+        else:
+            ids = torch.tensor([t.token] + ([t.token_b] if t.kind == "logit_diff" else []), device=rep.device)
+            coefs = torch.tensor([1.0] + ([-1.0] if t.kind == "logit_diff" else []), dtype=rep.dtype, device=rep.device)
+        u = rep.W_U[:, ids] @ coefs
+        centered = t.kind != "logit_diff" and t.centered
         if centered:  # the mean logit reads the stream along the mean unembedding column
-            u = u - rep.W_U.mean(1)
+            u = u - coefs.sum() * rep.W_U.mean(1)
         g[t.pos] = u
         const = 0.0
         if rep.b_U is not None:
-            const += float(rep.b_U[t.token] - (rep.b_U[t.token_b] if t.kind == "logit_diff" else 0))
+            b_U = rep.b_U.to(rep.dtype)
+            const += float(b_U[ids] @ coefs)
             if centered:
-                const -= float(rep.b_U.mean())
+                const -= float(coefs.sum() * b_U.mean())
         if rep.final_norm.bias is not None:
             const += float(rep.final_norm.bias @ u)
         return Read(("post", rep.n_layers - 1), rep.final_norm.transpose(g), value, const)

@@ -99,6 +99,9 @@ def _target_to_json(t: Target) -> dict:
     d |= {k: None if getattr(t, k) is None else int(getattr(t, k)) for k in ("pos", "token", "token_b", "layer", "feature")}
     d["weight"] = _enc(float(t.weight))
     d["centered"] = bool(t.centered)
+    if t.tokens is not None:  # logit_group (files without these fields are the older kinds)
+        d["tokens"] = [int(x) for x in t.tokens]
+        d["coefs"] = [_enc(float(x)) for x in (t.coefs or ())]
     if t.direction is not None:
         d["direction"] = _floats(t.direction.flatten())
         d["direction_dtype"] = _dtype_name(t.direction)
@@ -114,7 +117,9 @@ def _target_from_json(d: dict) -> Target:
         direction = torch.tensor([_dec(x) for x in d["direction"]], dtype=dtype)
     return Target(kind=d["kind"], pos=d["pos"], token=d.get("token"), token_b=d.get("token_b"), layer=d.get("layer"),
                   feature=d.get("feature"), direction=direction, label=d.get("label", ""), weight=_dec(d["weight"]),
-                  centered=bool(d.get("centered", False)))
+                  centered=bool(d.get("centered", False)),
+                  tokens=None if d.get("tokens") is None else [int(x) for x in d["tokens"]],
+                  coefs=None if d.get("coefs") is None else [_dec(x) for x in d["coefs"]])
 
 
 def _transcoders_section(graph: Graph) -> dict:

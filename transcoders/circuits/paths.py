@@ -441,7 +441,7 @@ def middle_layers(n_layers: int) -> tuple[int, int]:
 def target_units(graph: Graph, target: int) -> str:
     """The unit of a target's value: ``nats`` for logits, ``pre-act`` for feature targets."""
     kind = graph.targets[target].kind
-    return {"logit": "nats", "logit_diff": "nats", "feature": "pre-act"}.get(kind, "units")
+    return {"logit": "nats", "logit_diff": "nats", "logit_group": "nats", "feature": "pre-act"}.get(kind, "units")
 
 
 def format_path(graph: Graph, path: Path, names: Callable[[int], str] | None = None) -> str:
@@ -463,6 +463,7 @@ def node_name(graph: Graph, i: int) -> str:
         t = graph.targets[int((graph.target_nodes == i).nonzero()[0, 0])]
         if not t.label:
             name = {"logit": f"logit(#{t.token})", "logit_diff": f"logit(#{t.token})-logit(#{t.token_b})",
+                    "logit_group": "group(" + ",".join(f"{c:+.3g}#{i}" for i, c in zip(t.tokens or (), t.coefs or ())) + ")",
                     "feature": f"L{t.layer} f{t.feature}"}.get(t.kind, t.kind)
             return f"{name}@pos{int(graph.pos[i])}"
     return graph.label(i)

@@ -138,6 +138,30 @@ class BlockInternals:
 
 
 @dataclass
+class AttentionIO:
+    """Where one layer's attention reads its per-head query/key/value inputs and writes its
+    per-head outputs, for component-level patching (:mod:`transcoders.circuits.eap`).
+
+    ``qkv``: ``[(module, [(kind, head, out_slice), ...]), ...]``: each projection module (called
+    once per forward pass on the output of the pre-attention norm, ``[batch, pos, d_model]``) with,
+    for every slice of its output's last dimension, which input it computes: ``kind`` is ``q``,
+    ``k`` or ``v`` and ``head`` a query head (``q``) or key/value head (``k``, ``v``; grouped-query
+    attention shares them). ``out_proj``: the module whose first positional input is the heads'
+    mixed values ``[batch, pos, n_heads * d_head]``, head-major, so head ``h`` writes
+    ``z[..., h*d_head:(h+1)*d_head] @ W_O[h]`` (:class:`AttentionOV`) and the layer writes the sum
+    over heads plus ``b_O``.
+    """
+
+    qkv: list[tuple[nn.Module, list[tuple[str, int, slice]]]]
+    out_proj: nn.Module
+
+
+def _head_slices(kind: str, n: int, d_head: int, start: int = 0, stride: int | None = None) -> list[tuple[str, int, slice]]:
+    stride = d_head if stride is None else stride
+    return [(kind, h, slice(start + h * stride, start + h * stride + d_head)) for h in range(n)]
+
+
+@dataclass
 class ModelAdapter:
     """Names the hookpoints and internals of one loaded causal LM.
 
@@ -297,6 +321,17 @@ class ModelAdapter:
         """Norms, attention OV weights and residual layout of block ``layer``."""
         raise NotImplementedError
 
+    def attention_io(self, layer: int) -> AttentionIO:
+        """Per-head query/key/value projections and the output projection of block ``layer``'s
+        attention (:class:`AttentionIO`)."""
+        raise NotImplementedError
+
+    def mlp_hidden_module(self, layer: int) -> nn.Module:
+        """Module whose first positional input is the MLP's hidden activations ``[batch, pos,
+        d_mlp]`` (the neurons: after the nonlinearity, and the gate for gated MLPs, before the
+        down projection)."""
+        raise NotImplementedError
+
     def final_norm(self) -> NormSpec:
         """The norm before the unembedding."""
         raise NotImplementedError
@@ -366,6 +401,16 @@ class LlamaAdapter(ModelAdapter):
             ln_mlp, attn_out = block.post_attention_layernorm, None
         return BlockInternals(norm_spec(block.input_layernorm), norm_spec(ln_mlp), attn_out, ov, attn, False)
 
+    def attention_io(self, layer: int) -> AttentionIO:
+        attn = self.layers()[self.check_layer(layer)].self_attn
+        n_heads, n_kv, d_head = _heads(self.config)
+        return AttentionIO([(attn.q_proj, _head_slices("q", n_heads, d_head)),
+                            (attn.k_proj, _head_slices("k", n_kv, d_head)),
+                            (attn.v_proj, _head_slices("v", n_kv, d_head))], attn.o_proj)
+
+    def mlp_hidden_module(self, layer: int) -> nn.Module:
+        return self.layers()[self.check_layer(layer)].mlp.down_proj
+
 
 class GemmaAdapter(LlamaAdapter):
     def mlp_out_module(self, layer: int) -> nn.Module:
@@ -408,6 +453,17 @@ class GPT2Adapter(ModelAdapter):
         ov = AttentionOV(W_V, b_V, W_O, attn.c_proj.bias.detach())
         return BlockInternals(norm_spec(block.ln_1), norm_spec(block.ln_2), None, ov, attn, False)
 
+    def attention_io(self, layer: int) -> AttentionIO:
+        attn = self.layers()[self.check_layer(layer)].attn
+        d, n_heads = self.d_model, int(self.config.n_head)
+        d_head = d // n_heads  # c_attn's output is [q | k | v], each head-major
+        slices = [*_head_slices("q", n_heads, d_head), *_head_slices("k", n_heads, d_head, d),
+                  *_head_slices("v", n_heads, d_head, 2 * d)]
+        return AttentionIO([(attn.c_attn, slices)], attn.c_proj)
+
+    def mlp_hidden_module(self, layer: int) -> nn.Module:
+        return self.layers()[self.check_layer(layer)].mlp.c_proj
+
 
 class NeoXAdapter(ModelAdapter):
     def decoder(self) -> nn.Module:
@@ -438,6 +494,16 @@ class NeoXAdapter(ModelAdapter):
         return BlockInternals(
             norm_spec(block.input_layernorm), norm_spec(block.post_attention_layernorm), None, ov, attn, parallel
         )
+
+    def attention_io(self, layer: int) -> AttentionIO:
+        attn = self.layers()[self.check_layer(layer)].attention
+        d, n_heads = self.d_model, int(self.config.num_attention_heads)
+        d_head = d // n_heads  # query_key_value's output is per head [q | k | v]
+        slices = [s for i, kind in enumerate("qkv") for s in _head_slices(kind, n_heads, d_head, i * d_head, 3 * d_head)]
+        return AttentionIO([(attn.query_key_value, slices)], attn.dense)
+
+    def mlp_hidden_module(self, layer: int) -> nn.Module:
+        return self.layers()[self.check_layer(layer)].mlp.dense_4h_to_h
 
 
 _FAMILIES: dict[str, tuple[str, type[ModelAdapter]]] = {
