@@ -549,7 +549,7 @@ def test_auxk_on_a_token_subset_is_the_dense_loss_of_those_tokens_scaled():
             av, ai = pre[:rows].masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)
             e_hat = (av.relu()[..., None] * coder.W_dec.double()[ai]).sum(1)
             aux = (err[:rows] - e_hat).pow(2).sum() * (n / rows) / total_var
-        torch.testing.assert_close(float(r.loss - r.fvu), float(aux), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(float((r.loss - r.fvu).detach()), float(aux), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
