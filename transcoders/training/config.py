@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
         default=None, gt=0, description="a feature silent this many training tokens counts as dead, and AuxK trains it "
         "[default: a tenth of the run, at least 100,000 and at most 10,000,000 tokens]")
     lr: float | None = Field(
-        default=None, gt=0, description="Adam learning rate [default: min(1.2e-2, 6e-3 * sqrt(16384 / d_sae))]"
+        default=None, gt=0, description="Adam learning rate [default: min(1.2e-2, 3e-3 * sqrt(16384 / d_sae))]"
     )
     warmup_steps: int = Field(default=50, ge=0, description="steps of linear learning-rate warm-up")
     decay_fraction: float = Field(default=0.2, ge=0, le=1, description="final share of steps with linear LR decay to 0")

@@ -59,13 +59,13 @@ class CoderState:
 
 
 def default_lr(d_sae: int) -> float:
-    """Adam step size scaled with width like sparsify's ``2e-4 * sqrt(16384 / d_sae)``, but 30x
+    """Adam step size scaled with width like sparsify's ``2e-4 * sqrt(16384 / d_sae)``, but 15x
     larger: with encoder rows initialised at norm 0.1 our runs of 0.4-2M tokens reach lower FVU
     this way (layer-6 SmolLM2 sweep, 400k tokens, d_sae 9216: held-out FVU 0.61 at 5e-4, 0.50 at
-    1e-3, 0.41 at 2e-3, 0.37 at 4e-3; layers 3, 15 and 26 on the mixture, 409,600 tokens: FVU
-    0.482 / 0.479 / 0.430 at 4e-3 and 0.479 / 0.464 / 0.417 at 8e-3, KL equal at layer 3 and
-    lower at 15 and 26; benchmarks/RESULTS.md). Capped at 1.2e-2."""
-    return min(1.2e-2, 6e-3 / math.sqrt(d_sae / 16384))
+    1e-3, 0.41 at 2e-3, 0.37 at 4e-3). Twice this (8e-3 at d_sae 9216) lowers FVU a little more at
+    layers 3, 15 and 26 but leaves more features dead: 24.1% against 9.8% at the end of the demo
+    (benchmarks/RESULTS.md, session 8). Capped at 1.2e-2."""
+    return min(1.2e-2, 3e-3 / math.sqrt(d_sae / 16384))
 
 
 class Trainer:
