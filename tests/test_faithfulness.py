@@ -512,7 +512,7 @@ def test_cli_writes_report_and_plot_and_refuses_to_replace_them(files, tmp_path)
     for needle in ("features", "eap-ig", "neurons", "counterfactual", "mean", "CPR", "CMD", "10%", "100%"):
         assert needle in text
     report = json.loads(out.read_text())
-    assert len(report["items"]) == 2 and report["settings"]["fractions"] == [0.1, 0.5, 1.0]
+    assert len(report["items"]) == 2 and report["complete"] and report["settings"]["fractions"] == [0.1, 0.5, 1.0]
     rows = {(r["method"], r["ablation"], r["ranking"]): r for r in report["aggregate"]}
     assert len(rows) == 10
     assert rows[("features", "counterfactual", "influence")]["F"][-1] == pytest.approx(1.0, abs=1e-5)

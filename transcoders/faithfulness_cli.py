@@ -212,6 +212,24 @@ def benchmark_faithfulness(task_file, run_dir, model, limit, fractions, methods,
         means = reference_means(ad, coders, contexts, methods)
     t_load = time.perf_counter() - t0
     keep = (0,) if keep_first else ()
+
+    def report(per_prompt: list, report_items: list, complete: bool) -> dict:
+        rows = aggregate(per_prompt)
+        return {
+            "task": str(task_file), "model": loaded.name, "run_dir": str(Path(run_dir).resolve()), "prepend_bos": bos,
+            "complete": complete, "n_items": len(items),
+            "settings": {"fractions": fr, "methods": methods, "ablations": ablations, "ig_steps": ig_steps,
+                         "max_feature_nodes": max_feature_nodes or None, "mean_tokens": mean_tokens,
+                         "keep_positions": list(keep), "dtype": dtype, "device": device},
+            "notes": ["features: fractions of active transcoder features (nodes) ranked by graph influence, free "
+                      "replacement model, error nodes and inactive features free; not edges",
+                      "eap-ig: EAP-IG (Hanna et al. 2024) over component edges of the original model, exact edge "
+                      "patching",
+                      "neurons: MLP neurons (layer, pos, i) by attribution, same k as features",
+                      "F per fraction: ratio of means over prompts (MIB); areas: trapezoids on a linear axis (MIB)"],
+            "seconds_loading": t_load, "items": report_items, "aggregate": rows, "summary": mib_summary(rows),
+        }
+
     per_prompt, report_items = [], []
     for n, item in enumerate(items, 1):
         t1 = time.perf_counter()
@@ -223,6 +241,8 @@ def benchmark_faithfulness(task_file, run_dir, model, limit, fractions, methods,
         report_items.append({"prompt": item.prompt, "counterfactual": item.counterfactual, "target": item.target_spec,
                              "n_tokens": int(item.tokens.numel()), "meta": item.meta,
                              "curves": [c.to_dict() for c in curves]})
+        if out is not None and n < len(items):  # an interrupted run keeps the items done ("complete": false)
+            atomic_write_json(out, _clean(report(per_prompt, report_items, complete=False)), indent=1)
         if not quiet:
             first = next((c for c in curves if c.method == "features"), curves[0])
             click.echo(f"[{n}/{len(items)}] {item.prompt!r}: m(model) = {first.m_full:+.3f}, "
@@ -247,20 +267,8 @@ def benchmark_faithfulness(task_file, run_dir, model, limit, fractions, methods,
     if undefined:
         click.echo(f"note: {undefined} (prompt, curve) pairs had m(model) = m(empty) (F undefined, left out of the "
                    "per-prompt means)")
-    report = {
-        "task": str(task_file), "model": loaded.name, "run_dir": str(Path(run_dir).resolve()), "prepend_bos": bos,
-        "settings": {"fractions": fr, "methods": methods, "ablations": ablations, "ig_steps": ig_steps,
-                     "max_feature_nodes": max_feature_nodes or None, "mean_tokens": mean_tokens,
-                     "keep_positions": list(keep), "dtype": dtype, "device": device},
-        "notes": ["features: fractions of active transcoder features (nodes) ranked by graph influence, free "
-                  "replacement model, error nodes and inactive features free; not edges",
-                  "eap-ig: EAP-IG (Hanna et al. 2024) over component edges of the original model, exact edge patching",
-                  "neurons: MLP neurons (layer, pos, i) by attribution, same k as features",
-                  "F per fraction: ratio of means over prompts (MIB); areas: trapezoids on a linear axis (MIB)"],
-        "seconds_loading": t_load, "items": report_items, "aggregate": rows, "summary": summary,
-    }
     if out is not None:
-        atomic_write_json(out, _clean(report), indent=1)
+        atomic_write_json(out, _clean(report(per_prompt, report_items, complete=True)), indent=1)
         click.echo(f"wrote {out}")
     if plot_path is not None:
         _plot(_clean(rows), plot_path, f"{Path(task_file).name}: {len(items)} prompts, {loaded.name}")
