@@ -63,7 +63,7 @@ def default_lr(d_sae: int) -> float:
     larger: with encoder rows initialised at norm 0.1 our runs of 0.4-2M tokens reach lower FVU
     this way (layer-6 SmolLM2 sweep, 400k tokens, d_sae 9216: held-out FVU 0.61 at 5e-4, 0.50 at
     1e-3, 0.41 at 2e-3, 0.37 at 4e-3). Twice this (8e-3 at d_sae 9216) lowers FVU a little more at
-    layers 3, 15 and 26 but leaves more features dead: 24.1% against 9.8% at the end of the demo
+    layers 3, 15 and 26 but leaves more features dead: 24.0% against 9.8% at the end of the demo
     (benchmarks/RESULTS.md, session 8). Capped at 1.2e-2."""
     return min(1.2e-2, 3e-3 / math.sqrt(d_sae / 16384))
 
