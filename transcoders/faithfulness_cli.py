@@ -4,7 +4,6 @@ circuits against EAP-IG component circuits and MLP-neuron circuits on the same p
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -17,47 +16,15 @@ from .files import atomic_savefig, atomic_write_json, check_writable, refuse_to_
 from .models.loading import DEFAULT_MODEL
 
 
-class TaskFileError(ValueError):
-    """A task file that cannot be read (the message names the file, the line and the fix)."""
-
-
 def _read_task(path: Path, limit: int | None = None) -> list[dict]:
-    """The items of a task JSONL file: one JSON object per line with ``prompt``, ``target`` (a
-    target spec, or a list of them) and ``counterfactual`` (optional for mean ablation only);
-    blank lines are skipped; at most ``limit`` items.
+    """The first ``limit`` items of a task file (:func:`~transcoders.circuits.tasks.load_task`,
+    which raises ``TaskFileError`` naming the line of a malformed item) as the dicts the
+    benchmark runs on."""
+    from .circuits.tasks import load_task
 
-    Raises:
-        TaskFileError: unreadable file, bad JSON, missing fields, or no items.
-    """
-    # TODO(lead): switch to transcoders.circuits.tasks.load_task once it lands (same fields).
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise TaskFileError(f"cannot read the task file {path}: {exc}") from None
-    items = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TaskFileError(f"{path}:{i} is not JSON ({exc.msg}); each line must be an object like "
-                                '{"prompt": ..., "target": "diff:A,B", "counterfactual": ...}') from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj.get("target"):
-            raise TaskFileError(f"{path}:{i} needs a string \"prompt\" and a \"target\" spec (e.g. \"diff:A,B\")")
-        targets = obj["target"] if isinstance(obj["target"], list) else [obj["target"]]
-        if not all(isinstance(t, str) for t in targets):
-            raise TaskFileError(f"{path}:{i}: \"target\" must be a spec string or a list of them")
-        cf = obj.get("counterfactual")
-        if cf is not None and not isinstance(cf, str):
-            raise TaskFileError(f"{path}:{i}: \"counterfactual\" must be a string")
-        items.append({"prompt": obj["prompt"], "targets": targets, "counterfactual": cf, "line": i,
-                      "meta": obj.get("meta", {})})
-        if limit is not None and len(items) >= limit:
-            break
-    if not items:
-        raise TaskFileError(f"{path} holds no items")
-    return items
+    items = load_task(path)[:limit]
+    return [{"prompt": it.prompt, "targets": [it.target], "counterfactual": it.counterfactual, "line": i + 1,
+             "meta": it.meta} for i, it in enumerate(items)]
 
 
 def _floats(text: str) -> list[float]:
@@ -200,7 +167,7 @@ def benchmark_faithfulness(task_file, run_dir, model, limit, fractions, methods,
                                  r["meta"])
             check_item(item, ablations)
         except ValueError as exc:
-            raise TaskFileError(f"{where}: {exc}") from None
+            raise ValueError(f"{where}: {exc}") from None
         items.append(item)
     means = None
     if "mean" in ablations:

@@ -90,14 +90,14 @@ def load_task(path: str | os.PathLike) -> list[TaskItem]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise TaskFileError(f"{path} line {n} is not JSON ({exc.msg} at column {exc.colno}); each line must be "
+            raise TaskFileError(f"{path}:{n} (line {n}) is not JSON ({exc.msg} at column {exc.colno}); each line must be "
                                 'one object like {"prompt": ..., "target": ...}') from None
         if not isinstance(obj, dict):
-            raise TaskFileError(f"{path} line {n} is a JSON {type(obj).__name__}, not an object with prompt and target")
+            raise TaskFileError(f"{path}:{n} (line {n}) is a JSON {type(obj).__name__}, not an object with prompt and target")
         try:
             items.append(TaskItem.model_validate(obj))
         except ValidationError as exc:
-            raise TaskFileError(f"{path} line {n}: {_first_error(exc)}") from None
+            raise TaskFileError(f"{path}:{n} (line {n}): {_first_error(exc)}") from None
     if not items:
         raise TaskFileError(f"{path} holds no task items (one JSON object per line)")
     return items
