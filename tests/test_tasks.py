@@ -10,6 +10,7 @@ combination of the graphs of the centred ``logit:`` targets of its tokens, edge 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import re
 
@@ -441,6 +442,35 @@ def test_task_trace_writes_one_exact_graph_per_prompt(files, tmp_path):  # noqa:
     again = invoke("task", "trace", files["run"], task, "--model", files["model"], "--out-dir", out)
     assert_one_line_error(again, "toy-0.json", "never replaces")
     assert sorted(p.name for p in out.iterdir()) == ["toy-0.json", "toy-1.json"]
+
+
+def test_task_verify_checks_every_traced_graph(files, tmp_path):  # noqa: F811
+    prompts = [PROMPT, "the state of the union is"]
+    task = save_task([TaskItem(prompt=p, target="group:+#5,#7;-#9") for p in prompts], tmp_path / "toy.jsonl")
+    out = tmp_path / "graphs"
+    missing = invoke("task", "verify", files["run"], task, "--model", files["model"], "--graphs", out)
+    assert_one_line_error(missing, "toy-0.json", "task trace")
+    traced = invoke("task", "trace", files["run"], task, "--model", files["model"], "--out-dir", out,
+                    "--max-feature-nodes", 0, "--dtype", "float64")
+    assert traced.exit_code == 0, traced.output
+    result = invoke("task", "verify", files["run"], task, "--model", files["model"], "--graphs", out, "--mean-tokens", 0,
+                    "--out", tmp_path / "v.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert [Path(g["graph"]).name for g in report["graphs"]] == ["toy-0.json", "toy-1.json"]
+    for i, g in enumerate(report["graphs"]):
+        # the exact graph: removing a source's write moves its target by the edge, in float64
+        assert g["summary"]["edge_max_abs_error"] < 1e-8
+        single = invoke("verify", out / f"toy-{i}.json", "--run-dir", files["run"], "--model", files["model"],
+                        "--mean-tokens", 0, "--out", tmp_path / f"single-{i}.json")
+        assert single.exit_code == 0, single.output
+        alone = json.loads((tmp_path / f"single-{i}.json").read_text())
+        assert g["summary"]["faithfulness"] == pytest.approx(
+            {k: v for k, v in alone["summary"]["faithfulness"].items()}, abs=1e-9)
+    assert "mean F" in result.output
+    assert_one_line_error(invoke("task", "verify", files["run"], task, "--model", files["model"], "--graphs", out,
+                                 "--out", tmp_path / "v.json"), "v.json", "--force")
+    assert "Faithfulness of circuits" in invoke("task", "benchmark", "--help").output  # the benchmark, in the group
 
 
 def test_task_trace_checks_every_target_before_tracing(files, tmp_path):  # noqa: F811

@@ -523,6 +523,32 @@ def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate
         click.echo(f"generated (edited):  {steered!r}")
 
 
+def graph_means(loaded, coders, graph, mean_tokens: int) -> dict | None:
+    """``{layer: [d_sae]}`` mean feature activations over ``mean_tokens`` corpus tokens, taken with
+    the graph's BOS policy (the reference of mean ablation); None when ``mean_tokens`` is 0."""
+    if not mean_tokens:
+        return None
+    from .circuits.interventions import mean_activations
+    from .circuits.session import reference_tokens
+
+    bos = bool(graph.meta.get("prepend_bos", False))
+    return mean_activations(loaded.adapter, coders, reference_tokens(loaded, mean_tokens, bos=bos))
+
+
+def verify_graph(loaded, coders, graph, *, top_edges: int = 20, top_nodes: int = 10, sizes=None, means=None):
+    """:func:`~transcoders.circuits.verify.verify` of a saved graph with the model and transcoders
+    it was traced with: the frozen local replacement model in the graph's dtype and the free one."""
+    from .circuits import LocalReplacement
+    from .circuits.interventions import ReplacementRunner
+    from .circuits.verify import verify as run_verify
+
+    tokens = torch.tensor(graph.tokens)
+    rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, graph.meta.get("dtype", "float32")),
+                           constant_positions=tuple(graph.meta.get("constant_positions", ())))
+    runner = ReplacementRunner(loaded.adapter, coders, tokens)
+    return run_verify(rep, graph, runner=runner, top_edges=top_edges, top_nodes=top_nodes, sizes=sizes, means=means)
+
+
 @click.command()
 @click.argument("graph_file", type=click.Path(path_type=Path))
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="[default: the graph's]")
@@ -538,29 +564,16 @@ def intervene(run_dir, model, prompt, target_specs, edit_specs, mode, n_generate
 def verify(graph_file, run_dir, model, top_edges, top_nodes, sizes, mean_tokens, out, force):
     """Check a saved graph against interventions: predicted versus measured effects and the
     faithfulness of its top-k circuits."""
-    from .circuits import LocalReplacement
     from .circuits.export import load_graph
-    from .circuits.interventions import ReplacementRunner
-    from .circuits.verify import verify as run_verify
 
     if out is not None:
         refuse_to_replace(out, force)
         check_writable(out.parent)
     graph = load_graph(graph_file)
     loaded, coders, _ = _load_for_graph(graph, graph_file, model, run_dir)
-    tokens = torch.tensor(graph.tokens)
-    rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=getattr(torch, graph.meta.get("dtype", "float32")),
-                           constant_positions=tuple(graph.meta.get("constant_positions", ())))
-    runner = ReplacementRunner(loaded.adapter, coders, tokens)
-    means = None
-    if mean_tokens:
-        from .circuits.interventions import mean_activations
-        from .circuits.session import reference_tokens
-
-        means = mean_activations(loaded.adapter, coders,
-                                 reference_tokens(loaded, mean_tokens, bos=bool(graph.meta.get("prepend_bos", False))))
-    report = run_verify(rep, graph, runner=runner, top_edges=top_edges, top_nodes=top_nodes, sizes=_split(sizes),
-                        means=means)
+    means = graph_means(loaded, coders, graph, mean_tokens)
+    report = verify_graph(loaded, coders, graph, top_edges=top_edges, top_nodes=top_nodes, sizes=_split(sizes),
+                          means=means)
     s = report.summary
     click.echo(f"edges (frozen model, {len(report.edges)} strongest): max |measured - predicted| = "
                f"{s['edge_max_abs_error']:.2e} (largest |edge| {s['edge_max_abs_weight']:.3f})")
