@@ -10,9 +10,9 @@ combination of the graphs of the centred ``logit:`` targets of its tokens, edge 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """Feature commands: ``features`` (the pass that fills the store), ``feature`` (one feature's
 dashboard), ``explain`` (LLM explanations and scores), ``serve-llm`` (a local OpenAI-compatible
-endpoint) and ``export-features`` (circuit-tracer's frontend format)."""
+endpoint), ``export-features`` (circuit-tracer's frontend format) and ``blind`` (blind case
+studies)."""
 
 from __future__ import annotations
 
@@ -224,4 +225,95 @@ def export_features(run_dir, out_dir, layers, feature_list, scan, store_dir, for
     click.echo(f"wrote {len(paths):,} feature files under {out_dir}")
 
 
-FEATURE_COMMANDS = (features, feature, explain, serve_llm, export_features)
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="folder for evidence.md, blind.json, hypotheses.jsonl and, with --reveal, reveal.md")
+@click.option("--n", "n", default=10, show_default=True, help="random live features")
+@click.option("--seed", default=0, show_default=True, help="seed of the draw and of the scoring examples")
+@click.option("--layers", default=None, help="comma-separated layers to draw from [default: all in the store]")
+@click.option("--store", "store_dir", type=click.Path(path_type=Path), default=None,
+              help="feature store [default: RUN_DIR/features]")
+@click.option("--reveal", is_flag=True, help="score the hypotheses written in OUT/hypotheses.jsonl and show the examples")
+@click.option("--force", is_flag=True, help="replace an earlier draw's files in --out")
+@user_errors
+def blind(run_dir, out_dir, n, seed, layers, store_dir, reveal, force):
+    """Blind case study (Dunefsky et al. 2024, Sec. 4.4): draw --n random live features and write
+    only their input-invariant evidence (de-embeddings, pullbacks, OV heads, logit effects) to
+    OUT/evidence.md with a hypotheses.jsonl to fill in; then, with --reveal, score each written
+    hypothesis (detection and fuzzing by the rule judge), show the features' top examples and
+    tally successes, partial successes and failures."""
+    run_blind(run_dir, out_dir, n=n, seed=seed, layers=layers, store_dir=store_dir, reveal=reveal, force=force)
+
+
+def run_blind(run_dir: Path, out_dir: Path, *, n: int = 10, seed: int = 0, layers: str | None = None,
+              store_dir: Path | None = None, reveal: bool = False, force: bool = False) -> dict:
+    """``transcoders blind`` as a function; returns what it wrote (``blind.json``'s content, with
+    ``results`` and ``tally`` after --reveal).
+
+    Raises:
+        BlindError: too few live features, or a hypothesis without tokens.
+        OutputExistsError: a draw's files exist in ``out_dir`` (draw) or ``reveal.md`` does (reveal)
+            and ``force`` is not set.
+        FileNotFoundError: --reveal without an earlier draw in ``out_dir``.
+    """
+    import json
+
+    from .features.blind import (
+        BlindError,
+        evidence,
+        evidence_markdown,
+        pick,
+        reveal_markdown,
+        score_hypothesis,
+        tally,
+    )
+    from .files import atomic_write_json, atomic_write_text, check_writable, refuse_to_replace
+
+    out_dir = Path(out_dir)
+    store = _store(run_dir, store_dir)
+    drawn_path, hyp_path = out_dir / "blind.json", out_dir / "hypotheses.jsonl"
+    if reveal:
+        if not drawn_path.exists() or not hyp_path.exists():
+            raise FileNotFoundError(f"{drawn_path} or {hyp_path} is missing: draw first (the same command without "
+                                    "--reveal), then write the hypotheses")
+        refuse_to_replace(out_dir / "reveal.md", force)
+        drawn = json.loads(drawn_path.read_text())
+        written = {}
+        for i, line in enumerate(hyp_path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    h = json.loads(line)
+                    written[(int(h["layer"]), int(h["feature"]))] = h
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise BlindError(f"{hyp_path}:{i}: not a hypothesis line ({exc}); each line is "
+                                     '{"layer": L, "feature": F, "hypothesis": "...", "tokens": ["..."]}') from None
+        results = []
+        for e in drawn["features"]:
+            key = (e["layer"], e["feature"])
+            if key not in written or not str(written[key].get("hypothesis", "")).strip():
+                raise BlindError(f"{hyp_path}: no hypothesis for feature {key[0]}.{key[1]}; write one for every "
+                                 "drawn feature before revealing")
+            results.append(score_hypothesis(store, key[0], key[1], written[key], seed=drawn["seed"]))
+        drawn |= {"results": results, "tally": tally(results)}
+        atomic_write_text(out_dir / "reveal.md", reveal_markdown(results))
+        atomic_write_json(out_dir / "revealed.json", drawn)
+        t = drawn["tally"]
+        click.echo(f"{t['success']} successes, {t['partial']} partial, {t['failure']} failures; wrote {out_dir / 'reveal.md'}")
+        return drawn
+    for p in (drawn_path, hyp_path, out_dir / "evidence.md"):
+        refuse_to_replace(p, force, hint=" (it may hold your hypotheses)")
+    check_writable(out_dir)
+    chosen = pick(store, n, seed, layers=None if layers is None else [int(x) for x in layers.split(",") if x.strip()])
+    items = [evidence(store, layer, feat) for layer, feat in chosen]
+    drawn = {"run_dir": str(run_dir), "store": str(store.folder), "seed": seed, "features": items}
+    atomic_write_json(drawn_path, drawn)
+    atomic_write_text(out_dir / "evidence.md", evidence_markdown(items))
+    atomic_write_text(hyp_path, "".join(json.dumps({"layer": layer, "feature": feat, "hypothesis": "", "tokens": [],
+                                                    "context": []}) + "\n" for layer, feat in chosen))
+    click.echo(f"drew {n} live features ({', '.join(f'{a}.{b}' for a, b in chosen)}); read {out_dir / 'evidence.md'}, "
+               f"write {hyp_path}, then run again with --reveal")
+    return drawn
+
+
+FEATURE_COMMANDS = (features, feature, explain, serve_llm, export_features, blind)
