@@ -62,7 +62,7 @@ def mlp_io(model, tokens):
 
 
 @torch.no_grad()
-def replaced(model, coders, tokens, *, edit=None, errors_from=None, scale_node=None):
+def replaced(model, coders, tokens, *, edit=None, errors_from=None, o_proj_hooks=()):
     """PD of the free replacement model, by hand: MLP ``l`` outputs ``decode(a') + error``, with
     ``a' = edit(layer, a)`` and the error node of the clean prompt (or of ``errors_from``)."""
     clean = mlp_io(model, tokens)
@@ -77,6 +77,8 @@ def replaced(model, coders, tokens, *, edit=None, errors_from=None, scale_node=N
             return (coders[layer].decode(a) + errors[layer])[None]
 
         hs.append(block.mlp.register_forward_hook(post))
+    for layer, fn in o_proj_hooks:
+        hs.append(model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(fn))
     logits = model(input_ids=tokens[None]).logits[0]
     for h in hs:
         h.remove()
@@ -140,6 +142,26 @@ def test_batched_variants_equal_hooked_runs(setup):
     assert len({round(x, 6) for x in expected}) == len(expected)  # the edits all differ
 
 
+def test_head_patch_is_the_counterfactual_slice_at_the_last_position(setup):
+    model, _ad, coders, fp = setup
+    layer, head, d_head = 1, 2, D // 4
+    rec = {}
+    h = model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(lambda _m, a: rec.__setitem__("z", a[0][0]))
+    with torch.no_grad():
+        model(input_ids=CF[None])
+    h.remove()
+
+    def patch(_m, args):
+        z = args[0].clone()
+        z[0, -1, head * d_head:(head + 1) * d_head] = rec["z"][-1, head * d_head:(head + 1) * d_head]
+        return (z,)
+
+    expected = replaced(model, coders, TOKENS, o_proj_hooks=[(layer, patch)])
+    got = fp.pd([Variant(), Variant(heads=[(layer, head)])], batch_size=2)
+    assert float(got[1]) == pytest.approx(expected, abs=1e-10)
+    assert abs(float(got[1]) - float(got[0])) > 1e-6  # the patch moved PD
+
+
 def test_first_order_estimate_is_the_derivative_of_scaling_a_node(setup):
     model, _ad, coders, fp = setup
     _, est = fp.first_order()
@@ -192,7 +214,9 @@ def test_study_prompt_and_global_variant(setup):
     assert st["pd"]["selected"] == pytest.approx(st["greedy_pd"][-1], abs=1e-12)
     assert st["pd"]["all_features_ablated"] == pytest.approx(
         replaced(model, coders, TOKENS, edit=lambda _l, a: torch.cat([a[:1], torch.zeros_like(a[1:])])), abs=1e-10)
-    assert {"random_seed0", "random_seed1", "errors_counterfactual", "counterfactual_prompt"} <= set(st["pd"])
+    assert {"random_seed0", "random_seed1", "errors_counterfactual", "counterfactual_prompt",
+            "top_heads_counterfactual"} <= set(st["pd"])
+    assert len(st["head_effects"]) == N_LAYERS * 4
     layer, _, feat = st["selected"][0]
     v = global_variant(fp, [(layer, feat)])
     where = torch.nonzero(fp.clean_acts[layer][:, feat] > 0).flatten().tolist()

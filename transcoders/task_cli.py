@@ -284,7 +284,7 @@ def run_study(run_dir: Path, task_file: Path, *, model: str, out_dir: Path, limi
 def study_markdown(result: dict, name: str) -> str:
     """The report of :func:`run_study` as markdown: the tables of both summaries, the error
     nodes' share, the task-wide features and the virtual weights among them."""
-    from .circuits.case_report import markdown_table
+    from .circuits.case_report import head_ranking, markdown_table
 
     s, h = result["summary"], result["summary_held_out"]
     share = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"
@@ -305,6 +305,11 @@ def study_markdown(result: dict, name: str) -> str:
         lines += ["", "Virtual weights among them (direct path, per unit of activation):", ""]
         top = sorted(result["virtual_weights"], key=lambda w: -abs(w["weight"]))[:10]
         lines += [f"- {w['from'][0]}.{w['from'][1]} -> {w['to'][0]}.{w['to'][1]}: {w['weight']:+.3f}" for w in top]
+    heads = head_ranking(result["studies"])
+    if heads:
+        lines += ["", "Heads that carry PD into the last position (output there patched alone to its counterfactual "
+                  "value; mean PD change, and how often among a prompt's 10 strongest):", ""]
+        lines += [f"- {k}: {d:+.3f} ({100 * f:.0f}% of prompts)" for k, d, f in heads]
     lines += ["", "Tokens at which the per-prompt features sit (most common): "
               + ", ".join(f"{t!r} x{c}" for t, c in result["selected_tokens"].items()), ""]
     return "\n".join(lines)

@@ -28,6 +28,8 @@ DESCRIPTIONS = {
     "features_counterfactual": "every feature patched to counterfactual at every position, errors clean",
     "counterfactual_both": "features and error nodes patched to counterfactual",
     "all_features_ablated": "every feature after position 0 ablated (errors clean)",
+    "top_heads_counterfactual": "the heads of largest single effect, output at the last position patched to counterfactual",
+    "all_heads_counterfactual": "every head's output at the last position patched to counterfactual",
     "counterfactual_prompt": "the model on the counterfactual prompt",
 }
 
@@ -85,6 +87,22 @@ def summarize(studies: Sequence[dict]) -> dict:
     return out
 
 
+def head_ranking(studies: Sequence[dict], n: int = 10) -> list[tuple[str, float, float]]:
+    """The ``n`` heads whose output at the last position, patched alone to its counterfactual
+    value, lowers PD most on average: ``(layer.head, mean PD change, share of prompts where it
+    is among the prompt's 10 strongest)``."""
+    effects: dict[str, list[float]] = {}
+    top_counts: dict[str, int] = {}
+    for s in studies:
+        he = s.get("head_effects") or {}
+        for k, d in he.items():
+            effects.setdefault(k, []).append(d)
+        for k in sorted(he, key=he.get)[:10]:
+            top_counts[k] = top_counts.get(k, 0) + 1
+    ranked = sorted(effects, key=lambda k: statistics.fmean(effects[k]))[:n]
+    return [(k, statistics.fmean(effects[k]), top_counts.get(k, 0) / len(studies)) for k in ranked]
+
+
 def markdown_table(summary: dict, order: Sequence[str] | None = None) -> str:
     """The summary as a markdown table, one row per intervention."""
     rows = summary["interventions"]
@@ -130,4 +148,4 @@ def plot(summary: dict, path, *, title: str = "") -> None:
     plt.close(fig)
 
 
-__all__ = ["DESCRIPTIONS", "markdown_table", "plot", "summarize"]
+__all__ = ["DESCRIPTIONS", "head_ranking", "markdown_table", "plot", "summarize"]

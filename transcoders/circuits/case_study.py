@@ -58,12 +58,16 @@ class Variant:
         mode: ``"ablate"`` (activation 0) or ``"counterfactual"`` (the activation the real model's
             MLP input on the counterfactual prompt gives the feature).
         patch_errors: error nodes take their counterfactual values (at every position).
+        heads: attention heads ``(layer, head)`` whose output at ``head_positions`` takes its
+            value on the counterfactual prompt (the head's slice of the output projection's input).
     """
 
     nodes: Sequence[Node] = ()
     positions: Sequence[int] = ()
     mode: str = "ablate"
     patch_errors: bool = False
+    heads: Sequence[tuple[int, int]] = ()
+    head_positions: Sequence[int] = (-1,)
 
 
 class FreePD:
@@ -93,7 +97,37 @@ class FreePD:
                                      f"{self.tokens.numel()}; patching needs the same positions: write a "
                                      "counterfactual that tokenizes to the same length")
             self.cf_errors, self.cf_acts = self._errors_and_acts(self.cf_tokens)
+            self.cf_heads = self._head_inputs(self.cf_tokens)
         self.n_pos = int(self.tokens.numel())
+
+    def n_heads(self, layer: int) -> int:
+        """Query heads of layer ``layer``'s attention."""
+        return self._n_heads(self.adapter.attention_io(layer))
+
+    @staticmethod
+    def _n_heads(io) -> int:
+        return sum(1 for _, slices in io.qkv for kind, _, _ in slices if kind == "q")
+
+    @staticmethod
+    def _d_head(io) -> int:
+        sl = next(sl for _, slices in io.qkv for kind, _, sl in slices if kind == "q")
+        return sl.stop - sl.start
+
+    @torch.no_grad()
+    def _head_inputs(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{layer: [T, n_heads * d_head]}``: every layer's output-projection input (the heads'
+        mixed values) on ``tokens`` in the real model."""
+        rec: dict[int, torch.Tensor] = {}
+        handles = []
+        for layer in range(self.adapter.n_layers):
+            mod = self.adapter.attention_io(layer).out_proj
+            handles.append(mod.register_forward_pre_hook(lambda _m, args, layer=layer: rec.__setitem__(layer, args[0][0])))
+        try:
+            self.adapter.model(input_ids=tokens[None].to(self.adapter.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return rec
 
     @torch.no_grad()
     def _errors_and_acts(self, tokens: torch.Tensor):
@@ -151,6 +185,26 @@ class FreePD:
             for p in v.positions:
                 pos_mask[b, p] = True
         err_rows = torch.tensor([v.patch_errors for v in variants])
+        head_edits: dict[int, list[tuple[int, int, list[int]]]] = {}
+        for b, v in enumerate(variants):
+            for layer, head in v.heads:
+                head_edits.setdefault(layer, []).append((b, head, [p % T for p in v.head_positions]))
+        if head_edits and self.cf_tokens is None:
+            raise CaseStudyError("patching heads needs the counterfactual prompt")
+
+        def head_patch(layer):
+            io = self.adapter.attention_io(layer)
+            d_head = self._d_head(io)
+
+            def fn(_module, args):
+                z = args[0].clone()
+                ref = self.cf_heads[layer].to(z.dtype)
+                for b, head, pos in head_edits[layer]:
+                    sl = slice(head * d_head, (head + 1) * d_head)
+                    z[b, pos, sl] = ref[pos, sl]
+                return (z, *args[1:])
+
+            return fn
 
         def replace(layer):
             coder = self.coders[layer]
@@ -178,8 +232,13 @@ class FreePD:
 
             return fn
 
-        with splice_mlps(ad, {layer: replace(layer) for layer in self.coders}):
-            logits = ad.model(input_ids=self.tokens[None].expand(B, -1).to(ad.device)).logits
+        handles = [ad.attention_io(layer).out_proj.register_forward_pre_hook(head_patch(layer)) for layer in head_edits]
+        try:
+            with splice_mlps(ad, {layer: replace(layer) for layer in self.coders}):
+                logits = ad.model(input_ids=self.tokens[None].expand(B, -1).to(ad.device)).logits
+        finally:
+            for h in handles:
+                h.remove()
         return logits[:, -1]
 
     @torch.no_grad()
@@ -283,8 +342,11 @@ def study_prompt(fp: FreePD, *, n: int = 10, n_candidates: int = 32, seeds: Sequ
         feature at the differing positions ablated), ``all_at_differing_counterfactual``,
         ``first_order_top`` (the top ``n`` by attribution patching, edited as ``objective``), ``top_activation``,
         ``random_seed{S}``, ``errors_counterfactual`` (error nodes patched, features free),
-        ``features_counterfactual`` (every feature patched at every position, errors clean) and
-        ``all_features_ablated`` (every feature after position 0 ablated).
+        ``features_counterfactual`` (every feature patched at every position, errors clean),
+        ``all_features_ablated`` (every feature after position 0 ablated), and for heads (output
+        at the last position patched to counterfactual): ``top_heads_counterfactual`` (the ``n``
+        heads with the largest single effects, :func:`head_scan`, together) and
+        ``all_heads_counterfactual``; ``head_effects`` holds each head's single effect.
     """
     if objective not in ("ablate", "counterfactual"):
         raise CaseStudyError(f"objective {objective!r}: use ablate or counterfactual")
@@ -306,6 +368,12 @@ def study_prompt(fp: FreePD, *, n: int = 10, n_candidates: int = 32, seeds: Sequ
                      "features_counterfactual": Variant(positions=list(range(fp.n_pos)), mode="counterfactual"),
                      "counterfactual_both": Variant(positions=list(range(fp.n_pos)), mode="counterfactual",
                                                     patch_errors=True)}
+    heads: dict = {}
+    if fp.cf_tokens is not None:
+        heads = head_scan(fp, batch_size=batch_size)
+        top_heads = sorted(heads, key=heads.get)[:n]
+        variants["top_heads_counterfactual"] = Variant(heads=top_heads)
+        variants["all_heads_counterfactual"] = Variant(heads=list(heads))
     names = list(variants)
     pds = fp.pd([variants[k] for k in names], batch_size=batch_size)
     mass = fp.digit_mass([variants[k] for k in names], batch_size=batch_size)
@@ -315,7 +383,18 @@ def study_prompt(fp: FreePD, *, n: int = 10, n_candidates: int = 32, seeds: Sequ
     return {"pd": pd, "digit_mass": dict(zip(names, mass.tolist())),
             "selected": [list(x) for x in sel.nodes], "greedy_pd": sel.pd,
             "first_order_top": [list(x) for x in sel.first_order_top], "n_active": len(active),
+            "head_effects": {f"{layer}.{h}": d for (layer, h), d in heads.items()},
             "n_at_differing": sum(1 for (_, p, _), _ in active if p in diff), "differing_positions": diff}
+
+
+def head_scan(fp: FreePD, *, positions: Sequence[int] = (-1,), batch_size: int = 32) -> dict[tuple[int, int], float]:
+    """``{(layer, head): PD change}`` when that one head's output at ``positions`` (default: the
+    last, where the answer is read out) is patched to its value on the counterfactual prompt, every
+    other head and feature free (negative: the head carries PD into those positions)."""
+    heads = [(layer, h) for layer in range(fp.adapter.n_layers) for h in range(fp.n_heads(layer))]
+    base = float(fp.pd([Variant()])[0])
+    pds = fp.pd([Variant(heads=[lh], head_positions=positions) for lh in heads], batch_size=batch_size)
+    return {lh: float(p) - base for lh, p in zip(heads, pds)}
 
 
 def feature_frequency(studies: Sequence[dict], n: int = 10) -> list[tuple[int, int, int, float]]:
@@ -349,4 +428,4 @@ def global_variant(fp: FreePD, features: Sequence[tuple[int, int]], *, skip_posi
 
 
 __all__ = ["CaseStudyError", "FreePD", "Selection", "Variant", "feature_frequency", "global_variant", "greedy_select",
-           "study_prompt"]
+           "head_scan", "study_prompt"]
