@@ -260,32 +260,48 @@ def graph_to_json(graph: Graph, *, slug: str = "graph", scan: str | None = None,
 
 def save_graph(graph: Graph, path: str | os.PathLike, *, slug: str | None = None, scan: str | None = None,
                frontend: bool = True) -> FilePath:
-    """Write ``graph`` as ``transcoders.graph/1`` JSON, atomically.
+    """Write ``graph`` atomically: as ``transcoders.graph/1`` JSON, or, when ``path`` ends in
+    ``.safetensors``, as the compact binary file (:mod:`transcoders.circuits.compact`: node table
+    and CSR edges, several times smaller and faster to load; not read by circuit-tracer's frontend).
 
-    The text goes to a temporary file in the destination folder, is fsynced, then moved over
+    The bytes go to a temporary file in the destination folder, are fsynced, then moved over
     ``path`` with ``os.replace``: readers see the old file or the new one, never a torn one.
 
     Args:
         slug: frontend graph name (default: the file name without ``.json``).
-        scan, frontend: see :func:`graph_to_json`.
+        scan, frontend: see :func:`graph_to_json` (JSON only).
 
     Returns:
         the path written.
     """
     path = FilePath(path)
+    if path.suffix == ".safetensors":
+        from .compact import save_compact
+
+        return save_compact(graph, path)
     obj = graph_to_json(graph, slug=slug or path.name.removesuffix(".json"), scan=scan, frontend=frontend)
     text = json.dumps(obj, allow_nan=False, separators=(",", ":"))
     return atomic_write_text(path, text)
 
 
 def load_graph(path: str | os.PathLike) -> Graph:
-    """Read a graph written by :func:`save_graph` (exact round trip).
+    """Read a graph written by :func:`save_graph`, JSON or compact (told apart by content, not
+    name; exact round trip).
 
     Raises:
-        GraphFileError: the file is missing, not JSON, of another schema version, or its
+        GraphFileError: the file is missing, not a graph file, of another schema version, or its
             arrays are inconsistent; the message names the problem and the fix.
     """
     path = FilePath(path)
+    try:
+        from .compact import is_compact, load_compact
+
+        if is_compact(path):
+            return load_compact(path)
+    except FileNotFoundError:
+        raise GraphFileError(f"no graph file at {path}; check the path, or write one with save_graph()") from None
+    except IsADirectoryError:
+        raise GraphFileError(f"{path} is a folder, not a graph file") from None
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 GRAPH_SCHEMA = "transcoders.graph/1"
+COMPACT_SCHEMA = "transcoders.graph-compact/1"  # transcoders.circuits.compact, read by the same load_graph
 _HEAD = re.compile(rb'^\s*\{\s*"schema"\s*:\s*"([^"]*)"')
 _SNIFF_BYTES = 4096
 
@@ -121,9 +122,16 @@ class GraphEntry:
 
 
 def graph_schema_of(path: Path) -> str | None:
-    """The ``schema`` of a JSON file: read from its first bytes when it starts with it (as
-    :func:`~transcoders.circuits.export.save_graph` writes), else from the whole file. None when
-    it is not a JSON object with a string ``schema``."""
+    """The ``schema`` of a graph file: a compact file's from its header; a JSON file's from its
+    first bytes when it starts with it (as :func:`~transcoders.circuits.export.save_graph`
+    writes), else from the whole file. None when it is neither."""
+    from ..circuits.compact import CompactGraphError, compact_summary, is_compact
+
+    try:
+        if is_compact(path):
+            return compact_summary(path)["schema"]
+    except (OSError, CompactGraphError):
+        return None
     try:
         with open(path, "rb") as fh:
             head = fh.read(_SNIFF_BYTES)
@@ -135,6 +143,11 @@ def graph_schema_of(path: Path) -> str | None:
         return None
     schema = obj.get("schema") if isinstance(obj, dict) else None
     return schema if isinstance(schema, str) else None
+
+
+def _graph_files(folder: Path) -> list[Path]:
+    """The graph files of a folder, JSON and compact, sorted by name (not recursive)."""
+    return sorted([*folder.glob("*.json"), *folder.glob("*.safetensors")])
 
 
 def _unique(name: str, taken: Iterable[str]) -> str:
@@ -179,13 +192,13 @@ class Registry:
             rid = _unique(path.name or "run", self.runs)
             self.runs[rid] = RunEntry(rid, path)
         for run in list(self.runs.values()):
-            for f in sorted((run.path / "graphs").glob("*.json")):
+            for f in _graph_files(run.path / "graphs"):
                 self._register(f, run.id, warn=True)
         for folder in graph_dirs:
             path = Path(folder).expanduser().resolve()
             if not path.is_dir():
                 raise ValueError(f"graph folder {folder} does not exist; pass a folder of graph files (--graphs)")
-            for f in sorted(path.glob("*.json")):
+            for f in _graph_files(path):
                 self._register(f, None, warn=True)
         for f in graph_files:
             path = Path(f).expanduser().resolve()
@@ -201,7 +214,7 @@ class Registry:
         if not path.is_file():
             return None
         schema = graph_schema_of(path)
-        if schema != GRAPH_SCHEMA:
+        if schema not in (GRAPH_SCHEMA, COMPACT_SCHEMA):
             if warn:
                 log.warning("skipping %s: not a %s graph file (schema %r)", path, GRAPH_SCHEMA, schema)
             return None
@@ -280,6 +293,19 @@ class Registry:
         key = (entry.path, self._stamp(entry.path))
 
         def make() -> dict:
+            from ..circuits.compact import CompactGraphError, compact_summary, is_compact
+
+            try:
+                if is_compact(entry.path):
+                    c = compact_summary(entry.path)
+                    meta = c["header"].get("meta") or {}
+                    prompt = meta.get("prompt")
+                    return {"name": entry.path.stem,
+                            "prompt": prompt if isinstance(prompt, str) else "".join(map(str, c["header"]["token_strs"])),
+                            "run_dir": meta.get("run_dir") if isinstance(meta.get("run_dir"), str) else None,
+                            "n_nodes": c["n_nodes"], "n_edges": c["n_edges"]}
+            except (OSError, CompactGraphError, KeyError, TypeError) as exc:
+                raise Conflict(f"the graph file {entry.path} is no longer readable ({exc})") from None
             try:
                 obj = json.loads(entry.path.read_text(encoding="utf-8"))
                 sec = obj["transcoders"]
