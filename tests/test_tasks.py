@@ -451,17 +451,22 @@ def test_task_verify_checks_every_traced_graph(files, tmp_path):  # noqa: F811
     missing = invoke("task", "verify", files["run"], task, "--model", files["model"], "--graphs", out)
     assert_one_line_error(missing, "toy-0.json", "task trace")
     traced = invoke("task", "trace", files["run"], task, "--model", files["model"], "--out-dir", out,
-                    "--max-feature-nodes", 0, "--dtype", "float64")
+                    "--max-feature-nodes", 0, "--dtype", "float64", "--limit", 1)
     assert traced.exit_code == 0, traced.output
+    save_task([TaskItem(prompt=prompts[1], target="group:+#5,#7;-#9")], tmp_path / "second.jsonl")
+    traced = invoke("task", "trace", files["run"], tmp_path / "second.jsonl", "--model", files["model"], "--out-dir",
+                    tmp_path / "compact", "--max-feature-nodes", 0, "--dtype", "float64", "--format", "compact")
+    assert traced.exit_code == 0, traced.output
+    (tmp_path / "compact" / "second-0.safetensors").rename(out / "toy-1.safetensors")  # verify reads either format
     result = invoke("task", "verify", files["run"], task, "--model", files["model"], "--graphs", out, "--mean-tokens", 0,
                     "--out", tmp_path / "v.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "v.json").read_text())
-    assert [Path(g["graph"]).name for g in report["graphs"]] == ["toy-0.json", "toy-1.json"]
+    assert [Path(g["graph"]).name for g in report["graphs"]] == ["toy-0.json", "toy-1.safetensors"]
     for i, g in enumerate(report["graphs"]):
         # the exact graph: removing a source's write moves its target by the edge, in float64
         assert g["summary"]["edge_max_abs_error"] < 1e-8
-        single = invoke("verify", out / f"toy-{i}.json", "--run-dir", files["run"], "--model", files["model"],
+        single = invoke("verify", Path(g["graph"]), "--run-dir", files["run"], "--model", files["model"],
                         "--mean-tokens", 0, "--out", tmp_path / f"single-{i}.json")
         assert single.exit_code == 0, single.output
         alone = json.loads((tmp_path / f"single-{i}.json").read_text())

@@ -55,10 +55,13 @@ def make(kind, n, seed, out, force):
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--node-threshold", default=0.8, show_default=True, help="pruning: cumulative node influence kept")
 @click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")
+@click.option("--format", "fmt", type=click.Choice(["json", "compact"]), default="json", show_default=True,
+              help="json (circuit-tracer's frontend reads it) or compact (safetensors: node table and CSR edges, "
+                   "about 12x smaller)")
 @BOS_OPT
 @user_errors
 def trace(run_dir, task_file, model, limit, out_dir, max_feature_nodes, batch_size, dtype, node_threshold,
-          edge_threshold, prepend_bos):
+          edge_threshold, fmt, prepend_bos):
     """Build the attribution graph of every prompt of TASK_FILE for its own target with the
     transcoders in RUN_DIR; print each target's value and probability difference (PD: the
     summed probability of the target's + tokens minus that of its - tokens)."""
@@ -73,7 +76,8 @@ def trace(run_dir, task_file, model, limit, out_dir, max_feature_nodes, batch_si
         items = items[:limit]
     name = task_name(task_file)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "graphs"
-    paths = [out_dir / f"{name}-{i}.json" for i in range(len(items))]
+    suffix = ".json" if fmt == "json" else ".safetensors"
+    paths = [out_dir / f"{name}-{i}{suffix}" for i in range(len(items))]
     existing = [p for p in paths if p.exists()]
     if existing:
         raise FileExistsError(f"{existing[0]} already exists ({len(existing)} of the {len(paths)} graph files do); "
@@ -114,7 +118,7 @@ def trace(run_dir, task_file, model, limit, out_dir, max_feature_nodes, batch_si
 @click.argument("task_file", type=click.Path(path_type=Path))
 @MODEL_OPT
 @click.option("--graphs", "graph_dir", type=click.Path(path_type=Path), default=None,
-              help="the folder `task trace` wrote the graphs to [default: RUN_DIR/graphs]")
+              help="the folder `task trace` wrote the graphs to, as JSON or compact [default: RUN_DIR/graphs]")
 @click.option("--top-edges", default=20, show_default=True)
 @click.option("--top-nodes", default=10, show_default=True)
 @click.option("--mean-tokens", default=2048, show_default=True,
@@ -144,7 +148,8 @@ def verify(run_dir, task_file, model, graph_dir, top_edges, top_nodes, mean_toke
         items = items[:limit]
     name = task_name(task_file)
     graph_dir = Path(graph_dir) if graph_dir is not None else Path(run_dir) / "graphs"
-    paths = [graph_dir / f"{name}-{i}.json" for i in range(len(items))]
+    paths = [next((p for p in (graph_dir / f"{name}-{i}.json", graph_dir / f"{name}-{i}.safetensors") if p.exists()),
+                  graph_dir / f"{name}-{i}.json") for i in range(len(items))]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{missing[0]} does not exist ({len(missing)} of {len(paths)} graphs are missing); "
