@@ -257,8 +257,12 @@ def test_budget_keeps_most_influential_features_and_stays_complete():
     rep = LocalReplacement(adapter, coders, torch.arange(3, 15), dtype=torch.float64)
     targets = [Target("logit", -1, token=5)]
     full = attribute(rep, targets, batch_size=8)
-    small = attribute(rep, targets, max_feature_nodes=20, batch_size=8)
+    seen = []
+    small = attribute(rep, targets, max_feature_nodes=20, batch_size=8, progress=lambda d, t: seen.append((d, t)))
     assert (small.kind == FEATURE).sum() == 20 < (full.kind == FEATURE).sum()
+    # progress: one call per sweep of at most 8 rows, rising to the budget
+    assert seen[-1] == (20, 20) and all(t == 20 for _, t in seen)
+    assert all(0 < b - a <= 8 for (a, _), (b, _) in zip([(0, 20), *seen], seen))
     rows, residual = small.row_balance()
     torch.testing.assert_close(small.value[rows] - residual, small.value[rows])
     # Edges shared by both graphs are identical (exact, budget-independent).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,8 @@ class Traced:
 def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, target_specs=(),
                  max_feature_nodes: int = 2000, batch_size: int = 64, dtype: str = "float32",
                  node_threshold: float = 0.8, edge_threshold: float = 0.98, prepend_bos: bool | None = None,
-                 progress: Callable[[float, str], None] | None = None, preloaded=None) -> Traced:
+                 progress: Callable[[float, str], None] | None = None, preloaded=None,
+                 row_progress: Callable[[int, int], None] | None = None) -> Traced:
     """The work of ``transcoders trace`` without printing or saving: load ``model`` and the
     transcoders of ``run_dir``, build the attribution graph of ``prompt`` for ``target_specs``
     (default: the top next-token logits), compute influence, prune with the thresholds and
@@ -275,6 +277,8 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
         progress: called with ``(fraction in [0, 1], what is happening)`` between stages.
         preloaded: ``(loaded, coders)`` from :func:`load_model_and_coders` (``model`` then only
             names it): skips loading, for many prompts in a row (``transcoders task trace``).
+        row_progress: passed to :func:`~transcoders.circuits.attribution.attribute` (feature
+            rows done, planned), e.g. for a progress bar with the time left.
 
     Raises:
         ValueError / OSError subclasses (the CLI's user errors): a model, run, prompt or target
@@ -296,7 +300,8 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
                            constant_positions=constant)
     targets = _targets(target_specs, loaded, coders, rep.logits)
     say(0.3, "attributing")
-    graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size)
+    graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size,
+                      progress=row_progress)
     t_graph = time.perf_counter()
     say(0.8, "influence, pruning and scores")
     graph.meta.update(graph_identity(loaded, coders), run_dir=str(Path(run_dir).resolve()), prompt=prompt,
@@ -308,6 +313,28 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
     say(0.95, "saving")
     return Traced(graph, pruned, rep, tokens, bos,
                   {"load": t_load - t0, "graph": t_graph - t_load, "scores": t_scores - t_graph})
+
+
+@contextmanager
+def rows_bar():
+    """A progress bar of attribution rows with the time left (tqdm, on stderr; silent when stderr
+    is not a terminal), as a ``row_progress`` callback for :func:`trace_prompt`."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="attribution rows", unit="row", disable=None, leave=False)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def target_prob_diffs(traced: Traced) -> list[float | None]:
@@ -364,9 +391,11 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
         if path is not None:
             refuse_to_replace(path, force)
             check_writable(path.parent)  # before the work, not after
-    traced = trace_prompt(run_dir, prompt, model=model, target_specs=target_specs, max_feature_nodes=max_feature_nodes,
-                          batch_size=batch_size, dtype=dtype, node_threshold=node_threshold,
-                          edge_threshold=edge_threshold, prepend_bos=prepend_bos)
+    with rows_bar() as bar:
+        traced = trace_prompt(run_dir, prompt, model=model, target_specs=target_specs,
+                              max_feature_nodes=max_feature_nodes, batch_size=batch_size, dtype=dtype,
+                              node_threshold=node_threshold, edge_threshold=edge_threshold, prepend_bos=prepend_bos,
+                              row_progress=bar)
     graph, pruned, rep, tokens = traced.graph, traced.pruned, traced.rep, traced.tokens
     full_s, pruned_s = graph.meta["scores"]["full"], graph.meta["scores"]["pruned"]
     t_save = time.perf_counter()

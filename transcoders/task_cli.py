@@ -65,7 +65,7 @@ def trace(run_dir, task_file, model, limit, out_dir, max_feature_nodes, batch_si
     """Build the attribution graph of every prompt of TASK_FILE for its own target with the
     transcoders in RUN_DIR; print each target's value and probability difference (PD: the
     summed probability of the target's + tokens minus that of its - tokens)."""
-    from .circuit_cli import load_model_and_coders, target_prob_diffs, trace_prompt
+    from .circuit_cli import load_model_and_coders, rows_bar, target_prob_diffs, trace_prompt
     from .circuits.export import save_graph
     from .circuits.tasks import item_targets, load_task, task_name
 
@@ -91,10 +91,11 @@ def trace(run_dir, task_file, model, limit, out_dir, max_feature_nodes, batch_si
     click.echo(f"{name}: {len(items)} prompts -> {out_dir}")
     values, pds = [], []
     for i, (item, path) in enumerate(zip(items, paths)):
-        traced = trace_prompt(run_dir, item.prompt, model=model, target_specs=(item.target,),
-                              max_feature_nodes=max_feature_nodes, batch_size=batch_size, dtype=dtype,
-                              node_threshold=node_threshold, edge_threshold=edge_threshold, prepend_bos=prepend_bos,
-                              preloaded=preloaded)
+        with rows_bar() as bar:
+            traced = trace_prompt(run_dir, item.prompt, model=model, target_specs=(item.target,),
+                                  max_feature_nodes=max_feature_nodes, batch_size=batch_size, dtype=dtype,
+                                  node_threshold=node_threshold, edge_threshold=edge_threshold,
+                                  prepend_bos=prepend_bos, preloaded=preloaded, row_progress=bar)
         graph = traced.graph
         graph.meta["task"] = {"name": name, "index": i, "target": item.target, "counterfactual": item.counterfactual,
                               "answer": item.answer, "meta": item.meta}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +246,7 @@ def attribute(
     *,
     max_feature_nodes: int | None = None,
     batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Graph:
     """Compute the attribution graph of ``targets`` on the prompt of ``rep``.
 
@@ -254,6 +256,7 @@ def attribute(
         max_feature_nodes: feature budget (None: every active feature). Features are chosen by
             influence on the targets, recomputed after each round of rows.
         batch_size: rows per backward sweep.
+        progress: called after each sweep with ``(feature rows done, feature rows planned)``.
 
     Returns:
         a :class:`Graph` with exact edges among its nodes; ``meta`` holds timings (s), the
@@ -299,6 +302,8 @@ def attribute(
                 nz = row.nonzero().flatten()
                 feat_rows[index.feature0 + c] = (nz, row[nz])
                 reads_meta[index.feature0 + c] = r
+            if progress is not None:
+                progress(len(feat_rows), budget)
     t_rows = time.perf_counter()
     graph = _assemble(rep, targets, t_reads, target_rows, feat_rows, reads_meta, index, layer_of, j_of)
     graph.meta.update(
