@@ -370,7 +370,7 @@ def target_summary(traced: Traced) -> str:
 @click.option("--node-threshold", default=0.8, show_default=True, help="pruning: cumulative node influence kept")
 @click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="graph file [default: RUN_DIR/graphs/<prompt-slug>.json]")
+              help="graph file: .json, or .safetensors for the compact file [default: RUN_DIR/graphs/<prompt-slug>.json]")
 @click.option("--pruned-out", type=click.Path(path_type=Path), default=None,
               help="also save the pruned graph here (small; what circuit-tracer's frontend should open)")
 @click.option("--force", is_flag=True, help="replace --out / --pruned-out if they exist")
