@@ -107,7 +107,7 @@ def markdown_table(summary: dict, order: Sequence[str] | None = None) -> str:
     """The summary as a markdown table, one row per intervention."""
     rows = summary["interventions"]
     order = [k for k in (order or DESCRIPTIONS) if k in rows] + [k for k in rows if k not in (order or DESCRIPTIONS)]
-    lines = ["| intervention | prompts | mean PD | std | quartiles | cut of mean PD | mean P(digits) |",
+    lines = ["| intervention | prompts | mean PD | std | quartiles | cut of mean PD | mean P(task tokens) |",
              "|---|---|---|---|---|---|---|"]
     for k in order:
         r = rows[k]
