@@ -12,13 +12,14 @@ import statistics
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import N_LAYERS, assert_one_line_error, build_tiny_model, build_tiny_tokenizer, save_random_transcoders
+from conftest import N_LAYERS, assert_one_line_error, build_tiny_model
+from test_cli_circuits import files  # noqa: F401  (the tiny Llama + random transcoders fixture)
+from test_faithfulness import make_coders as faithfulness_coders
 
 from transcoders.circuits.case_report import summarize
 from transcoders.circuits.case_study import CaseStudyError, FreePD, Variant, global_variant, greedy_select, study_prompt
 from transcoders.cli import main
 from transcoders.coders.coder import SparseCoder
-from transcoders.coders.config import CoderConfig
 from transcoders.models import adapter_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -29,17 +30,12 @@ CF = torch.tensor([3, 4, 5, 60, 61, 8, 70, 71, 72, 73])
 PLUS, MINUS = [5, 9], [7, 11, 13]
 
 
-def make_coders(n_layers: int, seed: int = 0) -> dict[int, SparseCoder]:
-    torch.manual_seed(seed)
-    coders = {}
-    for layer in range(n_layers):
-        cfg = CoderConfig(kind="transcoder", activation="topk", d_in=D, d_out=D, d_sae=64, k=4, layer=layer)
-        c = SparseCoder(cfg, dtype=torch.float64)
-        with torch.no_grad():
-            c.b_enc.normal_(0, 0.1)
-            c.b_dec.normal_(0, 0.1)
-            c.W_dec.mul_(3.0)  # features that matter, so ablations move PD
-        coders[layer] = c.requires_grad_(False)
+def make_coders(n_layers: int) -> dict[int, SparseCoder]:
+    """``test_faithfulness``'s random float64 coders with decoders scaled 3x: features that
+    matter, so ablations move PD."""
+    coders = faithfulness_coders(n_layers)
+    for c in coders.values():
+        c.W_dec.data.mul_(3.0)
     return coders
 
 
@@ -256,20 +252,9 @@ def test_summarize_by_hand():
 
 # ------------------------------------------------------------- the command
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("study")
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(num_hidden_layers=N_LAYERS, hidden_size=D, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=48, vocab_size=len(tok), max_position_embeddings=64,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    model_dir = root / "tiny-llama"
-    LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    run = save_random_transcoders(root / "run", str(model_dir))
-    task = root / "task.jsonl"
+def study_files(files, tmp_path_factory):  # noqa: F811
+    """The tiny Llama and random transcoders of ``test_cli_circuits`` with a three-item task."""
+    task = tmp_path_factory.mktemp("study") / "task.jsonl"
     task.write_text("\n".join(json.dumps(x) for x in [
         {"prompt": "Fellow citizens of the Senate", "counterfactual": "Fellow citizens of the House",
          "target": "group:+#5,#9;-#7"},
@@ -277,7 +262,7 @@ def files(tmp_path_factory):
         {"prompt": "Fellow citizens of the House", "counterfactual": "Fellow citizens of the Senate",
          "target": "group:+#5;-#7,#11"},
     ]) + "\n")
-    return {"model": model_dir, "run": run, "task": task}
+    return {"model": files["model"], "run": files["run"], "task": task}
 
 
 @pytest.fixture(autouse=True)
@@ -285,15 +270,15 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSCODERS_CACHE", str(tmp_path / "cache"))
 
 
-def study(files, out, *extra):
-    return CliRunner().invoke(main, [str(a) for a in ("task", "study", files["run"], files["task"], "--model",
-                                                      files["model"], "--out", out, "--n-features", "2",
+def study(sf, out, *extra):
+    return CliRunner().invoke(main, [str(a) for a in ("task", "study", sf["run"], sf["task"], "--model",
+                                                      sf["model"], "--out", out, "--n-features", "2",
                                                       "--n-candidates", "16", "--seeds", "2", *extra)])
 
 
-def test_cli_writes_the_study_and_refuses_to_replace_it(files, tmp_path):
+def test_cli_writes_the_study_and_refuses_to_replace_it(study_files, tmp_path):
     out = tmp_path / "study"
-    result = study(files, out, "--select", "1")
+    result = study(study_files, out, "--select", "1")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "study.json").read_text())
     assert len(report["studies"]) == 3 and report["n_select"] == 1
@@ -308,29 +293,29 @@ def test_cli_writes_the_study_and_refuses_to_replace_it(files, tmp_path):
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cut it by" in result.output
 
-    again = study(files, out)
+    again = study(study_files, out)
     assert_one_line_error(again, str(out / "study.json"), "--force")
-    forced = study(files, out, "--force", "--limit", "2", "--objective", "counterfactual")
+    forced = study(study_files, out, "--force", "--limit", "2", "--objective", "counterfactual")
     assert forced.exit_code == 0, forced.output
     assert json.loads((out / "study.json").read_text())["objective"] == "counterfactual"
 
 
-def test_cli_names_a_counterfactual_of_another_length_before_any_study(files, tmp_path):
+def test_cli_names_a_counterfactual_of_another_length_before_any_study(study_files, tmp_path):
     task = tmp_path / "uneven.jsonl"
-    lines = [files["task"].read_text().splitlines()[0],
+    lines = [study_files["task"].read_text().splitlines()[0],
              json.dumps({"prompt": "the state of the union is", "counterfactual": "the state of the nation is",
                          "target": "diff:#5,#7"})]
     task.write_text("\n".join(lines) + "\n")
-    result = CliRunner().invoke(main, ["task", "study", str(files["run"]), str(task), "--model", str(files["model"]),
+    result = CliRunner().invoke(main, ["task", "study", str(study_files["run"]), str(task), "--model", str(study_files["model"]),
                                        "--out", str(tmp_path / "o")])
     assert_one_line_error(result, "task item 1", "same length")
     assert "1/2" not in result.output  # refused before the first prompt was studied
 
 
-def test_cli_refuses_a_task_without_counterfactuals(files, tmp_path):
+def test_cli_refuses_a_task_without_counterfactuals(study_files, tmp_path):
     task = tmp_path / "bare.jsonl"
     task.write_text('{"prompt": "the state of the union", "target": "diff:#5,#7"}\n' * 2)
-    result = CliRunner().invoke(main, ["task", "study", str(files["run"]), str(task), "--model", str(files["model"]),
+    result = CliRunner().invoke(main, ["task", "study", str(study_files["run"]), str(task), "--model", str(study_files["model"]),
                                        "--out", str(tmp_path / "o")])
     assert_one_line_error(result, "counterfactual")
     assert not (tmp_path / "o" / "study.json").exists()

@@ -18,6 +18,21 @@ from .cli_common import user_errors
 from .files import check_writable
 
 
+def load_items(task_file: Path, limit: int | None, *, at_least: int = 1, why: str = "") -> list:
+    """The first ``limit`` items (all when None) of a task file.
+
+    Raises:
+        TaskFileError: the file is malformed (the message names the line).
+        ValueError: ``limit`` is below ``at_least``.
+    """
+    from .circuits.tasks import load_task
+
+    if limit is not None and limit < at_least:
+        raise ValueError(f"--limit must be at least {at_least}{why} (got {limit})")
+    items = load_task(task_file)
+    return items if limit is None else items[:limit]
+
+
 @click.group()
 def task():
     """Run a whole task (JSON lines of prompt, target, counterfactual) in one command."""
@@ -67,13 +82,9 @@ def trace(run_dir, task_file, model, limit, out_dir, max_feature_nodes, batch_si
     summed probability of the target's + tokens minus that of its - tokens)."""
     from .circuit_cli import load_model_and_coders, rows_bar, target_prob_diffs, trace_prompt
     from .circuits.export import save_graph
-    from .circuits.tasks import item_targets, load_task, task_name
+    from .circuits.tasks import item_targets, task_name
 
-    items = load_task(task_file)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be at least 1 (got {limit})")
-        items = items[:limit]
+    items = load_items(task_file, limit)
     name = task_name(task_file)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "graphs"
     suffix = ".json" if fmt == "json" else ".safetensors"
@@ -136,17 +147,13 @@ def verify(run_dir, task_file, model, graph_dir, top_edges, top_nodes, mean_toke
     from .circuit_cli import graph_means, load_model_and_coders, verify_graph
     from .circuits.export import load_graph
     from .circuits.session import check_graph_matches
-    from .circuits.tasks import load_task, task_name
+    from .circuits.tasks import task_name
     from .files import atomic_write_json, refuse_to_replace
 
     if out is not None:
         refuse_to_replace(out, force)
         check_writable(Path(out).parent)
-    items = load_task(task_file)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be at least 1 (got {limit})")
-        items = items[:limit]
+    items = load_items(task_file, limit)
     name = task_name(task_file)
     graph_dir = Path(graph_dir) if graph_dir is not None else Path(run_dir) / "graphs"
     paths = [next((p for p in (graph_dir / f"{name}-{i}.json", graph_dir / f"{name}-{i}.safetensors") if p.exists()),
@@ -234,16 +241,12 @@ def run_study(run_dir: Path, task_file: Path, *, model: str, out_dir: Path, limi
     from .circuits.case_report import plot
     from .circuits.case_run import run_case_study
     from .circuits.session import prompt_bos_policy
-    from .circuits.tasks import item_targets, load_task, task_name
+    from .circuits.tasks import item_targets, task_name
     from .files import atomic_write_json, atomic_write_text, refuse_to_replace
 
     if n_features < 1 or n_candidates < 1 or seeds < 0:
         raise ValueError("--n-features and --n-candidates must be at least 1, --seeds at least 0")
-    items = load_task(task_file)
-    if limit is not None:
-        if limit < 2:
-            raise ValueError(f"--limit must be at least 2 (one prompt to choose, one to check; got {limit})")
-        items = items[:limit]
+    items = load_items(task_file, limit, at_least=2, why=" (one prompt to choose, one to check)")
     paths = {k: Path(out_dir) / f"study.{k}" for k in ("json", "md", "png")}
     for p in paths.values():
         refuse_to_replace(p, force)
