@@ -235,3 +235,19 @@ def assert_injections_match_edges(rep, graph, nodes, rel: float = 1e-4) -> None:
         for i, t in enumerate(graph.target_nodes.tolist()):
             edge = float(graph.edge_weight[(graph.edge_dst == t) & (graph.edge_src == node)].sum())
             assert abs(float(base[i] - after[i]) - edge) <= rel * max(abs(edge), 1e-3) + 1e-10, (node, i)
+
+
+def tiny_llama_run(root) -> tuple:
+    """``(model_dir, run)``: a tiny Llama saved in ``root/model`` and a run folder ``root/run`` with a
+    random transcoder per layer and a train config pointing at ``write_texts(root)``'s text, as
+    ``transcoders features`` and the viewer need."""
+    from test_cli import _save_llama
+
+    from transcoders.training.config import TrainConfig
+
+    model_dir = _save_llama(root / "model", build_tiny_tokenizer())
+    train, _ = write_texts(root)
+    run = save_random_transcoders(root / "run", str(model_dir))
+    (run / "train_config.json").write_text(TrainConfig(model=str(model_dir), data=str(train), ctx_len=16,
+                                                       skip_first_tokens=1).model_dump_json())
+    return model_dir, run

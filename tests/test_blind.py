@@ -10,15 +10,13 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import assert_one_line_error, build_tiny_tokenizer, save_random_transcoders, write_texts
-from test_cli import _save_llama
+from conftest import assert_one_line_error, tiny_llama_run
 
 from transcoders.cli import main
 from transcoders.features.blind import BlindError, pick, verdict
 from transcoders.features.interpret import scoring_set
 from transcoders.features.labels import token_key
 from transcoders.features.store import FeatureStore
-from transcoders.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -35,11 +33,7 @@ def setup(tmp_path_factory, single_thread):
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("blind")
     mp.setenv("TRANSCODERS_CACHE", str(root / "cache"))
-    model_dir = _save_llama(root / "model", build_tiny_tokenizer())
-    train, _ = write_texts(root)
-    run = save_random_transcoders(root / "run", str(model_dir))
-    (run / "train_config.json").write_text(TrainConfig(model=str(model_dir), data=str(train), ctx_len=16,
-                                                       skip_first_tokens=1).model_dump_json())
+    model_dir, run = tiny_llama_run(root)
     result = invoke("features", run, *FEATURE_ARGS)
     assert result.exit_code == 0, result.output
     yield {"run": run, "store": FeatureStore(run / "features")}

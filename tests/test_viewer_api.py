@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_one_line_error, build_tiny_tokenizer, save_random_transcoders, write_texts
+from conftest import assert_one_line_error, tiny_llama_run
 from starlette.testclient import TestClient
-from test_cli import _save_llama
 
 from transcoders.circuits.export import load_graph
 from transcoders.circuits.graph import BIAS, EMBEDDING, FEATURE, KINDS, TARGET
@@ -32,7 +31,6 @@ from transcoders.cli import main
 from transcoders.coders.run_folder import CoderKey
 from transcoders.features.store import LABELS, FeatureStore, layer_folder
 from transcoders.files import slugify
-from transcoders.training.config import TrainConfig
 from transcoders.viewer.app import create_app
 from transcoders.viewer.html import feature_path, graph_path
 
@@ -60,11 +58,7 @@ def setup(tmp_path_factory, single_thread):
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("viewer")
     mp.setenv("TRANSCODERS_CACHE", str(root / "cache"))
-    model_dir = _save_llama(root / "model", build_tiny_tokenizer())
-    train, _ = write_texts(root)
-    run = save_random_transcoders(root / "run", str(model_dir))
-    (run / "train_config.json").write_text(TrainConfig(model=str(model_dir), data=str(train), ctx_len=16,
-                                                       skip_first_tokens=1).model_dump_json())
+    model_dir, run = tiny_llama_run(root)
     result = invoke("trace", run, "--model", model_dir, "--prompt", PROMPT, "--max-feature-nodes", "40")
     assert result.exit_code == 0, result.output
     graph_file = run / "graphs" / f"{slugify(PROMPT)}.json"
