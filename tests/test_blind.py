@@ -55,14 +55,14 @@ def test_pick_draws_distinct_features_that_fire_often_enough(setup):
 def test_draw_shows_no_activation_text_and_reveal_scores_by_hand(setup, tmp_path):
     run, store = setup["run"], setup["store"]
     out = tmp_path / "blind"
-    result = invoke("blind", run, "--out", out, "--n", 3, "--seed", 1)
+    result = invoke("blind", run, "--out", out, "--n", 3, "--seed", 1, "--min-count", 10)
     assert result.exit_code == 0, result.output
     drawn = json.loads((out / "blind.json").read_text())
     evidence = (out / "evidence.md").read_text()
     for e in drawn["features"]:
         rec = store.feature(e["layer"], e["feature"])
         assert e["deembedding"]["top"] == [t for t, s in rec.deembedding if s > 0][:8]
-        assert rec.count >= 20
+        assert rec.count >= 10
         for ex in rec.top + rec.samples:  # no window the feature fires on appears in the evidence
             assert "".join(ex.tokens) not in evidence
         assert rec.label is None or rec.label not in json.dumps(drawn)
@@ -83,15 +83,21 @@ def test_draw_shows_no_activation_text_and_reveal_scores_by_hand(setup, tmp_path
     result = invoke("blind", run, "--out", out, "--reveal")
     assert result.exit_code == 0, result.output
     revealed = json.loads((out / "revealed.json").read_text())
+    checked = 0
     for h, r in zip(template, revealed["results"]):
         rec = store.feature(h["layer"], h["feature"])
         s = scoring_set(store, rec, seed=drawn["seed"])
         want = token_key(h["tokens"][0])
         hit = lambda ex, want=want: any(token_key(t) == want for t in ex.tokens)
+        if not s.activating or not s.non_activating:  # a class is empty: the score is undefined
+            assert r["scores"]["detection"] is None and r["verdict"] == "failure"
+            continue
         tpr = sum(map(hit, s.activating)) / len(s.activating)
         tnr = sum(not hit(ex) for ex in s.non_activating) / len(s.non_activating)
         assert r["scores"]["detection"] == pytest.approx((tpr + tnr) / 2)
+        checked += 1
         assert r["verdict"] == verdict(r["scores"]["detection"])
+    assert checked >= 2  # most drawn features have both classes of windows
     t = revealed["tally"]
     assert sum(t.values()) == 3 and f"{t['success']} successes" in result.output
     assert "top examples" in (out / "reveal.md").read_text()

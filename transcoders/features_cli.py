@@ -232,22 +232,25 @@ def export_features(run_dir, out_dir, layers, feature_list, scan, store_dir, for
 @click.option("--n", "n", default=10, show_default=True, help="random live features")
 @click.option("--seed", default=0, show_default=True, help="seed of the draw and of the scoring examples")
 @click.option("--layers", default=None, help="comma-separated layers to draw from [default: all in the store]")
+@click.option("--min-count", default=20, show_default=True,
+              help="draw only features that fire on at least this many tokens of the store (so they can be scored)")
 @click.option("--store", "store_dir", type=click.Path(path_type=Path), default=None,
               help="feature store [default: RUN_DIR/features]")
 @click.option("--reveal", is_flag=True, help="score the hypotheses written in OUT/hypotheses.jsonl and show the examples")
 @click.option("--force", is_flag=True, help="replace an earlier draw's files in --out")
 @user_errors
-def blind(run_dir, out_dir, n, seed, layers, store_dir, reveal, force):
+def blind(run_dir, out_dir, n, seed, layers, min_count, store_dir, reveal, force):
     """Blind case study (Dunefsky et al. 2024, Sec. 4.4): draw --n random live features and write
     only their input-invariant evidence (de-embeddings, pullbacks, OV heads, logit effects) to
     OUT/evidence.md with a hypotheses.jsonl to fill in; then, with --reveal, score each written
     hypothesis (detection and fuzzing by the rule judge), show the features' top examples and
     tally successes, partial successes and failures."""
-    run_blind(run_dir, out_dir, n=n, seed=seed, layers=layers, store_dir=store_dir, reveal=reveal, force=force)
+    run_blind(run_dir, out_dir, n=n, seed=seed, layers=layers, min_count=min_count, store_dir=store_dir,
+              reveal=reveal, force=force)
 
 
 def run_blind(run_dir: Path, out_dir: Path, *, n: int = 10, seed: int = 0, layers: str | None = None,
-              store_dir: Path | None = None, reveal: bool = False, force: bool = False) -> dict:
+              min_count: int = 20, store_dir: Path | None = None, reveal: bool = False, force: bool = False) -> dict:
     """``transcoders blind`` as a function; returns what it wrote (``blind.json``'s content, with
     ``results`` and ``tally`` after --reveal).
 
@@ -304,7 +307,8 @@ def run_blind(run_dir: Path, out_dir: Path, *, n: int = 10, seed: int = 0, layer
     for p in (drawn_path, hyp_path, out_dir / "evidence.md"):
         refuse_to_replace(p, force, hint=" (it may hold your hypotheses)")
     check_writable(out_dir)
-    chosen = pick(store, n, seed, layers=None if layers is None else [int(x) for x in layers.split(",") if x.strip()])
+    chosen = pick(store, n, seed, layers=None if layers is None else [int(x) for x in layers.split(",") if x.strip()],
+                  min_count=min_count)
     items = [evidence(store, layer, feat) for layer, feat in chosen]
     drawn = {"run_dir": str(run_dir), "store": str(store.folder), "seed": seed, "features": items}
     atomic_write_json(drawn_path, drawn)

@@ -32,7 +32,6 @@ from .store import ACTS, FeatureStore
 
 SUCCESS = 0.75
 PARTIAL = 0.6
-MIN_COUNT = 20  # activating tokens a drawn feature needs in the store
 
 
 class BlindError(ValueError):
@@ -40,7 +39,7 @@ class BlindError(ValueError):
 
 
 def pick(store: FeatureStore, n: int, seed: int, *, layers: Sequence[int] | None = None,
-         min_count: int = MIN_COUNT) -> list[tuple[int, int]]:
+         min_count: int = 20) -> list[tuple[int, int]]:
     """``n`` random live ``(layer, feature)`` pairs: a layer uniformly among ``layers`` (default:
     every non-sweep coder of the store), then a feature uniformly among that layer's live ones
     (at least ``min_count`` activating tokens in the store, so that held-out activating windows
