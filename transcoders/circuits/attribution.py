@@ -23,7 +23,6 @@ features that matter.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,7 +214,10 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
     """Influence of every column on the weighted targets through the rows computed so far,
     on the row-normalised absolute adjacency (circuit-tracer's measure).
 
-    ``rows``: column -> sparse row ``(indices, values)``.
+    ``rows``: column -> sparse row ``(indices, values)``. The adjacency is never formed: each
+    step scatters the normalised entries times the current influence of their row with
+    ``index_add_`` (about 20 bytes per stored entry, against several times that for a
+    coalesced sparse matrix), which is what bounds memory on long prompts.
     """
     t = target_rows.abs().double()
     total = torch.zeros(index.n_cols, dtype=torch.float64)
@@ -223,18 +225,14 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
     if not rows:
         return cur
     cols = torch.tensor(sorted(rows), dtype=torch.long)
-    r_idx = torch.cat([torch.full((rows[int(c)][0].numel(),), i, dtype=torch.long) for i, c in enumerate(cols)])
-    c_idx = torch.cat([rows[int(c)][0] for c in cols])
-    vals = torch.cat([rows[int(c)][1] for c in cols]).abs().double()
-    sums = torch.zeros(len(cols), dtype=torch.float64).index_add_(0, r_idx, vals)
-    vals = vals / sums[r_idx].clamp_min(1e-30)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
-        mat = torch.sparse_coo_tensor(torch.stack([c_idx, r_idx]), vals, (index.n_cols, len(cols)),
-                                      check_invariants=False).coalesce().to_sparse_csr()
+    parts = [rows[int(c)] for c in cols]
+    counts = torch.tensor([idx.numel() for idx, _ in parts], dtype=torch.long)
+    c_idx = torch.cat([idx for idx, _ in parts])
+    vals = torch.cat([v.abs().double() / v.abs().double().sum().clamp_min(1e-30) for _, v in parts])
+    r_idx = torch.repeat_interleave(torch.arange(len(cols), dtype=torch.int32), counts)
     for _ in range(n_layers + 2):
         total += cur
-        cur = (mat @ cur[cols][:, None]).flatten()
+        cur = torch.zeros(index.n_cols, dtype=torch.float64).index_add_(0, c_idx, vals * cur[cols][r_idx])
         if float(cur.sum()) < 1e-12:
             break
     return total
@@ -281,7 +279,7 @@ def attribute(
     j_of = torch.cat([torch.arange(len(fl.features)) for fl in rep.layers]).long()
     budget = index.n_features if max_feature_nodes is None else min(max_feature_nodes, index.n_features)
     feat_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # column -> sparse row (indices, values)
-    reads_meta: dict[int, Read] = {}
+    reads_meta: dict[int, tuple[float, float]] = {}  # column -> (value, const) of its row
     round_size = max(batch_size, 4 * batch_size if budget < index.n_features else index.n_features)
     while len(feat_rows) < budget:
         if budget == index.n_features:
@@ -300,8 +298,10 @@ def attribute(
             rows = attribution_rows(rep, reads, index)
             for c, r, row in zip(chunk, reads, rows):
                 nz = row.nonzero().flatten()
-                feat_rows[index.feature0 + c] = (nz, row[nz])
-                reads_meta[index.feature0 + c] = r
+                # int32 column indices and no injected gradient kept: memory per row is 8 bytes per
+                # nonzero (rows are dense in earlier sources, so this dominates long prompts)
+                feat_rows[index.feature0 + c] = (nz.to(torch.int32), row[nz])
+                reads_meta[index.feature0 + c] = (r.value, r.const)
             if progress is not None:
                 progress(len(feat_rows), budget)
     t_rows = time.perf_counter()
@@ -360,14 +360,15 @@ def _assemble(rep, targets, t_reads, target_rows, feat_rows, reads_meta, index, 
     row_items = []
     for i in range(n_t):
         nz = target_rows[i].nonzero().flatten()
-        row_items.append((n_src + i, nz, target_rows[i][nz], t_reads[i]))
+        row_items.append((n_src + i, nz, target_rows[i][nz], (t_reads[i].value, t_reads[i].const)))
     row_items += [(int(col_to_node[c]), *feat_rows[c], reads_meta[c]) for c in feat_cols]
-    for node, nz, vals, read in row_items:
+    for node, nz, vals, (row_value, row_const) in row_items:
+        nz = nz.long()
         inside = keep[nz]
         srcs.append(col_to_node[nz[inside]])
         dsts.append(torch.full((int(inside.sum()),), node, dtype=torch.long))
         ws.append(vals[inside])
-        value[node], const[node] = read.value, read.const
+        value[node], const[node] = row_value, row_const
         dropped[node] = float(vals[~inside].double().sum())
     return Graph(
         tokens=[int(x) for x in rep.tokens], token_strs=_token_strs(rep), n_layers=L,
