@@ -344,3 +344,34 @@ def test_constant_positions_fold_features_into_bias_nodes_and_stay_exact():
     after = rep.forward({1: -v}, {1: -a}).logits[-1, 5]
     edge = graph.edge_weight[(graph.edge_dst == graph.target_nodes[0]) & (graph.edge_src == node)].sum()
     assert float(base - after) == pytest.approx(float(edge), rel=1e-8, abs=1e-12)
+
+
+def test_influence_ranking_is_the_dense_power_series():
+    """``_influence`` (sparse, scattered) against the same measure with a dense matrix: targets'
+    row-normalised |weights|, then each stored row's, summed over paths of every length."""
+    from types import SimpleNamespace
+
+    from transcoders.circuits.attribution import _influence
+
+    torch.manual_seed(0)
+    n_cols, n_layers = 12, 3
+    target_rows = torch.randn(2, n_cols) * (torch.rand(2, n_cols) > 0.3)
+    weights = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    rows = {}
+    for c in (5, 7, 9, 11):  # feature columns with computed rows; they read only lower columns
+        v = torch.randn(c) * (torch.rand(c) > 0.4)
+        nz = v.nonzero().flatten()
+        rows[c] = (nz.to(torch.int32), v[nz])
+    got = _influence(rows, target_rows, weights, SimpleNamespace(n_cols=n_cols), n_layers)
+
+    A = torch.zeros(n_cols, n_cols, dtype=torch.float64)  # A[r, c]: share of row r's |input| from c
+    for c, (nz, v) in rows.items():
+        A[c, nz.long()] = v.abs().double() / v.abs().double().sum()
+    t = target_rows.abs().double()
+    cur = weights @ (t / t.sum(-1, keepdim=True))
+    want = torch.zeros(n_cols, dtype=torch.float64)
+    for _ in range(n_layers + 2):
+        want += cur
+        cur = cur @ A
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    assert float(got[5]) > 0 and float(got[0]) > 0  # influence reaches through the rows
