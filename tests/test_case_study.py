@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import N_LAYERS, assert_one_line_error, build_tiny_model
+from test_circuits_interventions import make_coders as interventions_coders
 from test_cli_circuits import files  # noqa: F401  (the tiny Llama + random transcoders fixture)
-from test_faithfulness import make_coders as faithfulness_coders
 
 from transcoders.circuits.case_report import summarize
 from transcoders.circuits.case_study import CaseStudyError, FreePD, Variant, global_variant, greedy_select, study_prompt
@@ -31,9 +31,9 @@ PLUS, MINUS = [5, 9], [7, 11, 13]
 
 
 def make_coders(n_layers: int) -> dict[int, SparseCoder]:
-    """``test_faithfulness``'s random float64 coders with decoders scaled 3x: features that
-    matter, so ablations move PD."""
-    coders = faithfulness_coders(n_layers)
+    """``test_circuits_interventions``' random float64 top-k coders with decoders scaled 3x:
+    features that matter, so ablations move PD."""
+    coders = interventions_coders(n_layers)
     for c in coders.values():
         c.W_dec.data.mul_(3.0)
     return coders

@@ -24,7 +24,9 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import N_LAYERS, assert_one_line_error, build_tiny_model, build_tiny_tokenizer, save_random_transcoders
+from conftest import N_LAYERS, assert_one_line_error, build_tiny_model
+from test_circuits_interventions import make_coders
+from test_cli_circuits import files  # noqa: F401  (the tiny Llama + random transcoders fixture)
 
 from transcoders.circuits import LocalReplacement, Target, attribute, node_influence
 from transcoders.circuits.eap import (
@@ -51,8 +53,6 @@ from transcoders.circuits.faithfulness import (
 from transcoders.circuits.interventions import ReplacementRunner
 from transcoders.circuits.neurons import NeuronRunner, neuron_circuit_values, neuron_scores
 from transcoders.cli import main
-from transcoders.coders.coder import SparseCoder
-from transcoders.coders.config import CoderConfig
 from transcoders.models import adapter_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -65,19 +65,6 @@ TARGETS = [Target("logit_diff", -1, token=5, token_b=7, label="diff")]
 
 def metric(logits: torch.Tensor) -> float:
     return float(logits[-1, 5].double() - logits[-1, 7].double())
-
-
-def make_coders(n_layers: int, seed: int = 0) -> dict[int, SparseCoder]:
-    torch.manual_seed(seed)
-    coders = {}
-    for layer in range(n_layers):
-        cfg = CoderConfig(kind="transcoder", activation="topk", d_in=D, d_out=D, d_sae=64, k=4, layer=layer)
-        c = SparseCoder(cfg, dtype=torch.float64)
-        with torch.no_grad():
-            c.b_enc.normal_(0, 0.1)
-            c.b_dec.normal_(0, 0.1)
-        coders[layer] = c.requires_grad_(False)
-    return coders
 
 
 # ------------------------------------------------------------- the model, read directly
@@ -472,25 +459,15 @@ def test_benchmark_prompt_runs_every_method_and_aggregates(llama_setup):
 
 # ------------------------------------------------------------- the CLI
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def bench_files(files, tmp_path_factory):  # noqa: F811
+    """The tiny Llama and random transcoders of ``test_cli_circuits`` with a two-item task."""
     root = tmp_path_factory.mktemp("faithfulness")
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(num_hidden_layers=N_LAYERS, hidden_size=D, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=48, vocab_size=len(tok), max_position_embeddings=64,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    model_dir = root / "tiny-llama"
-    LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    run = save_random_transcoders(root / "run", str(model_dir))
     task = root / "task.jsonl"
     task.write_text("\n".join(json.dumps(x) for x in [
         {"prompt": "Fellow citizens of the Senate", "counterfactual": "Fellow citizens of the House", "target": "diff:#5,#7"},
         {"prompt": "The quick brown fox jumps", "counterfactual": "The quick brown dog jumps", "target": "diff:#9,#11"},
     ]) + "\n")
-    return {"model": model_dir, "run": run, "task": task, "root": root}
+    return {"model": files["model"], "run": files["run"], "task": task, "root": root}
 
 
 @pytest.fixture(autouse=True)
@@ -498,15 +475,15 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSCODERS_CACHE", str(tmp_path / "cache"))
 
 
-def bench(files, *extra):
-    return CliRunner().invoke(main, [str(a) for a in ("benchmark-faithfulness", files["task"], "--run", files["run"],
-                                                      "--model", files["model"], "--fractions", "0.1,0.5,1",
+def bench(bf, *extra):
+    return CliRunner().invoke(main, [str(a) for a in ("benchmark-faithfulness", bf["task"], "--run", bf["run"],
+                                                      "--model", bf["model"], "--fractions", "0.1,0.5,1",
                                                       "--ig-steps", "2", "--mean-tokens", "0", "--quiet", *extra)])
 
 
-def test_cli_writes_report_and_plot_and_refuses_to_replace_them(files, tmp_path):
+def test_cli_writes_report_and_plot_and_refuses_to_replace_them(bench_files, tmp_path):
     out, plot = tmp_path / "report.json", tmp_path / "curve.png"
-    result = bench(files, "--out", out, "--plot", plot)
+    result = bench(bench_files, "--out", out, "--plot", plot)
     assert result.exit_code == 0, result.output
     text = result.stdout
     for needle in ("features", "eap-ig", "neurons", "counterfactual", "mean", "CPR", "CMD", "10%", "100%"):
@@ -519,22 +496,22 @@ def test_cli_writes_report_and_plot_and_refuses_to_replace_them(files, tmp_path)
     assert rows[("eap-ig", "mean", "signed")]["F"][-1] == pytest.approx(1.0, abs=1e-5)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    again = bench(files, "--out", out, "--plot", tmp_path / "other.png")
+    again = bench(bench_files, "--out", out, "--plot", tmp_path / "other.png")
     assert_one_line_error(again, str(out), "--force")
     assert not (tmp_path / "other.png").exists()
-    forced = bench(files, "--out", out, "--plot", plot, "--force", "--limit", "1", "--methods", "features",
+    forced = bench(bench_files, "--out", out, "--plot", plot, "--force", "--limit", "1", "--methods", "features",
                    "--ablations", "mean")
     assert forced.exit_code == 0, forced.output
     assert len(json.loads(out.read_text())["items"]) == 1
 
 
-def test_cli_names_a_counterfactual_of_another_length(files, tmp_path):
+def test_cli_names_a_counterfactual_of_another_length(bench_files, tmp_path):
     task = tmp_path / "bad.jsonl"
     task.write_text(json.dumps({"prompt": "the state of the union is", "counterfactual": "the state of the senate is",
                                 "target": "diff:#5,#7"}) + "\n")
-    result = CliRunner().invoke(main, ["benchmark-faithfulness", str(task), "--run", str(files["run"]), "--model",
-                                       str(files["model"])])
+    result = CliRunner().invoke(main, ["benchmark-faithfulness", str(task), "--run", str(bench_files["run"]), "--model",
+                                       str(bench_files["model"])])
     assert_one_line_error(result, f"{task}:1", "same length")
     task.write_text('{"prompt": "x"}\n')
-    result = CliRunner().invoke(main, ["benchmark-faithfulness", str(task), "--run", str(files["run"])])
+    result = CliRunner().invoke(main, ["benchmark-faithfulness", str(task), "--run", str(bench_files["run"])])
     assert_one_line_error(result, f"{task}:1", "target")

@@ -107,8 +107,8 @@ def run_case_study(loaded, coders: dict, items: Sequence, targets: Sequence, *, 
             global_feats = [(layer, feat) for layer, feat, _, _ in feature_frequency(studies, n_features)]
         if i >= n_select:
             v = global_variant(fp, global_feats, mode=objective)
-            st["pd"]["global"] = float(fp.pd([v])[0])
-            st["digit_mass"]["global"] = float(fp.digit_mass([v])[0])
+            pd, mass = fp.measure([v])
+            st["pd"]["global"], st["digit_mass"]["global"] = float(pd[0]), float(mass[0])
             st["global_nodes"] = len(v.nodes)
         studies.append(st)
         if progress is not None:

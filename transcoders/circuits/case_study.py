@@ -244,17 +244,21 @@ class FreePD:
     @torch.no_grad()
     def pd(self, variants: Sequence[Variant], *, batch_size: int = 32) -> torch.Tensor:
         """``[B]`` PD (float64) under each variant."""
-        out = [prob_diff(self._forward(variants[i : i + batch_size]), self.plus, self.minus)
-               for i in range(0, len(variants), batch_size)]
-        return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float64)
+        return self.measure(variants, batch_size=batch_size)[0]
 
     @torch.no_grad()
-    def digit_mass(self, variants: Sequence[Variant], *, batch_size: int = 32) -> torch.Tensor:
-        """``[B]`` summed probability of the PD's tokens (``plus`` and ``minus``) under each variant:
-        a PD cut that only lowers this mass moved probability away from the task, not between sides."""
-        out = [prob_diff(self._forward(variants[i : i + batch_size]), self.plus + self.minus)
-               for i in range(0, len(variants), batch_size)]
-        return torch.cat(out).cpu()
+    def measure(self, variants: Sequence[Variant], *, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B] PD, [B] task mass)`` under each variant from one forward pass each; the mass is
+        the summed probability of the PD's tokens (``plus`` and ``minus``): a PD cut that only
+        lowers it moved probability away from the task, not between sides."""
+        pds, masses = [], []
+        for i in range(0, len(variants), batch_size):
+            logits = self._forward(variants[i : i + batch_size])
+            pds.append(prob_diff(logits, self.plus, self.minus))
+            masses.append(prob_diff(logits, self.plus + self.minus))
+        if not pds:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return torch.cat(pds).cpu(), torch.cat(masses).cpu()
 
     def first_order(self, variant: Variant | None = None, mode: str = "ablate") -> tuple[float, dict[int, torch.Tensor]]:
         """Attribution patching at ``variant``'s state: ``(PD, {layer: [T, d_sae]})`` with the
@@ -375,8 +379,7 @@ def study_prompt(fp: FreePD, *, n: int = 10, n_candidates: int = 32, seeds: Sequ
         variants["top_heads_counterfactual"] = Variant(heads=top_heads)
         variants["all_heads_counterfactual"] = Variant(heads=list(heads))
     names = list(variants)
-    pds = fp.pd([variants[k] for k in names], batch_size=batch_size)
-    mass = fp.digit_mass([variants[k] for k in names], batch_size=batch_size)
+    pds, mass = fp.measure([variants[k] for k in names], batch_size=batch_size)
     pd = dict(zip(names, pds.tolist()))
     if fp.cf_tokens is not None:
         pd["counterfactual_prompt"] = fp.counterfactual_pd()

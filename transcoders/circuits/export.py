@@ -292,17 +292,12 @@ def load_graph(path: str | os.PathLike) -> Graph:
         GraphFileError: the file is missing, not a graph file, of another schema version, or its
             arrays are inconsistent; the message names the problem and the fix.
     """
+    from .compact import is_compact, load_compact
+
     path = FilePath(path)
     try:
-        from .compact import is_compact, load_compact
-
         if is_compact(path):
             return load_compact(path)
-    except FileNotFoundError:
-        raise GraphFileError(f"no graph file at {path}; check the path, or write one with save_graph()") from None
-    except IsADirectoryError:
-        raise GraphFileError(f"{path} is a folder, not a graph file") from None
-    try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise GraphFileError(f"no graph file at {path}; check the path, or write one with save_graph()") from None
