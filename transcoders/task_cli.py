@@ -18,6 +18,13 @@ from .cli_common import user_errors
 from .files import check_writable
 
 
+def run_task_args(fn):
+    """The arguments every task command over a run shares: RUN_DIR, TASK_FILE and --model."""
+    fn = MODEL_OPT(fn)
+    fn = click.argument("task_file", type=click.Path(path_type=Path))(fn)
+    return click.argument("run_dir", type=click.Path(path_type=Path))(fn)
+
+
 def load_items(task_file: Path, limit: int | None, *, at_least: int = 1, why: str = "") -> list:
     """The first ``limit`` items (all when None) of a task file.
 
@@ -59,9 +66,7 @@ def make(kind, n, seed, out, force):
 
 
 @task.command("trace")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.argument("task_file", type=click.Path(path_type=Path))
-@MODEL_OPT
+@run_task_args
 @click.option("--limit", type=int, default=None, help="only the first N prompts")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=None,
               help="where the graphs go, as <task>-<i>.json [default: RUN_DIR/graphs]")
@@ -126,9 +131,7 @@ def trace(run_dir, task_file, model, limit, out_dir, max_feature_nodes, batch_si
 
 
 @task.command("verify")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.argument("task_file", type=click.Path(path_type=Path))
-@MODEL_OPT
+@run_task_args
 @click.option("--graphs", "graph_dir", type=click.Path(path_type=Path), default=None,
               help="the folder `task trace` wrote the graphs to, as JSON or compact [default: RUN_DIR/graphs]")
 @click.option("--top-edges", default=20, show_default=True)
@@ -191,9 +194,7 @@ def verify(run_dir, task_file, model, graph_dir, top_edges, top_nodes, mean_toke
 
 
 @task.command("study")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.argument("task_file", type=click.Path(path_type=Path))
-@MODEL_OPT
+@run_task_args
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="folder for study.json, study.md and study.png")
 @click.option("--limit", type=int, default=None, help="only the first N prompts")
