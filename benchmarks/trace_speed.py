@@ -11,6 +11,11 @@ budget. Each side runs in its own process so peak RSS is its own:
 
     .venv/bin/python benchmarks/trace_speed.py --run-dir runs/all-jumprelu
     .venv/bin/python benchmarks/trace_speed.py --run-dir runs/all-jumprelu --nodes 1000 --no-peer
+
+With ``--qk-heads N`` (default 20) ours also times ``trace --qk``'s work after the graph: the head
+loadings of the strongest edges between positions and the QK attribution of the N (head, query,
+key) carrying the most (issue bar: no more than the graph's own time). A run without the peer
+writes its own section, so the comparison with circuit-tracer stays in the results file.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: str) -> dict:
+def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: str, qk_heads: int = 20) -> dict:
     """Child process: build the graph ``repeat`` times and report the fastest (s) and the peak
     RSS while attributing (MiB; model and transcoders included, as they stay resident)."""
     import torch
@@ -72,7 +77,14 @@ def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: st
     pruned = prune(graph)
     scores = graph_scores(graph)
     t_prune = time.perf_counter() - t0
-    result = {
+    qk = {}
+    if qk_heads:
+        from transcoders.circuits.head_loadings import head_loadings
+
+        section = head_loadings(rep, graph, n_heads=qk_heads, batch_size=batch)
+        qk = {"qk_heads": len(section["heads"]), "seconds_qk": section["seconds"]["total"],
+              "seconds_qk_split": section["seconds"]["split"], "seconds_qk_terms": section["seconds"]["qk"]}
+    result = {**qk,
         "tokens": len(tokens), "active_features": graph.meta["n_active_features"], "feature_nodes": graph.meta["feature_rows"],
         "nodes": graph.n_nodes, "edges": graph.n_edges, "pruned_nodes": pruned.n_nodes, "seconds_graph": min(times),
         "seconds_runs": times, "seconds_pruning_scores": t_prune,
@@ -103,14 +115,15 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--label", default="")
+    ap.add_argument("--qk-heads", type=int, default=20, help="also time QK attribution of this many heads (0: no)")
     a = ap.parse_args()
     if a.child:
-        ours(a.run_dir, a.prompt, a.nodes, a.batch, a.repeat, a.child)
+        ours(a.run_dir, a.prompt, a.nodes, a.batch, a.repeat, a.child, a.qk_heads)
         return
     tmp = Path(tempfile.mkdtemp(prefix="trace_speed_"))
     load = os.getloadavg()[0]
     run_child([__file__, "--run-dir", a.run_dir, "--prompt", a.prompt, "--nodes", str(a.nodes), "--batch", str(a.batch),
-               "--repeat", str(a.repeat), "--child", str(tmp / "ours.json")], sys.executable)
+               "--repeat", str(a.repeat), "--qk-heads", str(a.qk_heads), "--child", str(tmp / "ours.json")], sys.executable)
     mine = json.loads((tmp / "ours.json").read_text())
     peer = None
     peer_py = Path(a.peer_venv) / "bin" / "python"
@@ -126,7 +139,8 @@ def main() -> None:
 
 
 def report(mine: dict, peer: dict | None, a, load: float) -> None:
-    lines = [SECTION, "",
+    section = SECTION if peer is not None else SECTION + ", ours alone"
+    lines = [section, "",
              f"{datetime.date.today()} {a.label} - prompt of {mine['tokens']} tokens, SmolLM2-135M, transcoders from "
              f"`{a.run_dir}` (all 30 layers), feature budget {a.nodes}, 2 threads. Load average at start {load:.2f}"
              + (" (NOT quiet: timings inflated)" if load > 1.0 else "") + ".", "",
@@ -150,11 +164,16 @@ def report(mine: dict, peer: dict | None, a, load: float) -> None:
     lines += ["", f"Ours, influence + pruning + scores afterwards: {mine['seconds_pruning_scores']:.1f} s. Our completeness "
                   "averages over row nodes only (the paper's definition); circuit-tracer's also averages in source "
                   "nodes at 1.0, so its number reads higher.", ""]
+    if "seconds_qk" in mine:
+        lines += [f"QK attribution (`trace --qk`) of the {mine['qk_heads']} (head, query, key) carrying the most of the "
+                  f"graph's strongest edges between positions: {mine['seconds_qk']:.1f} s (splitting 50 edges by head "
+                  f"{mine['seconds_qk_split']:.1f} s, pair terms {mine['seconds_qk_terms']:.1f} s), "
+                  f"**{mine['seconds_qk'] / mine['seconds_graph']:.2f}x the graph's time**.", ""]
     text = "\n".join(lines)
     print(text)
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        head, _, rest = old.partition(SECTION)
+    if section + "\n" in old:
+        head, _, rest = old.partition(section + "\n")
         nxt = rest.find("\n## ")
         old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
     RESULTS.write_text(old.rstrip() + "\n\n" + text)

@@ -64,3 +64,33 @@ def test_paths_predict_linearised_smollm2_and_noop_is_noop(setup):
     runner = ReplacementRunner(loaded.adapter, coders, tokens)
     b, a = runner.intervene([FeatureEdit(3, 0, "scale", 1.0)], graph.targets)
     assert torch.equal(a, b)
+
+
+def test_qk_pair_terms_sum_to_smollm2s_score_and_a_removal_moves_it_by_its_terms(setup):
+    from test_circuits_qk import reference_scores
+
+    from transcoders.circuits.attribution import SourceIndex
+    from transcoders.circuits.qk import column_source, qk_attribution
+
+    _, _, _, rep, _ = setup
+    index, T = SourceIndex(rep), rep.n_pos
+    for layer, head, q, k in [(20, 7, T - 1, 1), (6, 0, T - 1, T - 2), (0, 4, 3, 0)]:
+        a = qk_attribution(rep, layer, head, q, k, index=index)
+        terms = a.terms(torch.arange(a.query.shape[0]), torch.arange(a.key.shape[0]))
+        ref = float(reference_scores("llama", rep, layer)[head, q, k])
+        assert abs(float(terms.sum()) - ref) < 1e-9 * abs(ref), (layer, head)
+    # Remove the strongest query-side feature of head 20.7: the score moves by minus its terms.
+    a = qk_attribution(rep, 20, 7, T - 1, 1, index=index)
+    mq = a.query_marginals()
+    for col in mq[:-1].abs().argsort(descending=True).tolist():
+        src = column_source(rep, index, col, layer=20, pos=T - 1, side="q")
+        if src["kind"] == "feature":
+            break
+    f = rep.layers[src["layer"]].features
+    j = int(((f.pos == src["pos"]) & (f.feature == src["feature"])).nonzero()[0, 0])
+    write = torch.zeros(T, rep.d_model, dtype=rep.dtype)
+    write[src["pos"]] = f.activation[j] * rep.coder_weight(src["layer"], "W_dec")[src["feature"]]
+    removed = rep.forward(delta_post={src["layer"]: -write}).resid_pre[20]
+    before, after = reference_scores("llama", rep, 20), reference_scores("llama", rep, 20, resid=removed)
+    moved = float(after[7, T - 1, 1] - before[7, T - 1, 1])
+    assert moved == pytest.approx(-float(mq[col]), rel=1e-8)

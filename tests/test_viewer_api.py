@@ -23,10 +23,12 @@ from click.testing import CliRunner
 from conftest import assert_one_line_error, tiny_llama_run
 from starlette.testclient import TestClient
 
+from transcoders.circuit_cli import replacement_for_graph
 from transcoders.circuits.export import load_graph
 from transcoders.circuits.graph import BIAS, EMBEDDING, FEATURE, KINDS, TARGET
 from transcoders.circuits.paths import top_paths
 from transcoders.circuits.prune import prune
+from transcoders.circuits.qk import qk_attribution
 from transcoders.cli import main
 from transcoders.coders.run_folder import CoderKey
 from transcoders.features.store import LABELS, FeatureStore, layer_folder
@@ -449,6 +451,19 @@ def test_heads_split_an_edge_into_parts_that_sum_to_it(client, setup):
     parts = r["components"]
     assert any(c["kind"] == "head" and c["head"] is not None and c["pos"] == int(g.pos[src[e]]) for c in parts)
     assert sum(c["weight"] for c in parts) == pytest.approx(float(w[e]), rel=1e-3, abs=1e-5)
+    # The largest parts that move between positions say why their head attends there (QK attribution):
+    # the score whose softmax over the keys is the head's attention weight there.
+    moving = [c for c in parts if c["kind"] == "head" and c["pos"] != c["dst_pos"]]
+    explained = [c for c in parts if c["qk"] is not None]
+    assert explained == moving[:3] and explained
+    rep = replacement_for_graph(g, setup["graph_file"], str(setup["model"]), setup["run"])
+    for c in explained:
+        assert c["qk"]["pattern"] == pytest.approx(float(rep.layers[c["layer"]].pattern[c["head"], c["dst_pos"], c["pos"]]))
+        assert c["qk"]["because"].startswith("because query-side ") and " matches key-side " in c["qk"]["because"]
+        others = [qk_attribution(rep, c["layer"], c["head"], c["dst_pos"], j).score for j in range(c["dst_pos"] + 1)]
+        assert c["qk"]["score"] == pytest.approx(others[c["pos"]], rel=1e-5)
+        weights = torch.softmax(torch.tensor(others, dtype=torch.float64), 0)
+        assert float(weights[c["pos"]]) == pytest.approx(c["qk"]["pattern"], rel=1e-4)
     b = int(((g.kind[src] == BIAS)).nonzero()[0, 0])
     r = client.get(f"/api/graphs/{gid}/heads?src={int(src[b])}&dst={int(dst[b])}").json()
     assert r["available"] is False and "bias" in r["reason"] and r["components"] == []

@@ -266,7 +266,7 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
                  max_feature_nodes: int = 2000, batch_size: int = 64, dtype: str = "float32",
                  node_threshold: float = 0.8, edge_threshold: float = 0.98, prepend_bos: bool | None = None,
                  progress: Callable[[float, str], None] | None = None, preloaded=None,
-                 row_progress: Callable[[int, int], None] | None = None) -> Traced:
+                 row_progress: Callable[[int, int], None] | None = None, qk_heads: int = 0) -> Traced:
     """The work of ``transcoders trace`` without printing or saving: load ``model`` and the
     transcoders of ``run_dir``, build the attribution graph of ``prompt`` for ``target_specs``
     (default: the top next-token logits), compute influence, prune with the thresholds and
@@ -279,6 +279,9 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
             names it): skips loading, for many prompts in a row (``transcoders task trace``).
         row_progress: passed to :func:`~transcoders.circuits.attribution.attribute` (feature
             rows done, planned), e.g. for a progress bar with the time left.
+        qk_heads: when > 0, the QK breakdown of the ``qk_heads`` (head, query, key) triples that
+            carry the most of the graph's cross-position edges, with the edges' head loadings
+            (:func:`~transcoders.circuits.head_loadings.head_loadings`), in ``graph.meta["qk"]``.
 
     Raises:
         ValueError / OSError subclasses (the CLI's user errors): a model, run, prompt or target
@@ -310,9 +313,15 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
     pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold)
     graph.meta["scores"] = {"full": graph_scores(graph), "pruned": graph_scores(graph, pruned=pruned)}
     t_scores = time.perf_counter()
+    seconds = {"load": t_load - t0, "graph": t_graph - t_load, "scores": t_scores - t_graph}
+    if qk_heads > 0:
+        from .circuits.head_loadings import head_loadings
+
+        say(0.85, f"QK attribution of the top {qk_heads} heads")
+        graph.meta["qk"] = head_loadings(rep, graph, n_heads=qk_heads, batch_size=batch_size)
+        seconds["qk"] = time.perf_counter() - t_scores
     say(0.95, "saving")
-    return Traced(graph, pruned, rep, tokens, bos,
-                  {"load": t_load - t0, "graph": t_graph - t_load, "scores": t_scores - t_graph})
+    return Traced(graph, pruned, rep, tokens, bos, seconds)
 
 
 @contextmanager
@@ -376,13 +385,17 @@ def target_summary(traced: Traced) -> str:
 @click.option("--force", is_flag=True, help="replace --out / --pruned-out if they exist")
 @click.option("--paths", "n_paths", default=5, show_default=True, help="top paths to print")
 @click.option("--paths-target", default=None, help=PATHS_TARGET_HELP)
+@click.option("--qk", "qk", is_flag=True,
+              help="also explain why the heads carrying the graph's strongest edges between positions attend there "
+                   "(QK attribution; stored in the graph file, read with `transcoders qk GRAPH`)")
+@click.option("--qk-heads", default=20, show_default=True, help="with --qk: (head, query, key) triples to explain")
 @RANK_OPT
 @MIN_LENGTH_OPT
 @FEATURES_OPT
 @BOS_OPT
 @user_errors
 def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
-          out, pruned_out, force, n_paths, paths_target, rank, min_length, store_dir, prepend_bos):
+          out, pruned_out, force, n_paths, paths_target, qk, qk_heads, rank, min_length, store_dir, prepend_bos):
     """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
     from .circuits.export import save_graph
 
@@ -395,7 +408,7 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
         traced = trace_prompt(run_dir, prompt, model=model, target_specs=target_specs,
                               max_feature_nodes=max_feature_nodes, batch_size=batch_size, dtype=dtype,
                               node_threshold=node_threshold, edge_threshold=edge_threshold, prepend_bos=prepend_bos,
-                              row_progress=bar)
+                              row_progress=bar, qk_heads=qk_heads if qk else 0)
     graph, pruned, rep, tokens = traced.graph, traced.pruned, traced.rep, traced.tokens
     full_s, pruned_s = graph.meta["scores"]["full"], graph.meta["scores"]["pruned"]
     t_save = time.perf_counter()
@@ -410,11 +423,14 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
     click.echo(f"graph: {graph.n_nodes} nodes, {graph.n_edges} edges; pruned: {pruned.n_nodes} nodes, {pruned.n_edges} edges")
     click.echo(f"scores: replacement {full_s['replacement_score']:.3f}, completeness {full_s['completeness_score']:.3f} "
                f"(pruned: {pruned_s['replacement_score']:.3f}, {pruned_s['completeness_score']:.3f})")
-    click.echo(f"time: {sec['graph']:.1f} s graph, {sec['scores']:.1f} s influence/pruning/scores, "
+    qk_time = f", {sec['qk']:.1f} s QK attribution ({sec['qk'] / sec['graph']:.2f}x the graph)" if "qk" in sec else ""
+    click.echo(f"time: {sec['graph']:.1f} s graph, {sec['scores']:.1f} s influence/pruning/scores{qk_time}, "
                f"{t_save:.1f} s saving ({sec['load']:.1f} s loading model and transcoders)")
     click.echo("targets (most probable first): " + target_summary(traced))
     _report(graph, target=paths_target, n=n_paths, rank=rank, min_length=min_length, rep=rep, store_dir=store_dir,
             middle=True, sources=DEFAULT_SOURCES)
+    if "qk" in graph.meta:
+        _qk_summary(graph.meta["qk"], graph.token_strs)
     click.echo(f"wrote {out}" + (f" and {pruned_out}" if pruned_out is not None else ""))
 
 
@@ -619,4 +635,125 @@ def verify(graph_file, run_dir, model, top_edges, top_nodes, sizes, mean_tokens,
         click.echo(f"wrote {out}")
 
 
-CIRCUIT_COMMANDS = (trace, paths, intervene, verify)
+def _tok(token_strs, pos: int) -> str:
+    return repr(token_strs[pos]) if 0 <= pos < len(token_strs) else ""
+
+
+def _print_qk(h: dict, token_strs: list[str], n: int = 10) -> None:
+    """Print one head's QK breakdown (a :func:`~transcoders.circuits.head_loadings.qk_section`)."""
+    from .circuits.qk import source_label
+
+    name = lambda src: source_label(src, token_strs)
+    cap = f", {h['capped_score']:+.4g} after the soft-cap" if h.get("softcap") else ""
+    click.echo(f"head {h['layer']}.{h['head']}, query pos{h['q']} {_tok(token_strs, h['q'])} -> key pos{h['k']} "
+               f"{_tok(token_strs, h['k'])}: score {h['score']:+.4g} (pre-softmax, scale {h['scale']:.4g} included"
+               f"{cap}), attention weight {h['pattern']:.3f}")
+    click.echo("  the score is exactly the sum of (query-side source x key-side source) terms; each side's sources "
+               "reach it through the frozen linear paths")
+    for side, title in (("query", f"query side at pos{h['q']}"), ("key", f"key side at pos{h['k']}")):
+        click.echo(f"  {title} (each source's terms summed over the other side):")
+        for item in h[side][:n]:
+            click.echo(f"    {item['term']:+9.4g}  {name(item['source'])}")
+        click.echo(f"    {h['head_bias'][side]:+9.4g}  the head's own {'b_Q' if side == 'query' else 'b_K'} "
+                   "(norm bias and projection bias)")
+    click.echo("  strongest pairs:")
+    for pair in h["pairs"][:n]:
+        click.echo(f"    {pair['term']:+9.4g}  {name(pair['query'])}  x  {name(pair['key'])}")
+
+
+def _qk_summary(section: dict, token_strs: list[str], full: bool = False) -> None:
+    """Print a graph's stored QK section: the head loadings of its strongest edges, then each
+    explained head in one line (``full``: with its whole breakdown)."""
+    from .circuits.head_loadings import because, loading_sentences
+
+    heads = section.get("heads", [])
+    click.echo(f"QK attribution ({section['seconds']['total']:.1f} s): the strongest edges between positions, by the "
+               "heads that carry them (share of the edge), and why those heads attend there:")
+    for line in loading_sentences(section, token_strs, n=10 if full else 5):
+        click.echo("  " + line)
+    click.echo(f"the {len(heads)} (head, query, key) carrying the most" + ("" if full else
+               " (`transcoders qk GRAPH --head L.H --q Q --k K` prints one whole)") + ":")
+    for h in heads:
+        if full:
+            _print_qk(h, token_strs, n=5)
+        else:
+            click.echo(f"  {h['layer']}.{h['head']} pos{h['q']} -> pos{h['k']}: " + because(h, token_strs))
+
+
+def _head_spec(text: str) -> tuple[int, int]:
+    try:
+        layer, head = (int(x) for x in text.split("."))
+    except ValueError:
+        raise ValueError(f"--head {text!r} must read LAYER.HEAD, e.g. 20.7") from None
+    return layer, head
+
+
+@click.command()
+@click.argument("graph_file", type=click.Path(path_type=Path))
+@click.option("--head", default=None, help="the head, LAYER.HEAD [default: list what `trace --qk` stored]")
+@click.option("--q", "q", type=int, default=None, help="query position [default: the prompt's last]")
+@click.option("--k", "k", type=int, default=None, help="key position [default: where the head attends most from --q]")
+@click.option("-n", "n", default=10, show_default=True, help="sources per side and pairs to print")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+              help="the transcoders [default: the graph's]; giving it (or --model) recomputes even a stored breakdown")
+@click.option("--model", default=None, help="the model [default: the graph's, if known locally]")
+@click.option("--check", is_flag=True,
+              help="check by intervention: remove the strongest query-side and key-side sources (features, error "
+                   "nodes, embeddings) and report the head's score and attention, frozen and in the real model")
+@user_errors
+def qk(graph_file, head, q, k, n, run_dir, model, check):
+    """Why a head attends where it does: split head LAYER.HEAD's pre-softmax score from query
+    position --q to key position --k into (query-side node x key-side node) terms, exactly.
+    Without --head, print the breakdowns and head loadings `trace --qk` stored in GRAPH_FILE."""
+    from .circuits.attribution import SourceIndex
+    from .circuits.export import load_graph
+    from .circuits.head_loadings import find_head, qk_section, read_qk_section
+    from .circuits.qk import qk_attribution
+
+    graph = load_graph(graph_file)
+    section = read_qk_section(graph, str(graph_file))
+    if head is None:
+        if section is None:
+            raise ValueError(f"{graph_file} holds no QK breakdown; trace it with --qk, or give --head LAYER.HEAD "
+                             "(and --q, --k) to compute one")
+        _qk_summary(section, graph.token_strs, full=True)
+        return
+    layer, h = _head_spec(head)
+    T = len(graph.tokens)
+    q_pos = T - 1 if q is None else (q + T if q < 0 else q)
+    stored = None
+    if section is not None and k is not None and run_dir is None and model is None:
+        stored = find_head(section, layer, h, q_pos, k + T if k < 0 else k)
+    if stored is not None and not check:
+        _print_qk(stored, graph.token_strs, n)
+        return
+    rep = replacement_for_graph(graph, graph_file, model, run_dir)
+    if k is None and 0 <= layer < rep.n_layers and 0 <= h < rep.layers[layer].pattern.shape[0] and 0 <= q_pos < T:
+        k = int(rep.layers[layer].pattern[h, q_pos, : q_pos + 1].argmax())
+    index = SourceIndex(rep)
+    a = qk_attribution(rep, layer, h, q_pos, -1 if k is None else k, index=index)
+    _print_qk(qk_section(a, rep, index, n), graph.token_strs, n)
+    if check:
+        _print_checks(rep, a, index, graph.token_strs)
+
+
+def _print_checks(rep, a, index, token_strs) -> None:
+    from .circuits.qk import column_source, source_label
+    from .circuits.qk_check import check_source
+
+    click.echo("check by intervention (remove the source's write; frozen: features, errors, patterns and norms held, "
+               "so the score moves by exactly minus its terms; free: the real model recomputes everything):")
+    for side, marg, pos in (("key", a.key_marginals(), a.k), ("query", a.query_marginals(), a.q)):
+        for col in marg[:-1].abs().argsort(descending=True)[:50].tolist():
+            src = column_source(rep, index, col, layer=a.layer, pos=pos, side=side[0])
+            if src["kind"] in ("feature", "error", "embedding"):
+                break
+        else:
+            continue
+        c = check_source(rep, a, col, src)
+        click.echo(f"  strongest {side}-side source {source_label(src, token_strs)} (terms {float(marg[col]):+.4g}): "
+                   f"score {c.score:+.4g} -> {c.score_frozen:+.4g} frozen (terms predict {c.score + c.predicted_change:+.4g}); "
+                   f"attention {c.pattern:.3f} -> {c.pattern_frozen:.3f} frozen, {c.pattern_free:.3f} free")
+
+
+CIRCUIT_COMMANDS = (trace, paths, intervene, verify, qk)

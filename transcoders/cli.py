@@ -1,5 +1,5 @@
 """Command-line interface: ``transcoders train | evaluate | convert | demo``, the circuit
-commands ``trace | paths | intervene | verify`` (in :mod:`transcoders.circuit_cli`),
+commands ``trace | paths | intervene | verify | qk`` (in :mod:`transcoders.circuit_cli`),
 ``benchmark-faithfulness`` (:mod:`transcoders.faithfulness_cli`), ``task make | trace``
 (:mod:`transcoders.task_cli`), the feature
 commands (:mod:`transcoders.features_cli`) and the viewer's ``serve | export-html``

@@ -79,18 +79,30 @@ def split_edge(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> list[
     """
     read = row_read(rep, graph, dst)
     G_attn, G_post = _gradients(rep, read)
-    layer, q, v = source_write(rep, graph, src)
+    return split_write(rep, read, G_attn, G_post, *source_write(rep, graph, src))
+
+
+def split_write(rep: LocalReplacement, read: Read, G_attn: dict, G_post: dict, layer: int, q: int,
+                v: torch.Tensor, cache: dict | None = None) -> list[EdgeComponent]:
+    """:func:`split_edge` for a write ``v [d]`` into ``resid_post[layer]`` at position ``q`` and a
+    row's read with its gradients ``G_attn``, ``G_post`` (``{layer: [T, d]}``, as
+    ``attribution_rows(..., record=)`` gives them), so many edges can share one backward sweep.
+    ``cache``: a dict kept per row, to reuse its per-layer head gradients across edges."""
+    cache = {} if cache is None else cache
     parts = [EdgeComponent("residual", read.site[1], -1, q, q, float(read.grad[q] @ v))]
     for m in range(layer + 1, read.site[1] + 1):
         fl = rep.layers[m]
+        H, E, d = fl.W_O.shape
+        if m not in cache:  # the row's gradient on each head's mixed values, [T, H, d_head]
+            g_attn = G_attn[m] if fl.attn_out_norm is None else fl.attn_out_norm.transpose(G_attn[m])
+            cache[m] = (g_attn @ fl.W_O.reshape(H * E, d).T).view(-1, H, E)
         # Attention of layer m reads v at position q (it is in resid_pre[m]) ...
         x = fl.ln_attn.linear(_at(v, q, rep))[q]
-        u = torch.einsum("d,gde->ge", x, fl.W_V).repeat_interleave(fl.group, 0)  # [H, d_head]
-        g_attn = G_attn[m] if fl.attn_out_norm is None else fl.attn_out_norm.transpose(G_attn[m])
-        back = torch.einsum("td,hed->hte", g_attn, fl.W_O)  # [H, T, d_head]
-        w = fl.pattern[:, :, q] * torch.einsum("he,hte->ht", u, back)  # [H, T]
-        for h, r in (w != 0).nonzero().tolist():
-            parts.append(EdgeComponent("head", m, h, q, r, float(w[h, r])))
+        u = (x @ fl.W_V.permute(1, 0, 2).reshape(d, -1)).view(-1, E).repeat_interleave(fl.group, 0)  # [H, d_head]
+        w = fl.pattern[:, :, q] * (cache[m] * u).sum(-1).T  # [H, T]
+        nz = w != 0
+        for (h, r), x in zip(nz.nonzero().tolist(), w[nz].tolist()):
+            parts.append(EdgeComponent("head", m, h, q, r, x))
         # ... and so does layer m's skip path (resid_mid[m], or resid_pre[m] when parallel).
         if fl.W_skip is not None:
             x = fl.ln_mlp.linear(_at(v, q, rep))[q]

@@ -99,6 +99,7 @@ class FrozenLayer:
     attn_const: torch.Tensor = None  # [T, d]: what attention writes with a zero input
     mlp_const: torch.Tensor = None  # [T, d]: b_dec (+ ln bias @ W_skip; + features at constant positions)
     folded: ActiveFeatures = None  # the active features at constant positions (their writes are in mlp_const)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [T, rotary dims] the attention was called with
 
     @property
     def group(self) -> int:
@@ -163,7 +164,7 @@ def _first_tensor(args, kwargs):
 @torch.no_grad()
 def _capture(adapter: ModelAdapter, tokens: torch.Tensor, internals: list[BlockInternals]) -> dict:
     """One forward pass of the real model, recording what the replacement model freezes."""
-    rec: dict = {"norm_in": {}, "pattern": {}, "mlp_out": {}}
+    rec: dict = {"norm_in": {}, "pattern": {}, "mlp_out": {}, "rope": {}}
     handles = []
 
     def pre(key):
@@ -177,6 +178,14 @@ def _capture(adapter: ModelAdapter, tokens: torch.Tensor, internals: list[BlockI
             if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
                 raise ReplacementError("the attention module returned no pattern; eager attention is required")
             rec["pattern"][layer] = output[1][0]
+
+        return fn
+
+    def rope_hook(layer):
+        def fn(_module, _args, kwargs):
+            cos_sin = kwargs.get("position_embeddings")
+            if cos_sin is not None:  # rotary families: (cos, sin) [batch, T, rotary dims]
+                rec["rope"][layer] = (cos_sin[0][0], cos_sin[1][0])
 
         return fn
 
@@ -196,6 +205,7 @@ def _capture(adapter: ModelAdapter, tokens: torch.Tensor, internals: list[BlockI
                     bi.attn_out_norm.module.register_forward_pre_hook(pre(("attn_out", layer)), with_kwargs=True)
                 )
             handles.append(bi.attention.register_forward_hook(attn_hook(layer)))
+            handles.append(bi.attention.register_forward_pre_hook(rope_hook(layer), with_kwargs=True))
         final = adapter.final_norm()
         handles.append(final.module.register_forward_pre_hook(pre(("final", 0)), with_kwargs=True))
         with _eager_attention(adapter.model), adapter.hook_mlps(range(len(internals)), on_output=mlp_out):
@@ -322,6 +332,7 @@ class LocalReplacement:
                     pattern=cast(rec["pattern"][layer]), parallel=bi.parallel, coder=coder,
                     W_skip=cast(coder.W_skip.detach()) if coder.W_skip is not None else None,
                     mlp_out=cast(rec["mlp_out"][layer]),
+                    rope=tuple(cast(t) for t in rec["rope"][layer]) if layer in rec["rope"] else None,
                 )
             )
         self.final_norm = frozen(adapter.final_norm(), ("final", 0))

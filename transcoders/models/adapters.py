@@ -120,6 +120,38 @@ def norm_spec(module: nn.Module) -> NormSpec:
 
 
 @dataclass
+class AttentionQK:
+    """One layer's attention query/key side, split by head, for QK attribution
+    (:mod:`transcoders.circuits.qk`).
+
+    For query head ``h`` at position ``p`` reading the normalised residual ``x``:
+    ``Q = rope_p(q_norm(x @ W_Q[h] + b_Q[h]))`` and, for its key/value head ``g = h // (n_heads //
+    n_kv_heads)`` at position ``s``, ``K = rope_s(k_norm(x @ W_K[g] + b_K[g]))``; the pre-softmax
+    score is ``scale * Q . K``, then ``softcap * tanh(score / softcap)`` when ``softcap`` is set
+    (Gemma 2). ``W_Q [n_heads, d_model, d_head]``, ``b_Q [n_heads, d_head]`` or None, ``W_K
+    [n_kv_heads, d_model, d_head]``, ``b_K`` likewise; ``q_norm`` / ``k_norm``: per-head RMSNorms
+    over ``d_head`` (Gemma 3) or None. Rotary embeddings are not weights: the replacement model
+    records the ``(cos, sin)`` each attention module is called with.
+    """
+
+    W_Q: torch.Tensor
+    b_Q: torch.Tensor | None
+    W_K: torch.Tensor
+    b_K: torch.Tensor | None
+    q_norm: NormSpec | None
+    k_norm: NormSpec | None
+    scale: float
+    softcap: float | None
+
+
+def _qk_scale(attn: nn.Module, d_head: int) -> float:
+    # Every supported family's attention module states its score scale (GPT-2's includes
+    # scale_attn_by_inverse_layer_idx; Gemma's is query_pre_attn_scalar ** -0.5).
+    scale = getattr(attn, "scaling", None)
+    return float(d_head**-0.5 if scale is None else scale)
+
+
+@dataclass
 class BlockInternals:
     """What attribution needs of one transformer block.
 
@@ -321,6 +353,11 @@ class ModelAdapter:
         """Norms, attention OV weights and residual layout of block ``layer``."""
         raise NotImplementedError
 
+    def attention_qk(self, layer: int) -> AttentionQK:
+        """Per-head query/key weights, norms and score scale of block ``layer``'s attention
+        (:class:`AttentionQK`)."""
+        raise NotImplementedError
+
     def attention_io(self, layer: int) -> AttentionIO:
         """Per-head query/key/value projections and the output projection of block ``layer``'s
         attention (:class:`AttentionIO`)."""
@@ -401,6 +438,20 @@ class LlamaAdapter(ModelAdapter):
             ln_mlp, attn_out = block.post_attention_layernorm, None
         return BlockInternals(norm_spec(block.input_layernorm), norm_spec(ln_mlp), attn_out, ov, attn, False)
 
+    def attention_qk(self, layer: int) -> AttentionQK:
+        attn = self.layers()[self.check_layer(layer)].self_attn
+        n_heads, n_kv, d_head = _heads(self.config)
+        d = self.d_model
+
+        def split(linear, n):
+            b = _bias(linear)
+            return linear.weight.detach().view(n, d_head, d).transpose(1, 2), None if b is None else b.view(n, d_head)
+
+        (W_Q, b_Q), (W_K, b_K) = split(attn.q_proj, n_heads), split(attn.k_proj, n_kv)
+        norm = lambda name: norm_spec(getattr(attn, name)) if getattr(attn, name, None) is not None else None
+        return AttentionQK(W_Q, b_Q, W_K, b_K, norm("q_norm"), norm("k_norm"), _qk_scale(attn, d_head),
+                           getattr(attn, "attn_logit_softcapping", None))
+
     def attention_io(self, layer: int) -> AttentionIO:
         attn = self.layers()[self.check_layer(layer)].self_attn
         n_heads, n_kv, d_head = _heads(self.config)
@@ -453,6 +504,15 @@ class GPT2Adapter(ModelAdapter):
         ov = AttentionOV(W_V, b_V, W_O, attn.c_proj.bias.detach())
         return BlockInternals(norm_spec(block.ln_1), norm_spec(block.ln_2), None, ov, attn, False)
 
+    def attention_qk(self, layer: int) -> AttentionQK:
+        attn = self.layers()[self.check_layer(layer)].attn
+        d, n_heads = self.d_model, int(self.config.n_head)
+        d_head = d // n_heads
+        W, b = attn.c_attn.weight.detach(), attn.c_attn.bias.detach()  # x @ W + b, [q | k | v]
+        W_Q, W_K = (W[:, i * d : (i + 1) * d].view(d, n_heads, d_head).permute(1, 0, 2) for i in (0, 1))
+        b_Q, b_K = (b[i * d : (i + 1) * d].view(n_heads, d_head) for i in (0, 1))
+        return AttentionQK(W_Q, b_Q, W_K, b_K, None, None, _qk_scale(attn, d_head), None)
+
     def attention_io(self, layer: int) -> AttentionIO:
         attn = self.layers()[self.check_layer(layer)].attn
         d, n_heads = self.d_model, int(self.config.n_head)
@@ -494,6 +554,16 @@ class NeoXAdapter(ModelAdapter):
         return BlockInternals(
             norm_spec(block.input_layernorm), norm_spec(block.post_attention_layernorm), None, ov, attn, parallel
         )
+
+    def attention_qk(self, layer: int) -> AttentionQK:
+        attn = self.layers()[self.check_layer(layer)].attention
+        d, n_heads = self.d_model, int(self.config.num_attention_heads)
+        d_head = d // n_heads
+        W = attn.query_key_value.weight.detach().view(n_heads, 3, d_head, d)  # per head [q | k | v]
+        b = _bias(attn.query_key_value)
+        b = None if b is None else b.view(n_heads, 3, d_head)
+        return AttentionQK(W[:, 0].transpose(1, 2), None if b is None else b[:, 0], W[:, 1].transpose(1, 2),
+                           None if b is None else b[:, 1], None, None, _qk_scale(attn, d_head), None)
 
     def attention_io(self, layer: int) -> AttentionIO:
         attn = self.layers()[self.check_layer(layer)].attention

@@ -31,6 +31,9 @@ DEFAULT_MAX_FEATURE_NODES = 2000
 _NAME_TRIES = 10_000
 
 
+QK_PARTS = 3  # head parts of an edge whose attention the viewer explains (QK attribution)
+
+
 @dataclass
 class Job:
     """One trace: what was asked, and where it stands (``state`` is ``queued``, ``running``,
@@ -224,7 +227,10 @@ class Worker:
     def heads(self, graph_id: str, src: int, dst: int) -> dict:
         """The per-head split of the edge ``src -> dst`` (run on the worker thread by the app):
         ``{"available", "reason", "components": [{"kind", "layer", "head", "pos", "dst_pos",
-        "weight", "text"}]}``; components sum to the edge weight.
+        "weight", "text", "qk"}]}``; components sum to the edge weight. ``qk`` explains why the
+        head attends from ``dst_pos`` to ``pos`` (the :func:`~transcoders.circuits.head_loadings.qk_section`
+        that ``trace --qk`` stored, else computed) for the :data:`QK_PARTS` largest parts that move
+        between positions, with ``because`` its top pair as a sentence; None for the others.
 
         Raises:
             NotFound: unknown graph, or no such edge.
@@ -252,10 +258,28 @@ class Worker:
         except (ValueError, OSError) as exc:
             return unavailable(f"cannot load the model and transcoders: {exc}")
         parts = split_edge(rep, graph, src, dst)
+        explain = [c for c in parts if c.kind == "head" and c.src_pos != c.dst_pos][:QK_PARTS]
+        qk = {id(c): self._qk(graph, rep, c.layer, c.head, c.dst_pos, c.src_pos) for c in explain}
         return {"available": True, "reason": None, "components": [
             {"kind": c.kind, "layer": c.layer, "head": c.head if c.kind == "head" else None,
              "pos": c.src_pos if c.kind == "head" else None, "dst_pos": c.dst_pos, "weight": c.weight,
-             "text": c.describe()} for c in parts]}
+             "text": c.describe(), "qk": qk.get(id(c))} for c in parts]}
+
+    def _qk(self, graph, rep, layer: int, head: int, q: int, k: int) -> dict:
+        from ..circuits.attribution import SourceIndex
+        from ..circuits.head_loadings import because, find_head, qk_section, read_qk_section
+        from ..circuits.qk import qk_attribution
+
+        try:
+            section = read_qk_section(graph)
+        except ValueError:  # a QK section of another version: compute afresh
+            section = None
+        found = find_head(section, layer, head, q, k) if section is not None else None
+        if found is None:
+            index = SourceIndex(rep)
+            found = qk_section(qk_attribution(rep, layer, head, q, k, index=index), rep, index, n=5)
+        return {"score": found["score"], "pattern": found["pattern"], "because": because(found, graph.token_strs),
+                "pairs": found["pairs"][:3]}
 
     def _replacement(self, graph, path: Path, run_id: str):
         from ..circuit_cli import replacement_for_graph

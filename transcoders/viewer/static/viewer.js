@@ -1184,9 +1184,10 @@
         clear(slot).classList.remove("muted");
         if (!r.available) { slot.append(h("p", { class: "muted" }, `per-head split not available${r.reason ? `: ${r.reason}` : ""}`)); return; }
         const comps = r.components || [];
-        slot.append(table(["layer", "head", "key pos", "weight", ""], comps.map((c) => [
+        slot.append(table(["layer", "head", "key pos", "weight", "", "why the head attends there (QK)"], comps.map((c) => [
           String(c.layer ?? "–"), String(c.head ?? "–"), c.pos === null || c.pos === undefined ? "–" : String(c.pos),
           h("span", { class: c.weight >= 0 ? "w pos" : "w neg" }, fmtSigned(c.weight)), String(c.text ?? ""),
+          c.qk ? h("span", { class: "qk" }, String(c.qk.because ?? "")) : "",
         ]), "data compact"));
       }).catch((err) => {
         if (this.edgeSel !== e) return;
