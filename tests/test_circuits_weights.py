@@ -137,10 +137,13 @@ def test_top_virtual_weights_match_argsort_and_chunking(setup):
         assert top.dst.tolist() == (order % D_SAE).tolist()
         close(top.weight, V.flatten()[order], rtol=1e-12)
         assert [(s, d) for s, d, _ in top] == list(zip(top.src.tolist(), top.dst.tolist()))
-    # asking for more than exists returns everything, sorted
-    left, right = torch.randn(3, 4, dtype=F64), torch.randn(2, 4, dtype=F64)
+    # asking for more than exists returns everything, sorted (chunked GEMMs may round the last bit
+    # differently from one whole GEMM)
+    gen = torch.Generator().manual_seed(0)
+    left, right = torch.randn(3, 4, dtype=F64, generator=gen), torch.randn(2, 4, dtype=F64, generator=gen)
     i, j, w = chunked_top_abs(left, right, 100, chunk_size=2)
-    assert len(w) == 6 and torch.equal(w, (left @ right.T)[i, j]) and (w.abs().diff() <= 0).all()
+    assert len(w) == 6 and (w.abs().diff() <= 0).all()
+    close(w, (left @ right.T)[i, j], rtol=1e-14)
 
 
 def test_pullback_is_virtual_weight_column(setup):

@@ -439,6 +439,10 @@ def test_untrusted_text_shows_as_text_and_never_runs(server, files, unsafe_page)
         button.click()
     p.page.locator("#incoming button.small").first.click()  # the per-head split of an edge
     p.wait("!document.querySelector('#edge-detail .heads').textContent.includes('computing')", timeout=30)
+    heads = p.page.locator("#edge-detail .heads").text_content()
+    assert "why the head attends there (QK)" in heads or "not available" in heads
+    for why in p.page.locator("#edge-detail .heads .qk").all():  # QK attribution of the parts between positions
+        assert why.text_content().startswith("because query-side ")
     p.click_node(k, shift=True)
     p.page.fill(".group-form input", XSS[1])
     p.page.click("button.group")

@@ -259,27 +259,32 @@ class Worker:
             return unavailable(f"cannot load the model and transcoders: {exc}")
         parts = split_edge(rep, graph, src, dst)
         explain = [c for c in parts if c.kind == "head" and c.src_pos != c.dst_pos][:QK_PARTS]
-        qk = {id(c): self._qk(graph, rep, c.layer, c.head, c.dst_pos, c.src_pos) for c in explain}
+        qk = self._qk(graph, rep, [(c.layer, c.head, c.dst_pos, c.src_pos) for c in explain])
         return {"available": True, "reason": None, "components": [
             {"kind": c.kind, "layer": c.layer, "head": c.head if c.kind == "head" else None,
              "pos": c.src_pos if c.kind == "head" else None, "dst_pos": c.dst_pos, "weight": c.weight,
-             "text": c.describe(), "qk": qk.get(id(c))} for c in parts]}
+             "text": c.describe(), "qk": qk.get((c.layer, c.head, c.dst_pos, c.src_pos)) if c in explain else None}
+            for c in parts]}
 
-    def _qk(self, graph, rep, layer: int, head: int, q: int, k: int) -> dict:
+    def _qk(self, graph, rep, triples: list[tuple[int, int, int, int]]) -> dict:
+        """``{(layer, head, q, k): {"score", "pattern", "because", "pairs"}}``: stored by ``trace
+        --qk`` where it was, else computed (:func:`~transcoders.circuits.qk.qk_attributions`)."""
         from ..circuits.attribution import SourceIndex
         from ..circuits.head_loadings import because, find_head, qk_section, read_qk_section
-        from ..circuits.qk import qk_attribution
+        from ..circuits.qk import qk_attributions
 
         try:
             section = read_qk_section(graph)
         except ValueError:  # a QK section of another version: compute afresh
             section = None
-        found = find_head(section, layer, head, q, k) if section is not None else None
-        if found is None:
+        found = {t: find_head(section, *t) for t in triples} if section is not None else {}
+        todo = [t for t in triples if found.get(t) is None]
+        if todo:
             index = SourceIndex(rep)
-            found = qk_section(qk_attribution(rep, layer, head, q, k, index=index), rep, index, n=5)
-        return {"score": found["score"], "pattern": found["pattern"], "because": because(found, graph.token_strs),
-                "pairs": found["pairs"][:3]}
+            for t, a in zip(todo, qk_attributions(rep, todo, index=index)):
+                found[t] = qk_section(a, rep, index, n=5)
+        return {t: {"score": h["score"], "pattern": h["pattern"], "because": because(h, graph.token_strs),
+                    "pairs": h["pairs"][:3]} for t, h in found.items()}
 
     def _replacement(self, graph, path: Path, run_id: str):
         from ..circuit_cli import replacement_for_graph
