@@ -257,9 +257,10 @@ def test_removing_a_source_by_intervention_frozen_and_free(setup):
         hook.remove()
     write = torch.zeros(rep.n_pos, rep.d_model, dtype=rep.dtype)
     write[p] = rep.resid0[p]
-    assert torch.allclose(free_pattern(rep, layer, -1, write), expected, rtol=0, atol=1e-12)
+    assert torch.allclose(free_pattern(rep, layer, {-1: write}), expected, rtol=0, atol=1e-12)
     # Removing nothing changes nothing.
-    assert torch.allclose(free_pattern(rep, layer, 1, torch.zeros_like(write)), rep.layers[layer].pattern, rtol=0, atol=1e-12)
+    nothing = {1: torch.zeros_like(write), -1: torch.zeros_like(write)}
+    assert torch.allclose(free_pattern(rep, layer, nothing), rep.layers[layer].pattern, rtol=0, atol=1e-12)
 
 
 def test_a_source_split_by_the_heads_that_bring_it_sums_to_its_terms(setup):
@@ -277,7 +278,7 @@ def test_a_source_split_by_the_heads_that_bring_it_sums_to_its_terms(setup):
             if src["kind"] in ("feature", "embedding") and src["pos"] < pos:
                 break
         src_layer, write = source_write(rep, src)
-        parts = side_heads(rep, a, src, write[src["pos"]], src_layer, side)
+        parts = side_heads(rep, a, [(src_layer, src["pos"], write[src["pos"]])], side)[0]
         assert sum(p.weight for p in parts) == pytest.approx(float(marg[col]), rel=1e-9)
         assert all(p.kind != "residual" or p.weight == 0.0 for p in parts)
         assert any(p.kind == "head" and p.dst_pos == pos for p in parts)
@@ -306,3 +307,15 @@ def test_many_heads_at_once_match_the_full_breakdown_on_their_candidates(setup):
         with pytest.raises(QKError, match="candidates"):
             a.terms(torch.tensor([int(torch.ones(index.n_cols).index_fill(0, a.q_cols[:-1], 0).nonzero()[0, 0])]),
                     a.k_cols[:1])
+
+
+def test_because_names_the_strongest_pair_pushing_the_score_its_way():
+    from transcoders.circuits.head_loadings import because
+
+    src = lambda f: {"kind": "feature", "layer": 1, "pos": 2, "feature": f}
+    h = {"score": 5.0, "pattern": 0.5, "pairs": [{"query": src(1), "key": src(2), "term": -3.0},
+                                                  {"query": src(3), "key": src(4), "term": 2.0},
+                                                  {"query": src(5), "key": src(6), "term": 1.0}]}
+    assert because(h) == "because query-side L1 f3 @pos2 matches key-side L1 f4 @pos2 (+2 of score +5, attention 0.50)"
+    h["score"] = -5.0
+    assert "L1 f1 @pos2" in because(h)

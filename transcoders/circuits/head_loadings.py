@@ -180,10 +180,12 @@ def find_head(section: dict, layer: int, head: int, q: int, k: int) -> dict | No
 
 def because(h: dict, token_strs: list[str] | None = None) -> str:
     """"because query-side X matches key-side Y (+term of score S, attention A)" for a stored
-    breakdown's strongest pair."""
+    breakdown's strongest pair pushing the score the way it goes (the strongest pair of all when
+    none does)."""
     if not h["pairs"]:
         return "(no pair terms)"
-    top = h["pairs"][0]
+    sign = 1.0 if h["score"] >= 0 else -1.0
+    top = max(h["pairs"], key=lambda p: (p["term"] * sign > 0, abs(p["term"])))
     return (f"because query-side {source_label(top['query'], token_strs)} matches key-side "
             f"{source_label(top['key'], token_strs)} ({top['term']:+.3g} of score {h['score']:+.3g}, "
             f"attention {h['pattern']:.2f})")

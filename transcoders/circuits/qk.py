@@ -445,21 +445,21 @@ def source_label(src: dict, token_strs: list[str] | None = None) -> str:
 
 
 @torch.no_grad()
-def side_heads(rep: LocalReplacement, a: QKAttribution, src: dict, write: torch.Tensor, src_layer: int,
-               side: str) -> list:
-    """How one source reaches one side of a head: its terms on ``side`` (``"q"`` or ``"k"``),
-    split by the first component that carries its write there (:func:`~.heads.split_write`):
-    the residual stream at its own position, a skip path, or head ``L.H`` moving it from its
-    position to the query or key position -- e.g. the previous-token head that brings an earlier
-    token's feature to an induction head's key.
+def side_heads(rep: LocalReplacement, a: QKAttribution, writes: list[tuple[int, int, torch.Tensor]], side: str) -> list[list]:
+    """How sources reach one side of a head: each source's terms on ``side`` (``"q"`` or
+    ``"k"``), split by the first component that carries its write there
+    (:func:`~.heads.split_write`): the residual stream at its own position, a skip path, or head
+    ``L.H`` moving it from its position towards the query or key position -- e.g. the
+    previous-token head that brings an earlier token's feature to an induction head's key.
 
     Args:
-        src: the source (:func:`column_source`); ``write [d]``: what it writes at ``src["pos"]``
-            into ``resid_post[src_layer]`` (layer -1: the embeddings).
+        writes: per source ``(layer, pos, write [d])``: what it writes into ``resid_post[layer]``
+            at ``pos`` (layer -1: the embeddings); all share one backward sweep.
 
     Returns:
-        :class:`~.heads.EdgeComponent` list, largest first; weights sum to the source's terms on
-        that side (its column of :meth:`QKAttribution.query_marginals` / ``key_marginals``).
+        per source, :class:`~.heads.EdgeComponent` list, largest first; its weights sum to the
+        source's terms on that side (its entry of :meth:`QKAttribution.query_marginals` /
+        ``key_marginals``).
     """
     from .heads import split_write
 
@@ -471,4 +471,5 @@ def side_heads(rep: LocalReplacement, a: QKAttribution, src: dict, write: torch.
     attribution_rows(rep, [read], SourceIndex(rep), record=record)
     G_attn = {m: g[0] for m, g in record.get("attn", {}).items()}
     G_post = {m: g[0] for m, g in record.get("post", {}).items()}
-    return split_write(rep, read, G_attn, G_post, src_layer, src["pos"], write)
+    cache: dict = {}
+    return [split_write(rep, read, G_attn, G_post, layer, p, w, cache=cache) for layer, p, w in writes]

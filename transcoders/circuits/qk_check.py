@@ -86,11 +86,12 @@ def frozen_pattern(rep: LocalReplacement, layer: int, head: int, q: int,
 
 
 @torch.no_grad()
-def free_pattern(rep: LocalReplacement, layer: int, src_layer: int, write: torch.Tensor) -> torch.Tensor:
-    """``[H, T, T]``: the attention pattern of ``layer`` in the real model with ``write [T, d]``
-    subtracted from the MLP output of ``src_layer`` (``-1``: from the input of block 0)."""
+def free_pattern(rep: LocalReplacement, layer: int, writes: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``[H, T, T]``: the attention pattern of ``layer`` in the real model with each
+    ``writes[l] [T, d]`` subtracted from the MLP output of layer ``l`` (``-1``: from the input of
+    block 0), everything downstream recomputed."""
     adapter = rep.adapter
-    delta = write.to(adapter.dtype)
+    deltas = {lyr: w.to(adapter.dtype) for lyr, w in writes.items()}
     handles = []
     patterns: dict = {}
 
@@ -99,17 +100,15 @@ def free_pattern(rep: LocalReplacement, layer: int, src_layer: int, write: torch
 
     def remove_from_input(_module, args, kwargs):
         if args:
-            return (args[0] - delta, *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = kwargs["hidden_states"] - delta
-        return args, kwargs
+            return (args[0] - deltas[-1], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] - deltas[-1]}
 
     handles.append(adapter.block_internals(layer).attention.register_forward_hook(grab))
-    if src_layer < 0:
+    if -1 in deltas:
         handles.append(adapter.layers()[0].register_forward_pre_hook(remove_from_input, with_kwargs=True))
+    mlps = sorted(lyr for lyr in deltas if lyr >= 0)
     try:
-        hook = (lambda _l, _x, out: out - delta) if src_layer >= 0 else None
-        with _eager_attention(adapter.model), adapter.hook_mlps([max(src_layer, 0)] if hook else [], on_output=hook):
+        with _eager_attention(adapter.model), adapter.hook_mlps(mlps, on_output=lambda lyr, _x, out: out - deltas[lyr]):
             adapter.model(input_ids=rep.tokens[None].to(adapter.device), output_attentions=True)
     finally:
         for h in handles:
@@ -132,6 +131,6 @@ def check_source(rep: LocalReplacement, a: QKAttribution, col: int, src: dict) -
     own = float(a.terms(torch.tensor([col]), torch.tensor([col]))[0, 0])
     predicted = -(float(a.query_marginals()[col]) + float(a.key_marginals()[col]) - own)
     scores, pattern = frozen_pattern(rep, a.layer, a.head, a.q, removed)
-    free = free_pattern(rep, a.layer, src_layer, write)
+    free = free_pattern(rep, a.layer, {src_layer: write})
     return QKCheck(src, predicted, a.score, float(scores[a.k]), a.pattern, float(pattern[a.k]),
                    float(free[a.head, a.q, a.k]))
