@@ -319,3 +319,20 @@ def test_because_names_the_strongest_pair_pushing_the_score_its_way():
     assert because(h) == "because query-side L1 f3 @pos2 matches key-side L1 f4 @pos2 (+2 of score +5, attention 0.50)"
     h["score"] = -5.0
     assert "L1 f1 @pos2" in because(h)
+
+
+def test_terms_by_source_position_sum_each_sides_columns(setup):
+    from transcoders.circuits.qk import column_positions, position_terms
+
+    _, rep, _ = setup
+    index = SourceIndex(rep)
+    a = qk_attribution(rep, 2, 1, 11, 4, index=index)
+    pos = column_positions(rep, index)
+    for c in torch.randint(0, index.n_cols, (20,)).tolist():
+        assert pos[c] == column_source(rep, index, c, layer=2, pos=11, side="q")["pos"]
+    terms = position_terms(a, pos)
+    mk = a.key_marginals()
+    for p, t in terms["key"]:
+        assert t == pytest.approx(float(mk[pos == p].sum()), rel=1e-12)
+    assert sum(t for _, t in terms["query"]) == pytest.approx(a.score, rel=1e-9)
+    assert max(p for p, _ in terms["key"]) <= 4 and max(p for p, _ in terms["query"]) <= 11  # causal

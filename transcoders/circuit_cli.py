@@ -651,6 +651,9 @@ def _print_qk(h: dict, token_strs: list[str], n: int = 10) -> None:
     click.echo("  the score is exactly the sum of (query-side source x key-side source) terms; each side's sources "
                "reach it through the frozen linear paths")
     for side, title in (("query", f"query side at pos{h['q']}"), ("key", f"key side at pos{h['k']}")):
+        by_pos = ", ".join(f"pos{p} {_tok(token_strs, p)} {t:+.3g}" for p, t in h.get("positions", {}).get(side, [])[:5])
+        if by_pos:
+            click.echo(f"  {title}, terms by source position: {by_pos}")
         click.echo(f"  {title} (each source's terms summed over the other side):")
         for item in h[side][:n]:
             click.echo(f"    {item['term']:+9.4g}  {name(item['source'])}")

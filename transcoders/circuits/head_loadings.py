@@ -24,7 +24,16 @@ from .attribution import SourceIndex, attribution_rows
 from .graph import EMBEDDING, ERROR, FEATURE, KINDS, TARGET, Graph
 from .heads import row_read, source_write, split_write
 from .prune import edge_influence
-from .qk import QK_SCHEMA, QKAttribution, QKError, column_source, qk_attributions, source_label
+from .qk import (
+    QK_SCHEMA,
+    QKAttribution,
+    QKError,
+    column_positions,
+    column_source,
+    position_terms,
+    qk_attributions,
+    source_label,
+)
 from .replacement import LocalReplacement
 
 
@@ -96,14 +105,16 @@ def _sources(a: QKAttribution, rep: LocalReplacement, index: SourceIndex, margin
 
 def qk_section(a: QKAttribution, rep: LocalReplacement, index: SourceIndex, n: int = 10) -> dict:
     """One head's QK breakdown as JSON: score, pattern, the ``n`` strongest query-side and
-    key-side sources (each with its terms summed over the other side) and the ``n`` strongest
-    pairs."""
+    key-side sources (each with its terms summed over the other side), each side's terms summed
+    by source position (``positions``: the ``n`` largest) and the ``n`` strongest pairs."""
     mq, mk = a.query_marginals(), a.key_marginals()
+    by_pos = position_terms(a, column_positions(rep, index))
     name = lambda c, side: column_source(rep, index, c, layer=a.layer, pos=a.q if side == "q" else a.k, side=side)
     return {"layer": a.layer, "head": a.head, "q": a.q, "k": a.k, "score": a.score, "capped_score": a.capped_score,
             "pattern": a.pattern, "scale": a.scale, "softcap": a.softcap,
             "head_bias": {"query": float(mq[-1]), "key": float(mk[-1])},
             "query": _sources(a, rep, index, mq, "q", n), "key": _sources(a, rep, index, mk, "k", n),
+            "positions": {side: [[p, t] for p, t in terms[:n] if p >= 0] for side, terms in by_pos.items()},
             "pairs": [{"query": name(qc, "q"), "key": name(kc, "k"), "term": t} for qc, kc, t in a.top_pairs(n)]}
 
 

@@ -429,6 +429,25 @@ def column_source(rep: LocalReplacement, index: SourceIndex, col: int, *, layer:
     raise IndexError(f"column {col} is outside the {index.n_cols} sources")
 
 
+def column_positions(rep: LocalReplacement, index: SourceIndex) -> torch.Tensor:
+    """``[n_cols + 1]`` the prompt position of each source column (the last, a side's own
+    constant, gets -1)."""
+    T, L = index.n_pos, index.n_layers
+    parts = [torch.arange(T), torch.arange(T).repeat(2 * L)] + [fl.features.pos.cpu() for fl in rep.layers]
+    return torch.cat(parts + [torch.tensor([-1])])
+
+
+def position_terms(a: QKAttribution, positions: torch.Tensor) -> dict[str, list[tuple[int, float]]]:
+    """Each side's terms summed by source position, largest ``|terms|`` first:
+    ``{"query": [(pos, terms)], "key": [...]}`` (the side's own constant at position -1)."""
+    out = {}
+    for side, marg in (("query", a.query_marginals()), ("key", a.key_marginals())):
+        sums = torch.zeros(int(positions.max()) + 2, dtype=marg.dtype).index_add_(0, positions + 1, marg.cpu())
+        order = sums.abs().argsort(descending=True)
+        out[side] = [(int(p) - 1, float(sums[p])) for p in order.tolist() if float(sums[p]) != 0.0]
+    return out
+
+
 def source_label(src: dict, token_strs: list[str] | None = None) -> str:
     """``L3 f901 @pos4``, ``err L3 @pos4``, ``bias L3 @pos4``, ``emb 'x' @pos4``, ``b_Q 20.7 @pos9``."""
     kind, layer, pos = src["kind"], src["layer"], src["pos"]
