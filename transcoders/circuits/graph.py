@@ -26,6 +26,17 @@ KINDS = ("embedding", "bias", "error", "feature", "target")
 EMBEDDING, BIAS, ERROR, FEATURE, TARGET = range(len(KINDS))
 
 
+def source_name(kind: str, layer: int, pos: int, feature: int = -1, token_strs: list[str] | None = None) -> str:
+    """A source node's readable name from its identity: ``L8 f123 @pos5`` (feature), ``err L3
+    @pos2``, ``bias L3 @pos2``, ``emb 'The' @pos0`` (``#0`` without token strings)."""
+    if kind == "feature":
+        return f"L{layer} f{feature} @pos{pos}"
+    if kind in ("error", "bias"):
+        return f"{'err' if kind == 'error' else 'bias'} L{layer} @pos{pos}"
+    tok = repr(token_strs[pos]) if token_strs and 0 <= pos < len(token_strs) else f"#{pos}"
+    return f"emb {tok} @pos{pos}"
+
+
 @dataclass
 class Graph:
     """An attribution graph over ``N`` nodes and ``E`` edges.
@@ -85,14 +96,8 @@ class Graph:
     def label(self, i: int) -> str:
         """A readable node name: ``L8 f123 @pos5``, ``err L3 @pos2``, ``emb 'The' @pos0``..."""
         k, layer, pos = KINDS[int(self.kind[i])], int(self.layer[i]), int(self.pos[i])
-        if k == "feature":
-            return f"L{layer} f{int(self.feature[i])} @pos{pos}"
-        if k == "error":
-            return f"err L{layer} @pos{pos}"
-        if k == "bias":
-            return f"bias L{layer} @pos{pos}"
-        if k == "embedding":
-            return f"emb {self.token_strs[pos]!r} @pos{pos}"
+        if k != "target":
+            return source_name(k, layer, pos, int(self.feature[i]), self.token_strs)
         t = self.targets[int((self.target_nodes == i).nonzero()[0, 0])]
         return f"{t.label or t.kind}@pos{pos}"
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .attribution import Read, SourceIndex, attribution_rows
+from .graph import source_name
 from .replacement import LocalReplacement
 
 QK_SCHEMA = "transcoders.qk/1"
@@ -449,18 +450,11 @@ def position_terms(a: QKAttribution, positions: torch.Tensor) -> dict[str, list[
 
 
 def source_label(src: dict, token_strs: list[str] | None = None) -> str:
-    """``L3 f901 @pos4``, ``err L3 @pos4``, ``bias L3 @pos4``, ``emb 'x' @pos4``, ``b_Q 20.7 @pos9``."""
-    kind, layer, pos = src["kind"], src["layer"], src["pos"]
-    if kind == "feature":
-        return f"L{layer} f{src['feature']} @pos{pos}"
-    if kind == "error":
-        return f"err L{layer} @pos{pos}"
-    if kind == "bias":
-        return f"bias L{layer} @pos{pos}"
-    if kind == "embedding":
-        tok = token_strs[pos] if token_strs and pos < len(token_strs) else f"#{pos}"
-        return f"emb {tok!r} @pos{pos}"
-    return f"b_{src.get('side', 'q').upper()} L{layer} @pos{pos}"
+    """``L3 f901 @pos4``, ``err L3 @pos4``, ``bias L3 @pos4``, ``emb 'x' @pos4``, ``b_Q L20 @pos9``
+    (:func:`~.graph.source_name`, plus a side's own constant)."""
+    if src["kind"] == "head_bias":
+        return f"b_{src.get('side', 'q').upper()} L{src['layer']} @pos{src['pos']}"
+    return source_name(src["kind"], src["layer"], src["pos"], src.get("feature", -1), token_strs)
 
 
 @torch.no_grad()
