@@ -277,8 +277,12 @@ class Worker:
             section = read_qk_section(graph)
         except ValueError:  # a QK section of another version: compute afresh
             section = None
-        found = {t: find_head(section, *t) for t in triples} if section is not None else {}
-        todo = [t for t in triples if found.get(t) is None]
+        found: dict[tuple[int, int, int, int], dict] = {}
+        for t in triples:
+            stored = find_head(section, *t) if section is not None else None
+            if stored is not None:
+                found[t] = stored
+        todo = [t for t in triples if t not in found]
         if todo:
             index = SourceIndex(rep)
             for t, a in zip(todo, qk_attributions(rep, todo, index=index)):
