@@ -205,7 +205,7 @@ class QKAttribution:
         return self.k_marg if self.k_marg is not None else self.scale * (self.key @ self.Q)
 
     def _rows(self, cols: torch.Tensor, have: torch.Tensor | None, side: str) -> torch.Tensor:
-        cols = torch.as_tensor(cols, dtype=torch.long).flatten()
+        cols = torch.as_tensor(cols, dtype=torch.long, device=self.query.device).flatten()
         if have is None:
             return cols
         where = torch.searchsorted(have, cols).clamp_max(len(have) - 1)
@@ -397,7 +397,7 @@ def qk_attributions(rep: LocalReplacement, triples: list[tuple[int, int, int, in
         cols = cols.sort().values
         at = contrib[layer][[col_row[int(c)] for c in cols], need_l[layer].index(pos)]  # [n, d]
         vec = at @ side.read[:, pos].T  # [n, d_head]
-        return torch.cat([cols, torch.tensor([index.n_cols])]), torch.cat([vec, side.const[None]])
+        return torch.cat([cols, torch.tensor([index.n_cols], device=cols.device)]), torch.cat([vec, side.const[None]])
 
     for (layer, head, q, k, qs, ks), (q_marg, k_marg, qc, kc) in zip(specs, picks):
         q_cols, query = vectors(layer, qc, qs, q)
