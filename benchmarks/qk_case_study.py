@@ -30,7 +30,7 @@ from transcoders.circuits import LocalReplacement, attribute
 from transcoders.circuits.attribution import SourceIndex
 from transcoders.circuits.head_loadings import head_loadings
 from transcoders.circuits.prune import node_influence
-from transcoders.circuits.qk import column_source, column_writes, qk_attribution, side_heads, source_label
+from transcoders.circuits.qk import column_positions, column_source, column_writes, qk_attribution, side_heads, source_label
 from transcoders.circuits.qk_check import check_source, free_pattern, frozen_pattern, source_write
 from transcoders.circuits.session import load_layer_coders
 from transcoders.circuits.targets import top_logit_targets
@@ -99,8 +99,7 @@ def describe(rep, a, index, tokens_str, n=6) -> dict:
                              for c in top]}
     out["key_carriers"] = carriers(rep, a, index, "k")
     # Position blocks of the pair matrix: which positions' sources on each side make the score.
-    pos_of = torch.tensor([column_source(rep, index, c, layer=a.layer, pos=-1, side="q")["pos"]
-                           for c in range(index.n_cols)] + [-1])
+    pos_of = column_positions(rep, index)
     every_q, every_k = torch.arange(a.query.shape[0]), torch.arange(a.key.shape[0])
     terms = a.terms(every_q, every_k)
     blocks = {}

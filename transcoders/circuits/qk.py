@@ -69,16 +69,32 @@ def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, d_head: int) -> torch.Tens
 
 @dataclass
 class SideMap:
-    """One head's query or key side at one position, frozen: ``vec = read . x + const``.
+    """One head's query or key side at one position ``pos``, frozen: ``vec = row . x[pos] + const``.
 
-    ``read [d_head, T, d]``: per coordinate of the head vector, the gradient on the residual stream
-    ``resid_pre[layer]`` (already through the frozen pre-attention norm); ``const [d_head]``;
-    ``vec [d_head]``: the rotated (and normed) query or key on the prompt.
+    ``row [d_head, d]``: per coordinate of the head vector, the gradient on the residual stream
+    ``resid_pre[layer]`` at ``pos`` (already through the frozen pre-attention norm); ``const
+    [d_head]``; ``vec [d_head]``: the rotated (and normed) query or key on the prompt.
     """
 
-    read: torch.Tensor
+    pos: int
+    row: torch.Tensor
     const: torch.Tensor
     vec: torch.Tensor
+
+    def grad(self, n_pos: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The read as a gradient on the whole stream: ``[n_pos, d]`` for ``sum_i weights[i]
+        vec[i]``, or ``[d_head, n_pos, d]`` (one per coordinate) without ``weights``."""
+        if weights is None:
+            g = self.row.new_zeros(self.row.shape[0], n_pos, self.row.shape[1])
+            g[:, self.pos] = self.row
+            return g
+        g = self.row.new_zeros(n_pos, self.row.shape[1])
+        g[self.pos] = weights @ self.row
+        return g
+
+    def at(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., d_head]``: the side's linear part on residual vectors ``x [..., d]`` at ``pos``."""
+        return x @ self.row.T
 
 
 class HeadQK:
@@ -140,9 +156,7 @@ class HeadQK:
         if fl.rope is not None:
             R = rope_matrix(fl.rope[0][pos], fl.rope[1][pos], self.d_head)
             M, const, raw = R @ M, R @ const, R @ raw
-        g = torch.zeros(self.d_head, rep.n_pos, rep.d_model, dtype=rep.dtype, device=rep.device)
-        g[:, pos] = M
-        return SideMap(fl.ln_attn.transpose(g), const, raw)
+        return SideMap(pos, fl.ln_attn.transpose_at(M, pos), const, raw)
 
     def score(self, head: int, q: int, k: int) -> float:
         """The frozen pre-softmax score ``scale * Q . K`` (before any soft-cap)."""
@@ -279,7 +293,8 @@ def qk_attribution(rep: LocalReplacement, layer: int, head: int, q: int, k: int,
 def side_rows(rep: LocalReplacement, side: SideMap, layer: int, index: SourceIndex, batch_size: int = 64) -> torch.Tensor:
     """``[n_cols + 1, d_head]``: each source's part of a frozen query or key vector (the last row:
     the side's constant)."""
-    reads = [Read(("post", layer - 1), side.read[i], 0.0, float(side.const[i])) for i in range(side.read.shape[0])]
+    grads = side.grad(rep.n_pos)
+    reads = [Read(("post", layer - 1), grads[i], 0.0, float(side.const[i])) for i in range(grads.shape[0])]
     rows = torch.cat([attribution_rows(rep, reads[i : i + batch_size], index) for i in range(0, len(reads), batch_size)])
     return torch.cat([rows.T, side.const[None]])
 
@@ -370,8 +385,8 @@ def qk_attributions(rep: LocalReplacement, triples: list[tuple[int, int, int, in
     reads = []
     for layer, _h, _q, _k, qs, ks in specs:
         sc = maps[layer].scale
-        reads.append(Read(("post", layer - 1), sc * torch.einsum("i,itd->td", ks.vec, qs.read), 0.0, 0.0))
-        reads.append(Read(("post", layer - 1), sc * torch.einsum("i,itd->td", qs.vec, ks.read), 0.0, 0.0))
+        reads.append(Read(("post", layer - 1), qs.grad(T, sc * ks.vec), 0.0, 0.0))
+        reads.append(Read(("post", layer - 1), ks.grad(T, sc * qs.vec), 0.0, 0.0))
     order = sorted(range(len(reads)), key=lambda i: reads[i].site[1])  # similar depths share a sweep
     rows = torch.empty(len(reads), index.n_cols, dtype=rep.dtype, device=rep.device)
     for i in range(0, len(order), batch_size):
@@ -396,7 +411,7 @@ def qk_attributions(rep: LocalReplacement, triples: list[tuple[int, int, int, in
     def vectors(layer: int, cols: torch.Tensor, side: SideMap, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         cols = cols.sort().values
         at = contrib[layer][[col_row[int(c)] for c in cols], need_l[layer].index(pos)]  # [n, d]
-        vec = at @ side.read[:, pos].T  # [n, d_head]
+        vec = side.at(at)  # [n, d_head]
         return torch.cat([cols, torch.tensor([index.n_cols], device=cols.device)]), torch.cat([vec, side.const[None]])
 
     for (layer, head, q, k, qs, ks), (q_marg, k_marg, qc, kc) in zip(specs, picks):
@@ -479,7 +494,7 @@ def side_heads(rep: LocalReplacement, a: QKAttribution, writes: list[tuple[int, 
     maps = HeadQK(rep, a.layer)
     pos, other = (a.q, a.K) if side == "q" else (a.k, a.Q)
     s = maps.side(a.head, pos, side)
-    read = Read(("post", a.layer - 1), a.scale * torch.einsum("i,itd->td", other, s.read), 0.0, 0.0)
+    read = Read(("post", a.layer - 1), s.grad(rep.n_pos, a.scale * other), 0.0, 0.0)
     record: dict = {}
     attribution_rows(rep, [read], SourceIndex(rep), record=record)
     G_attn = {m: g[0] for m, g in record.get("attn", {}).items()}

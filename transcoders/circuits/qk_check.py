@@ -77,9 +77,10 @@ def frozen_pattern(rep: LocalReplacement, layer: int, head: int, q: int,
     head's mask hides on the prompt stay hidden). Scores are before any soft-cap; the pattern
     is the softmax after it."""
     maps = HeadQK(rep, layer)
-    Q = torch.einsum("itd,td->i", maps.side(head, q, "q").read, resid) + maps.side(head, q, "q").const
-    scores = torch.stack([maps.scale * (Q @ (torch.einsum("itd,td->i", s.read, resid) + s.const))
-                          for s in (maps.side(head, j, "k") for j in range(q + 1))])
+    qs = maps.side(head, q, "q")
+    Q = qs.at(resid[q]) + qs.const
+    scores = torch.stack([maps.scale * (Q @ (s.at(resid[j]) + s.const))
+                          for j, s in ((j, maps.side(head, j, "k")) for j in range(q + 1))])
     capped = maps.softcap * torch.tanh(scores / maps.softcap) if maps.softcap else scores
     visible = rep.layers[layer].pattern[head, q, : q + 1] > 0
     return scores, torch.softmax(capped.masked_fill(~visible, -torch.inf), 0)

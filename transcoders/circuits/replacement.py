@@ -57,10 +57,15 @@ class FrozenNorm:
 
     def transpose(self, g: torch.Tensor) -> torch.Tensor:
         """Adjoint of :meth:`linear`: maps a gradient on the output to one on the input."""
-        g = g * self.weight / self.denom[:, None]
-        if self.kind == "layernorm":  # the centring projection is symmetric
-            g = g - g.mean(-1, keepdim=True)
-        return g
+        return self._center(g * self.weight / self.denom[:, None])
+
+    def transpose_at(self, g: torch.Tensor, pos: int) -> torch.Tensor:
+        """:meth:`transpose` for gradients ``g [..., d]`` at the one position ``pos``."""
+        return self._center(g * self.weight / self.denom[pos])
+
+    def _center(self, g: torch.Tensor) -> torch.Tensor:
+        # the centring projection is symmetric
+        return g - g.mean(-1, keepdim=True) if self.kind == "layernorm" else g
 
 
 @dataclass
