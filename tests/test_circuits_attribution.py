@@ -354,7 +354,7 @@ def test_influence_ranking_is_the_dense_power_series():
     from transcoders.circuits.attribution import _influence
 
     torch.manual_seed(0)
-    n_cols, n_layers = 12, 3
+    n_cols = 12
     target_rows = torch.randn(2, n_cols) * (torch.rand(2, n_cols) > 0.3)
     weights = torch.tensor([0.25, 0.75], dtype=torch.float64)
     rows = {}
@@ -362,7 +362,8 @@ def test_influence_ranking_is_the_dense_power_series():
         v = torch.randn(c) * (torch.rand(c) > 0.4)
         nz = v.nonzero().flatten()
         rows[c] = (nz.to(torch.int32), v[nz])
-    got = _influence(rows, target_rows, weights, SimpleNamespace(n_cols=n_cols), n_layers)
+    # feature columns 4..11 in layers of two (one row each), so rows read earlier layers' rows
+    got = _influence(rows, target_rows, weights, SimpleNamespace(n_cols=n_cols, layer_offset=[4, 6, 8, 10, 12]))
 
     A = torch.zeros(n_cols, n_cols, dtype=torch.float64)  # A[r, c]: share of row r's |input| from c
     for c, (nz, v) in rows.items():
@@ -370,7 +371,7 @@ def test_influence_ranking_is_the_dense_power_series():
     t = target_rows.abs().double()
     cur = weights @ (t / t.sum(-1, keepdim=True))
     want = torch.zeros(n_cols, dtype=torch.float64)
-    for _ in range(n_layers + 2):
+    for _ in range(n_cols):  # every path length
         want += cur
         cur = cur @ A
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

@@ -396,7 +396,8 @@ def target_summary(traced: Traced) -> str:
 @user_errors
 def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
           out, pruned_out, force, n_paths, paths_target, qk, qk_heads, rank, min_length, store_dir, prepend_bos):
-    """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer)."""
+    """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer, or a
+    cross-layer transcoder folder in circuit-tracer's format)."""
     from .circuits.export import save_graph
 
     out = out if out is not None else Path(run_dir) / "graphs" / f"{slugify(prompt)}.json"

@@ -152,7 +152,9 @@ def train(ctx: click.Context, run_dir: Path, resume_dir: Path | None, override: 
 def evaluate(run_dir: Path, data: str | None, out: Path | None, model: str | None, prepend_bos: bool | None,
              eval_tokens: int, batch_size: int, all_at_once: bool, layers: str | None, quiet: bool) -> None:
     """Evaluate the coders in RUN_DIR: L0, FVU, dead/dense features, spliced-in loss (one layer at
-    a time, and with --all-at-once every layer together)."""
+    a time, and with --all-at-once every layer together). RUN_DIR may also be a cross-layer
+    transcoder in circuit-tracer's format (W_enc_{i}/W_dec_{i}.safetensors), which is always
+    spliced all at once as well."""
     quiet_progress(quiet)
     from .evaluation.run import evaluate_run
 

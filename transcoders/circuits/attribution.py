@@ -53,8 +53,10 @@ class SourceIndex:
     ``[L*T]``, then every layer's active features in order.
 
     Also holds, per layer, the active features' decoder rows padded by position
-    (``dec [T, k_max, d]``, ``act [T, k_max]``, ``col [T, k_max]``; padding points at a spare
+    (``dec [T, d, k_max]``, ``act [T, k_max]``, ``col [T, k_max]``; padding points at a spare
     column ``n_cols``) so a sweep computes all feature edges of a layer as one batched GEMM.
+    With a cross-layer transcoder, :meth:`pair` gives the same for a source layer's decoders into
+    a later layer (built when a sweep reaches it; only the own-layer ones are kept).
     """
 
     def __init__(self, rep: LocalReplacement):
@@ -65,25 +67,38 @@ class SourceIndex:
         self.layer_offset = [self.feature0 + int(x) for x in torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])]
         self.n_cols = self.layer_offset[-1]
         self.n_features = int(sizes.sum())
-        self.padded = [self._pad(rep, layer) for layer in range(L)]
+        self.rep = rep
+        self.slots = [self._slots(rep, layer) for layer in range(L)]
+        self.padded = [self._pad(rep, layer, layer) for layer in range(L)]
         # Per layer [T, d, 3]: error node, the MLP's constant, attention's constant.
         self.consts = [torch.stack([fl.error, fl.mlp_const, fl.attn_const], dim=-1) for fl in rep.layers]
 
-    def _pad(self, rep: LocalReplacement, layer: int):
+    def _slots(self, rep: LocalReplacement, layer: int):
+        """Where each active feature of ``layer`` sits in the padded layout: ``(order, pos,
+        slot, k)``, plus the padded ``act [T, k]`` and ``col [T, k]``."""
         f = rep.layers[layer].features
-        T, d = rep.n_pos, rep.d_model
+        T = rep.n_pos
         counts = torch.bincount(f.pos, minlength=T)
         k = max(int(counts.max()) if len(f) else 0, 1)
         order = torch.argsort(f.pos, stable=True)
         pos = f.pos[order]
         slot = torch.arange(len(f)) - torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])[pos]
-        dec = torch.zeros(T, k, d, dtype=rep.dtype, device=rep.device)
         act = torch.zeros(T, k, dtype=rep.dtype, device=rep.device)
         col = torch.full((T, k), self.n_cols, dtype=torch.long, device=rep.device)
-        dec[pos, slot] = rep.coder_weight(layer, "W_dec")[f.feature[order]]
         act[pos, slot] = f.activation[order]
         col[pos, slot] = self.layer_offset[layer] + order.to(rep.device)
+        return order, pos, slot, k, act, col
+
+    def _pad(self, rep: LocalReplacement, source: int, target: int):
+        order, pos, slot, k, act, col = self.slots[source]
+        dec = torch.zeros(rep.n_pos, k, rep.d_model, dtype=rep.dtype, device=rep.device)
+        dec[pos, slot] = rep.decoder(source, target)[rep.layers[source].features.feature[order]]
         return dec.transpose(1, 2).contiguous(), act, col
+
+    def pair(self, source: int, target: int):
+        """``(dec [T, d, k], act [T, k], col [T, k])`` of layer ``source``'s features writing
+        into ``resid_post[target]``."""
+        return self.padded[source] if source == target else self._pad(self.rep, source, target)
 
     def features(self, layer: int) -> slice:
         return slice(self.layer_offset[layer], self.layer_offset[layer + 1])
@@ -111,7 +126,7 @@ def target_read(rep: LocalReplacement, t: Target) -> Read:
         u = rep.W_U[:, ids] @ coefs
         centered = t.kind != "logit_diff" and t.centered
         if centered:  # the mean logit reads the stream along the mean unembedding column
-            u = u - coefs.sum() * rep.W_U.mean(1)
+            u = u - coefs.sum() * rep.W_U_mean
         g[t.pos] = u
         const = 0.0
         if rep.b_U is not None:
@@ -162,12 +177,13 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         if record is not None:
             record.setdefault("post", {})[layer] = G.clone()
         Gt = G.transpose(0, 1)  # [T, B, d]
-        # Sources writing resid_post[layer]: features (one batched GEMM over positions), error
-        # nodes and the transcoder's constant.
-        dec, act, col = index.padded[layer]
-        w = torch.bmm(Gt, dec) * act[:, None, :]  # [T, B, k]
-        if len(fl.features):
-            rows.index_copy_(1, col.flatten(), w.permute(1, 0, 2).reshape(B, -1))
+        # Sources writing resid_post[layer]: features (one batched GEMM over positions per source
+        # layer: just this one, or every earlier one for a CLT), error nodes and the constants.
+        for src in rep.write_sources(layer):
+            if len(rep.layers[src].features):
+                dec, act, col = index.pair(src, layer)
+                w = torch.bmm(Gt, dec) * act[:, None, :]  # [T, B, k]
+                rows.index_add_(1, col.flatten(), w.permute(1, 0, 2).reshape(B, -1))
         c = torch.bmm(Gt, index.consts[layer])  # [T, B, 3]: error, MLP constant, attention constant
         rows[:, index.error0 + layer * T : index.error0 + (layer + 1) * T] = c[..., 0].T
         bias = c[..., 1].T
@@ -210,31 +226,35 @@ def feature_read(rep: LocalReplacement, layer: int, j: int) -> Read:
 
 
 def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: torch.Tensor, weights: torch.Tensor,
-               index: SourceIndex, n_layers: int) -> torch.Tensor:
+               index: SourceIndex) -> torch.Tensor:
     """Influence of every column on the weighted targets through the rows computed so far,
-    on the row-normalised absolute adjacency (circuit-tracer's measure).
+    on the row-normalised absolute adjacency (circuit-tracer's measure): the sum over paths of
+    every length, ``w A + w A^2 + ...``.
 
-    ``rows``: column -> sparse row ``(indices, values)``. The adjacency is never formed: each
-    step scatters the normalised entries times the current influence of their row with
-    ``index_add_`` (about 20 bytes per stored entry, against several times that for a
-    coalesced sparse matrix), which is what bounds memory on long prompts.
+    ``rows``: column -> sparse row ``(indices, values)``. A feature row's entries point only at
+    earlier layers' columns (a feature reads the stream before its own MLP writes), so the rows
+    taken from the last layer down form a topological order: one pass, each layer's rows
+    scattering their entries times their (by then complete) influence with ``index_add_``. The
+    adjacency is never formed (about 20 bytes per stored entry), which bounds memory on long
+    prompts.
     """
     t = target_rows.abs().double()
-    total = torch.zeros(index.n_cols, dtype=torch.float64)
-    cur = weights.double() @ (t / t.sum(-1, keepdim=True).clamp_min(1e-30))
+    total = weights.double() @ (t / t.sum(-1, keepdim=True).clamp_min(1e-30))
     if not rows:
-        return cur
-    cols = torch.tensor(sorted(rows), dtype=torch.long)
+        return total
+    cols = torch.tensor(sorted(rows), dtype=torch.long)  # feature columns are laid out layer by layer
     parts = [rows[int(c)] for c in cols]
     counts = torch.tensor([idx.numel() for idx, _ in parts], dtype=torch.long)
     c_idx = torch.cat([idx for idx, _ in parts])
-    vals = torch.cat([v.abs().double() / v.abs().double().sum().clamp_min(1e-30) for _, v in parts])
-    r_idx = torch.repeat_interleave(torch.arange(len(cols), dtype=torch.int32), counts)
-    for _ in range(n_layers + 2):
-        total += cur
-        cur = torch.zeros(index.n_cols, dtype=torch.float64).index_add_(0, c_idx, vals * cur[cols][r_idx])
-        if float(cur.sum()) < 1e-12:
-            break
+    r_idx = torch.repeat_interleave(torch.arange(len(cols), dtype=torch.long), counts)
+    vals = torch.cat([v for _, v in parts]).abs().double()
+    vals /= torch.zeros(len(cols), dtype=torch.float64).index_add_(0, r_idx, vals).clamp_min(1e-30)[r_idx]
+    layer = torch.searchsorted(torch.tensor(index.layer_offset[1:]), cols, right=True)  # [n_rows]
+    row_end = counts.cumsum(0)
+    for lay in layer.unique(sorted=True).flip(0).tolist():
+        sel = (layer == lay).nonzero().flatten()
+        lo, hi = int(row_end[sel[0]] - counts[sel[0]]), int(row_end[sel[-1]])
+        total.index_add_(0, c_idx[lo:hi], vals[lo:hi] * total[cols][r_idx[lo:hi]])
     return total
 
 
@@ -281,14 +301,15 @@ def attribute(
     feat_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # column -> sparse row (indices, values)
     reads_meta: dict[int, tuple[float, float]] = {}  # column -> (value, const) of its row
     round_size = max(batch_size, 4 * batch_size if budget < index.n_features else index.n_features)
+    done = torch.zeros(index.n_features, dtype=torch.bool)  # features whose row is computed
     while len(feat_rows) < budget:
         if budget == index.n_features:
             order = torch.arange(index.n_features)
         else:
-            infl = _influence(feat_rows, target_rows, weights, index, rep.n_layers)[index.feature0 :]
+            infl = _influence(feat_rows, target_rows, weights, index)[index.feature0 :]
             order = infl.argsort(descending=True)
             order = order[infl[order] > 0]
-        todo = [int(c) for c in order if index.feature0 + int(c) not in feat_rows][: min(round_size, budget - len(feat_rows))]
+        todo = order[~done[order]][: min(round_size, budget - len(feat_rows))].tolist()
         if not todo:
             break
         todo.sort(key=lambda c: int(layer_of[c]))  # similar layers share a sweep's depth
@@ -296,12 +317,14 @@ def attribute(
             chunk = todo[i : i + batch_size]
             reads = [feature_read(rep, int(layer_of[c]), int(j_of[c])) for c in chunk]
             rows = attribution_rows(rep, reads, index)
-            for c, r, row in zip(chunk, reads, rows):
-                nz = row.nonzero().flatten()
-                # int32 column indices and no injected gradient kept: memory per row is 8 bytes per
-                # nonzero (rows are dense in earlier sources, so this dominates long prompts)
-                feat_rows[index.feature0 + c] = (nz.to(torch.int32), row[nz])
+            # int32 column indices and no injected gradient kept: memory per row is 8 bytes per
+            # nonzero (rows are dense in earlier sources, so this dominates long prompts)
+            r_idx, c_idx = rows.nonzero(as_tuple=True)
+            counts = torch.bincount(r_idx, minlength=len(chunk)).tolist()
+            for c, r, nz, vals in zip(chunk, reads, c_idx.to(torch.int32).split(counts), rows[r_idx, c_idx].split(counts)):
+                feat_rows[index.feature0 + c] = (nz, vals)
                 reads_meta[index.feature0 + c] = (r.value, r.const)
+            done[chunk] = True
             if progress is not None:
                 progress(len(feat_rows), budget)
     t_rows = time.perf_counter()

@@ -22,7 +22,7 @@ import torch
 
 from .attribution import SourceIndex, attribution_rows
 from .graph import EMBEDDING, ERROR, FEATURE, KINDS, TARGET, Graph
-from .heads import row_read, source_write, split_write
+from .heads import row_read, split_source
 from .prune import edge_influence
 from .qk import (
     QK_SCHEMA,
@@ -90,8 +90,7 @@ def edge_head_parts(rep: LocalReplacement, graph: Graph, edges: torch.Tensor, ba
             G_post = {m: g[b] for m, g in record.get("post", {}).items()}
             cache: dict = {}
             for e in by_dst[r]:
-                out[e] = split_write(rep, read, G_attn, G_post, *source_write(rep, graph, int(graph.edge_src[e])),
-                                     cache=cache)
+                out[e] = split_source(rep, read, G_attn, G_post, graph, int(graph.edge_src[e]), cache=cache)
     return out
 
 

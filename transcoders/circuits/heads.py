@@ -53,11 +53,61 @@ def _gradients(rep: LocalReplacement, read: Read) -> tuple[dict, dict]:
             {m: g[0] for m, g in record.get("post", {}).items()})
 
 
+def source_writes(rep: LocalReplacement, graph: Graph, node: int) -> tuple[int, list[tuple[int, torch.Tensor]]]:
+    """``(pos, [(layer, v [d])])``: where a feature, error or embedding node writes, one entry per
+    ``resid_post`` layer it enters (-1: the embeddings; a CLT feature enters several)."""
+    if int(graph.kind[node]) == FEATURE and rep.clt is not None:
+        layer, f, a = int(graph.layer[node]), int(graph.feature[node]), float(graph.activation[node])
+        return int(graph.pos[node]), [(t, a * rep.decoder(layer, t)[f]) for t in rep.write_targets(layer)]
+    layer, pos, v = source_write(rep, graph, node)
+    return pos, [(layer, v)]
+
+
+def _visible(read: Read, layer: int) -> bool:
+    """Whether a write into ``resid_post[layer]`` can reach the row: a feature row of layer ``l``
+    reads before its own MLP, so writes from layer ``l`` on are past it."""
+    return layer < read.site[1] if read.site[0] == "mlp" else layer <= read.site[1]
+
+
+def split_source(rep: LocalReplacement, read: Read, G_attn: dict, G_post: dict, graph: Graph, node: int,
+                 cache: dict | None = None) -> list[EdgeComponent]:
+    """:func:`split_write` of everything node ``node`` writes (every layer a CLT feature writes
+    into, parts of the same head, skip path or residual summed), largest |weight| first."""
+    q, writes = source_writes(rep, graph, node)
+    merged: dict[tuple, float] = {}
+    for layer, v in writes:
+        if _visible(read, layer):
+            for p in split_write(rep, read, G_attn, G_post, layer, q, v, cache):
+                key = (p.kind, p.layer, p.head, p.src_pos, p.dst_pos)
+                merged[key] = merged.get(key, 0.0) + p.weight
+    parts = [EdgeComponent(*key, w) for key, w in merged.items() if w != 0.0]
+    return sorted(parts, key=lambda p: -abs(p.weight))
+
+
+def node_writes(rep: LocalReplacement, graph: Graph, node: int) -> dict[int, torch.Tensor]:
+    """``{layer: [T, d]}``: everything a feature, error or embedding node writes, by the
+    ``resid_post`` layer it enters (-1: the embeddings; a CLT feature enters several)."""
+    kind, layer, pos = int(graph.kind[node]), int(graph.layer[node]), int(graph.pos[node])
+    amount = torch.zeros(rep.n_pos, dtype=rep.dtype, device=rep.device)
+    if kind == FEATURE:
+        amount[pos] = float(graph.activation[node])
+        return rep.feature_writes(layer, int(graph.feature[node]), amount)
+    layer, pos, v = source_write(rep, graph, node)
+    amount[pos] = 1.0
+    return {layer: amount[:, None] * v}
+
+
 def source_write(rep: LocalReplacement, graph: Graph, node: int) -> tuple[int, int, torch.Tensor]:
     """``(layer, pos, v [d])``: what a feature, error or embedding node writes into
-    ``resid_post[layer]`` (layer -1: the embeddings)."""
+    ``resid_post[layer]`` (layer -1: the embeddings).
+
+    Raises:
+        ReplacementError: a feature of a cross-layer transcoder (it writes into several
+            layers: see :func:`source_writes`).
+    """
     kind, layer, pos = int(graph.kind[node]), int(graph.layer[node]), int(graph.pos[node])
     if kind == FEATURE:
+        rep.require_per_layer("one write per source")
         w = rep.coder_weight(layer, "W_dec")[int(graph.feature[node])]
         return layer, pos, float(graph.activation[node]) * w
     if kind == ERROR:
@@ -79,7 +129,7 @@ def split_edge(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> list[
     """
     read = row_read(rep, graph, dst)
     G_attn, G_post = _gradients(rep, read)
-    return split_write(rep, read, G_attn, G_post, *source_write(rep, graph, src))
+    return split_source(rep, read, G_attn, G_post, graph, src)
 
 
 def split_write(rep: LocalReplacement, read: Read, G_attn: dict, G_post: dict, layer: int, q: int,
@@ -132,12 +182,15 @@ def split_edge_last(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> 
         non-zero components, largest |weight| first; weights sum to the edge weight.
     """
     read = row_read(rep, graph, dst)
-    layer, q, v = source_write(rep, graph, src)
+    q, writes = source_writes(rep, graph, src)
+    later = {layer: v for layer, v in writes[1:] if _visible(read, layer)}  # a CLT feature's later writes
+    layer, v = writes[0]
     p = int(graph.pos[dst])
     # The read vector on the residual stream at p (already through the row's frozen norm).
     r = read.grad[p]
     delta = _at(v, q, rep)
-    parts = [EdgeComponent("residual", read.site[1], -1, q, p, float(r @ delta[p]))]
+    direct = float(r @ delta[p]) + sum(float(r @ w) for w in later.values()) * (q == p)
+    parts = [EdgeComponent("residual", read.site[1], -1, q, p, direct)]
     top = read.site[1]
     for m in range(layer + 1, top + 1):
         fl = rep.layers[m]
@@ -159,6 +212,8 @@ def split_edge_last(rep: LocalReplacement, graph: Graph, src: int, dst: int) -> 
             skip = fl.ln_mlp.linear(mid) @ fl.W_skip
             parts.append(EdgeComponent("skip", m, -1, q, p, float(r @ skip[p])))
             new = new + skip
+        if m in later:
+            new = new + _at(later[m], q, rep)
         delta = new
     parts = [c for c in parts if c.weight != 0.0]
     return sorted(parts, key=lambda c: -abs(c.weight))

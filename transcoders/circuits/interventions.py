@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..coders.clt import CrossLayerTranscoder
 from ..coders.coder import SparseCoder
 from ..data.activations import harvest
-from ..evaluation.splice import splice_mlps
+from ..evaluation.splice import splice_clt, splice_mlps
 from ..models.adapters import ModelAdapter
 from .replacement import FrozenRun, LocalReplacement
 from .targets import Target, target_values
@@ -124,7 +125,6 @@ def intervene_frozen(rep: LocalReplacement, edits: list[FeatureEdit], targets: l
     pinned: dict[int, torch.Tensor] = {}
     for e in edits:
         f = rep.layers[e.layer].features
-        W_dec = rep.coder_weight(e.layer, "W_dec")[e.feature]
         pos_mask = e.mask(rep.n_pos, rep.device)
         current = torch.zeros(rep.n_pos, dtype=rep.dtype, device=rep.device)
         here = f.feature == e.feature
@@ -134,7 +134,8 @@ def intervene_frozen(rep: LocalReplacement, edits: list[FeatureEdit], targets: l
             at = folded.feature == e.feature
             current[folded.pos[at]] = folded.activation[at]
         change = torch.where(pos_mask, e.apply(current) - current, torch.zeros_like(current))
-        delta[e.layer] = delta.get(e.layer, 0) + change[:, None] * W_dec
+        for t, write in rep.feature_writes(e.layer, e.feature, change).items():  # several layers for a CLT
+            delta[t] = delta.get(t, 0) + write
         pin = here & pos_mask[f.pos]
         pinned[e.layer] = pinned.get(e.layer, torch.zeros_like(pin)) | pin
     before = frozen_target_values(rep, rep.forward(), targets)
@@ -152,16 +153,24 @@ class ReplacementRunner:
         tokens: ``[T]`` prompt.
     """
 
-    def __init__(self, adapter: ModelAdapter, coders: dict[int, SparseCoder], tokens: torch.Tensor):
+    def __init__(self, adapter: ModelAdapter, coders: dict[int, SparseCoder] | CrossLayerTranscoder, tokens: torch.Tensor):
+        self.clt = coders if isinstance(coders, CrossLayerTranscoder) else None
+        if self.clt is not None:
+            coders = self.clt.layer_coders()
         self.adapter, self.coders = adapter, coders
         self.tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         self.softcap = getattr(adapter.config, "final_logit_softcapping", None)
         self.errors: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             clean = harvest(adapter, self.tokens[None], list(coders))
+            if self.clt is not None:  # a CLT layer's reconstruction needs every earlier layer's features
+                with splice_clt(adapter, self.clt, ()) as acts:
+                    adapter.model(input_ids=self.tokens[None].to(adapter.device))
+                recon = {t: self.clt.reconstruct(t, acts) for t in range(adapter.n_layers)}
         for layer, (x, y) in clean.items():
             coder = coders[layer]
-            self.errors[layer] = y - coder(x.to(coder.W_enc.dtype)).to(y.dtype)
+            recon_l = recon[layer] if self.clt is not None else coder(x.to(coder.W_enc.dtype))
+            self.errors[layer] = y - recon_l.to(y.dtype)
 
     def clean_activations(self) -> dict[int, torch.Tensor]:
         """``{layer: [T, d_sae]}`` feature activations on the clean prompt."""
@@ -190,32 +199,39 @@ class ReplacementRunner:
         for e in edits:
             by_layer.setdefault(e.layer, []).append(e)
 
-        def replace(layer):
-            coder = self.coders[layer]
-
-            def fn(x):
-                cap["mlp_in"][layer] = x[0]
-                xc = x.to(coder.W_enc.dtype)
-                a = coder.encode(xc)  # [1, T, d_sae]
-                if keep is not None and layer in keep:
-                    a = torch.where(keep[layer][None].to(a.device), a, means[layer].to(a.dtype))
-                for e in by_layer.get(layer, ()):
-                    m = e.mask(a.shape[1], a.device)
-                    a[0, m, e.feature] = e.apply(a[0, m, e.feature])
-                if record_acts is not None:
-                    record_acts[layer] = a[0]
-                return coder.decode(a, xc).to(x.dtype) + self.errors[layer]
-
-            return fn
-
         def pre(layer):
             def fn(_module, args, kwargs):
                 cap["resid_pre"][layer] = (args[0] if args else kwargs["hidden_states"])[0]
 
             return fn
 
+        def edit(layer, a):  # a [1, T, d_sae] as encoded -> as the edits leave it
+            if keep is not None and layer in keep:
+                a = torch.where(keep[layer][None].to(a.device), a, means[layer].to(a.dtype))
+            for e in by_layer.get(layer, ()):
+                m = e.mask(a.shape[1], a.device)
+                a[0, m, e.feature] = e.apply(a[0, m, e.feature])
+            if record_acts is not None:
+                record_acts[layer] = a[0]
+            return a
+
+        def replace(layer):
+            coder = self.coders[layer]
+
+            def fn(x):
+                cap["mlp_in"][layer] = x[0]
+                xc = x.to(coder.W_enc.dtype)
+                return coder.decode(edit(layer, coder.encode(xc)), xc).to(x.dtype) + self.errors[layer]
+
+            return fn
+
         with ExitStack() as stack:
-            stack.enter_context(splice_mlps(ad, {layer: replace(layer) for layer in self.coders}))
+            if self.clt is not None:
+                read: dict = {}
+                stack.enter_context(splice_clt(ad, self.clt, edit=edit, add=self.errors, inputs=read))
+                stack.callback(lambda: cap["mlp_in"].update({layer: x[0] for layer, x in read.items()}))
+            else:
+                stack.enter_context(splice_mlps(ad, {layer: replace(layer) for layer in self.coders}))
             handles = [block.register_forward_pre_hook(pre(i), with_kwargs=True) for i, block in enumerate(ad.layers())]
             handles.append(ad.final_norm().module.register_forward_pre_hook(pre(ad.n_layers), with_kwargs=True))
             stack.callback(lambda: [h.remove() for h in handles])
@@ -236,7 +252,7 @@ class ReplacementRunner:
 
 
 @torch.no_grad()
-def mean_activations(adapter: ModelAdapter, coders: dict[int, SparseCoder], contexts: torch.Tensor, *,
+def mean_activations(adapter: ModelAdapter, coders: dict[int, SparseCoder] | CrossLayerTranscoder, contexts: torch.Tensor, *,
                      batch_size: int = 8, skip_first: bool = True) -> dict[int, torch.Tensor]:
     """``{layer: [d_sae]}`` mean feature activations of every coder on the real model's MLP
     inputs over ``contexts [n, ctx]`` (the reference for mean ablation).
@@ -248,11 +264,16 @@ def mean_activations(adapter: ModelAdapter, coders: dict[int, SparseCoder], cont
     count = 0
     start = 1 if skip_first else 0
     for i in range(0, len(contexts), batch_size):
-        acts = harvest(adapter, contexts[i : i + batch_size], list(coders))
-        for layer, coder in coders.items():
-            x = acts[layer][0][:, start:]
-            sums[layer] += coder.encode(x.to(coder.W_enc.dtype)).double().sum((0, 1)).cpu()
-        count += x.shape[0] * x.shape[1]
+        batch = contexts[i : i + batch_size]
+        if isinstance(coders, CrossLayerTranscoder):  # encoded on what the CLT reads (resid_mid or the MLP input)
+            with splice_clt(adapter, coders, ()) as enc:
+                adapter.model(input_ids=batch.to(adapter.device))
+        else:
+            acts = harvest(adapter, batch, list(coders))
+            enc = {layer: coder.encode(acts[layer][0].to(coder.W_enc.dtype)) for layer, coder in coders.items()}
+        for layer in coders:
+            sums[layer] += enc[layer][:, start:].double().sum((0, 1)).cpu()
+        count += batch.shape[0] * (batch.shape[1] - start)
     return {layer: (s / max(count, 1)).float() for layer, s in sums.items()}
 
 
@@ -272,6 +293,9 @@ def steer(adapter: ModelAdapter, coders: dict[int, SparseCoder], tokenizer, prom
     Returns:
         ``(baseline continuation, steered continuation)``.
     """
+    if isinstance(coders, CrossLayerTranscoder):
+        raise ValueError("steering generation with a cross-layer transcoder is not supported yet (its features write into "
+                         "several layers); use `intervene --mode free`, which runs the CLT's replacement model")
     ids = prompt[None] if torch.is_tensor(prompt) else tokenizer(prompt, return_tensors="pt").input_ids
     ids = ids.to(adapter.device)
     n_prompt = ids.shape[1]

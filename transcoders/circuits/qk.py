@@ -279,6 +279,7 @@ def qk_attribution(rep: LocalReplacement, layer: int, head: int, q: int, k: int,
     Raises:
         QKError: the layer, head or positions are out of range, or ``k > q``.
     """
+    rep.require_per_layer("QK attribution")
     T = rep.n_pos
     q, k = (q + T if q < 0 else q), (k + T if k < 0 else k)
     maps = HeadQK(rep, layer)
@@ -370,6 +371,7 @@ def qk_attributions(rep: LocalReplacement, triples: list[tuple[int, int, int, in
     Raises:
         QKError: a layer, head or position is out of range, or ``k > q``.
     """
+    rep.require_per_layer("QK attribution")
     index = index or SourceIndex(rep)
     T = rep.n_pos
     maps: dict[int, HeadQK] = {}

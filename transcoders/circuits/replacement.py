@@ -17,6 +17,10 @@ Conventions (``T`` prompt positions, ``d`` = d_model, ``L`` layers):
 - Features, error nodes and the transcoder's constant (``b_dec``) of layer ``l`` write into
   ``resid_post[l]``. A skip transcoder's ``W_skip`` path is linear and is *not* a node: effects
   flow through it.
+- With a cross-layer transcoder (:class:`~transcoders.coders.clt.CrossLayerTranscoder`) a
+  layer-``l`` feature writes into ``resid_post[t]`` for every ``t >= l`` (through
+  ``W_dec[l][:, t - l]``); layer ``t``'s error node is its MLP output minus everything the CLT
+  writes there (Ameisen et al. 2025, Sec. 2.2).
 
 Everything is computed in ``dtype`` (float64 for exact checks, float32 for speed).
 """
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..coders.clt import CrossLayerTranscoder
 from ..coders.coder import SparseCoder
 from ..models.adapters import BlockInternals, ModelAdapter, NormSpec
 
@@ -87,7 +92,7 @@ class FrozenLayer:
     """One block of the local replacement model, frozen on the prompt."""
 
     ln_attn: FrozenNorm
-    ln_mlp: FrozenNorm
+    ln_mlp: FrozenNorm  # stream -> transcoder input (identity for a CLT that reads resid_mid)
     attn_out_norm: FrozenNorm | None
     W_V: torch.Tensor  # [n_kv, d, d_head]
     b_V: torch.Tensor | None  # [n_kv, d_head]
@@ -251,7 +256,8 @@ class LocalReplacement:
     Args:
         adapter: the model's adapter.
         coders: ``{layer: transcoder}`` for *every* layer (transcoders or skip transcoders,
-            any activation); the features of all layers become graph nodes.
+            any activation), or one :class:`~transcoders.coders.clt.CrossLayerTranscoder`
+            spanning every layer; the features of all layers become graph nodes.
         tokens: ``[T]`` prompt token ids (include BOS yourself if the model wants one, e.g. with
             :func:`~transcoders.circuits.session.tokenize_prompt`).
         dtype: compute dtype; float64 makes every identity exact to ~1e-12.
@@ -269,6 +275,7 @@ class LocalReplacement:
 
     Raises:
         ReplacementError: a layer has no coder, a coder is an SAE or does not match d_model,
+            a CLT spans another number of layers or reads ``resid_mid`` of a parallel block,
             or the prompt is empty or longer than the model's context, or a constant position is
             outside the prompt.
     """
@@ -276,13 +283,21 @@ class LocalReplacement:
     def __init__(
         self,
         adapter: ModelAdapter,
-        coders: dict[int, SparseCoder],
+        coders: dict[int, SparseCoder] | CrossLayerTranscoder,
         tokens: torch.Tensor,
         *,
         dtype: torch.dtype = torch.float32,
         tokenizer=None,
         constant_positions: tuple[int, ...] | None = None,
     ):
+        self.clt = coders if isinstance(coders, CrossLayerTranscoder) else None
+        if self.clt is not None:
+            if self.clt.n_layers != adapter.n_layers or self.clt.d_model != adapter.d_model:
+                raise ReplacementError(
+                    f"the cross-layer transcoder spans {self.clt.n_layers} layers of width {self.clt.d_model}, but the "
+                    f"model has {adapter.n_layers} layers of width {adapter.d_model}; it belongs to another model"
+                )
+            coders = self.clt.layer_coders()
         tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         if tokens.numel() == 0:
             raise ReplacementError("the prompt is empty; pass at least one token")
@@ -323,6 +338,13 @@ class LocalReplacement:
         def frozen(spec: NormSpec, key) -> FrozenNorm:
             return FrozenNorm(spec.kind, cast(spec.weight), cast(spec.bias), spec.denom(cast(rec["norm_in"][key])))
 
+        reads_stream = self.clt is not None and self.clt.reads == "resid_mid"
+        if reads_stream and any(bi.parallel for bi in internals):
+            raise ReplacementError("this CLT reads resid_mid, which a parallel block (GPT-NeoX) does not have; "
+                                   "use a CLT that reads the MLP input")
+        one = torch.ones(tokens.numel(), dtype=dtype, device=self.device)
+        identity = FrozenNorm("rmsnorm", torch.ones(adapter.d_model, dtype=dtype, device=self.device), None, one)
+
         self.resid0 = cast(rec["resid0"])
         self.model_logits = rec["logits"].float()
         self.layers: list[FrozenLayer] = []
@@ -331,7 +353,7 @@ class LocalReplacement:
             self.layers.append(
                 FrozenLayer(
                     ln_attn=frozen(bi.ln_attn, ("attn", layer)),
-                    ln_mlp=frozen(bi.ln_mlp, ("mlp", layer)),
+                    ln_mlp=identity if reads_stream else frozen(bi.ln_mlp, ("mlp", layer)),
                     attn_out_norm=None if bi.attn_out_norm is None else frozen(bi.attn_out_norm, ("attn_out", layer)),
                     W_V=cast(bi.ov.W_V), b_V=cast(bi.ov.b_V), W_O=cast(bi.ov.W_O), b_O=cast(bi.ov.b_O),
                     pattern=cast(rec["pattern"][layer]), parallel=bi.parallel, coder=coder,
@@ -345,6 +367,7 @@ class LocalReplacement:
         self.softcap = getattr(adapter.config, "final_logit_softcapping", None)
         W_U, b_U = adapter.unembed()
         self.W_U, self.b_U = cast(W_U), cast(b_U)
+        self.W_U_mean = self.W_U.mean(1)  # [d]: how the mean logit reads the final stream (centred targets)
         self._build()
 
     # ------------------------------------------------------------------ construction
@@ -388,20 +411,25 @@ class LocalReplacement:
             mid = resid if fl.parallel else resid + attn
             fl.mlp_in = fl.ln_mlp(mid)
             fl.features = self._encode(layer, fl.mlp_in)
-            b_dec = self.coder_weight(layer, "b_dec")
-            const_in = fl.ln_mlp.bias
-            const = b_dec if (fl.W_skip is None or const_in is None) else b_dec + const_in @ fl.W_skip
-            fl.mlp_const = const.expand(self.n_pos, -1).clone()
-            recon = self.feature_write(layer) + b_dec
             if self.constant_positions.numel():
                 # Everything at these positions is input-independent (e.g. BOS at position 0 sees
                 # only itself): their features join the bias nodes instead of spending the
                 # feature budget, as circuit-tracer leaves BOS features out.
                 f = fl.features
                 fixed = torch.isin(f.pos, self.constant_positions)
-                fl.mlp_const += self.feature_write(layer, f.activation * fixed)
                 fl.features = ActiveFeatures(f.pos[~fixed], f.feature[~fixed], f.activation[~fixed], f.pre_act[~fixed])
                 fl.folded = ActiveFeatures(f.pos[fixed], f.feature[fixed], f.activation[fixed], f.pre_act[fixed])
+            b_dec = self.coder_weight(layer, "b_dec")
+            const_in = fl.ln_mlp.bias
+            const = b_dec if (fl.W_skip is None or const_in is None) else b_dec + const_in @ fl.W_skip
+            fl.mlp_const = const.expand(self.n_pos, -1).clone()
+            recon = b_dec
+            for src in self.write_sources(layer):
+                folded = self.layers[src].folded
+                if folded is not None:
+                    fl.mlp_const += self.write(src, layer, folded)
+                    recon = recon + self.write(src, layer, folded)
+                recon = recon + self.write(src, layer, self.layers[src].features)
             if fl.W_skip is not None:
                 recon = recon + fl.mlp_in @ fl.W_skip
             fl.error = fl.mlp_out - recon
@@ -410,15 +438,52 @@ class LocalReplacement:
         self.resid_pre.append(resid)
         self.logits = self.unembed(resid)
 
-    def feature_write(self, layer: int, activation: torch.Tensor | None = None) -> torch.Tensor:
-        """``[T, d]``: what layer ``layer``'s active features write (``sum_i a_i W_dec[i]`` per
-        position), with ``activation [n]`` replacing the held activations if given."""
-        fl = self.layers[layer]
-        f = fl.features
-        a = f.activation if activation is None else activation
-        W_dec = self.coder_weight(layer, "W_dec")
+    def feature_write(self, layer: int, activation: torch.Tensor | None = None, target: int | None = None) -> torch.Tensor:
+        """``[T, d]``: what layer ``layer``'s active features write into ``resid_post[target]``
+        (default: ``layer``; ``sum_i a_i W_dec[i]`` per position), with ``activation [n]``
+        replacing the held activations if given."""
+        return self.write(layer, layer if target is None else target, self.layers[layer].features, activation)
+
+    def write(self, source: int, target: int, feats: ActiveFeatures, activation: torch.Tensor | None = None) -> torch.Tensor:
+        """``[T, d]``: what the features ``feats`` of layer ``source`` write into
+        ``resid_post[target]``, with activations ``activation [n]`` (default: theirs)."""
+        a = feats.activation if activation is None else activation
         out = torch.zeros(self.n_pos, self.d_model, dtype=self.dtype, device=self.device)
-        return out.index_add_(0, f.pos, a[:, None] * W_dec[f.feature])
+        return out.index_add_(0, feats.pos, a[:, None] * self.decoder(source, target)[feats.feature])
+
+    def decoder(self, source: int, target: int) -> torch.Tensor:
+        """``[d_sae, d]`` in ``dtype``: how layer ``source``'s features write into
+        ``resid_post[target]`` (a per-layer transcoder writes only into its own layer).
+
+        Raises:
+            ValueError: ``target`` is not one of :meth:`write_targets` of ``source``.
+        """
+        if self.clt is not None:
+            return self.clt.decoder(source, target).detach().to(device=self.device, dtype=self.dtype)
+        if target != source:
+            raise ValueError(f"a per-layer transcoder's features write only into their own layer ({source}), not {target}")
+        return self.coder_weight(source, "W_dec")
+
+    def write_targets(self, source: int) -> range:
+        """The layers whose ``resid_post`` layer ``source``'s features write into."""
+        return range(source, self.n_layers if self.clt is not None else source + 1)
+
+    def write_sources(self, target: int) -> range:
+        """The layers whose features write into ``resid_post[target]``."""
+        return range(0 if self.clt is not None else target, target + 1)
+
+    def feature_writes(self, layer: int, feature: int, amount: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{target: [T, d]}``: what feature ``feature`` of ``layer`` writes at activation
+        ``amount [T]`` per position, for every layer it writes into."""
+        return {t: amount[:, None] * self.decoder(layer, t)[feature] for t in self.write_targets(layer)}
+
+    def require_per_layer(self, what: str) -> None:
+        """Raise :class:`ReplacementError` if the features come from a cross-layer transcoder."""
+        if self.clt is not None:
+            raise ReplacementError(
+                f"{what} needs per-layer transcoders: a cross-layer transcoder's features write into several layers. "
+                "Graphs, paths and verify's frozen checks work with CLTs; use per-layer transcoders for this one"
+            )
 
     def capped(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply the model's final logit soft-cap (Gemma 2), if any, to ``logits``."""
@@ -458,6 +523,7 @@ class LocalReplacement:
         delta_post, delta_attn = delta_post or {}, delta_attn or {}
         resid = self.resid0 + delta_post.get(-1, 0)
         mlp_ins, acts, resid_pre = [], [], []
+        pending: dict[int, torch.Tensor] = {}  # linear mode: feature changes written into later layers (CLT)
         for layer, fl in enumerate(self.layers):
             resid_pre.append(resid)
             attn = fl.attention(fl.ln_attn(resid)) + delta_attn.get(layer, 0)
@@ -475,9 +541,11 @@ class LocalReplacement:
                 if pinned and layer in pinned:
                     d_pre = d_pre.masked_fill(pinned[layer], 0.0)
                 a = a + d_pre
-                write = write + self.feature_write(layer, d_pre)
+                for t in self.write_targets(layer):
+                    pending[t] = pending.get(t, 0) + self.write(layer, t, f, d_pre)
             elif features != "held":
                 raise ValueError(f"features must be 'held' or 'linear', got {features!r}")
+            write = write + pending.pop(layer, 0)
             acts.append(a)
             resid = mid + write + (attn if fl.parallel else 0) + delta_post.get(layer, 0)
         resid_pre.append(resid)

@@ -7,21 +7,29 @@ from typing import Any
 
 import torch
 
+from ..coders.clt import CrossLayerTranscoder, is_clt_folder, read_clt
 from ..coders.coder import SparseCoder
 from ..coders.io import CoderFileError, check_compatible, coders_fingerprint, load_coder
 from ..coders.run_folder import find_coders
 from ..models.loading import LoadedModel
 
 
-def load_layer_coders(run_dir: str | Path, loaded: LoadedModel) -> dict[int, SparseCoder]:
+def load_layer_coders(run_dir: str | Path, loaded: LoadedModel) -> dict[int, SparseCoder] | CrossLayerTranscoder:
     """``{layer: coder}`` for every layer's (non-sweep) coder in a run folder, checked against
-    the model.
+    the model; or, when ``run_dir`` holds a cross-layer transcoder in circuit-tracer's format
+    (:func:`~transcoders.coders.clt.read_clt`), that CLT (it also reads as ``{layer: coder}``).
 
     Raises:
         CoderFileError: no coders, missing/corrupt files, or coders that do not fit the model.
     """
-    found = find_coders(Path(run_dir))
     ad = loaded.adapter
+    if is_clt_folder(run_dir):
+        clt = read_clt(run_dir, device=ad.device).requires_grad_(False)
+        if (clt.n_layers, clt.d_model) != (ad.n_layers, ad.d_model):
+            raise CoderFileError(f"the cross-layer transcoder in {run_dir} spans {clt.n_layers} layers of width "
+                                 f"{clt.d_model}; the model has {ad.n_layers} of width {ad.d_model}: pass --model")
+        return clt
+    found = find_coders(Path(run_dir))
     coders = {}
     for key, folder in found.items():
         if key.variant:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .graph import FEATURE, TARGET, Graph
-from .heads import source_write
+from .heads import node_writes
 from .interventions import (
     FeatureEdit,
     ReplacementRunner,
@@ -88,12 +88,10 @@ def check_edges(rep: LocalReplacement, graph: Graph, top: int = 20) -> list[dict
         if not ok[e]:
             break
         s, d, w = int(graph.edge_src[e]), int(graph.edge_dst[e]), float(graph.edge_weight[e])
-        layer, pos, v = source_write(rep, graph, s)
-        delta = torch.zeros(rep.n_pos, rep.d_model, dtype=rep.dtype, device=rep.device)
-        delta[pos] = -v
+        delta = {layer: -v for layer, v in node_writes(rep, graph, s).items()}
         t = graph.row_target(d)
         before = frozen_target_values(rep, base, [t])
-        after = frozen_target_values(rep, rep.forward({layer: delta}), [t])
+        after = frozen_target_values(rep, rep.forward(delta), [t])
         measured = float(after - before)
         out.append({"source": graph.label(s), "row": graph.label(d), "predicted": -w, "measured": measured,
                     "abs_error": abs(measured + w)})

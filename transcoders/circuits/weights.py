@@ -162,6 +162,11 @@ def _coder(coders: Mapping[int, SparseCoder], layer: int, *, writes: bool = Fals
             f"layer {layer}'s coder is an SAE: its decoder reconstructs the MLP input, it does not write "
             "into the residual stream; virtual weights, pullbacks and logit effects need transcoders"
         )
+    if writes and coder.cfg.training.get("cross_layer_transcoder"):
+        raise WeightsError(
+            f"layer {layer}'s coder is part of a cross-layer transcoder, whose features write into every later "
+            "layer; these virtual weights are defined for per-layer transcoders only (use the attribution graph)"
+        )
     return coder
 
 

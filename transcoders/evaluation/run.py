@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from ..coders.clt import is_clt_folder, read_clt
 from ..coders.io import CoderFileError, check_compatible, load_coder
 from ..coders.run_folder import find_coders
 from ..data.sources import describe_source
@@ -108,6 +109,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
         OSError: the output folder cannot be written.
     """
     run_dir = Path(run_dir)
+    if is_clt_folder(run_dir):
+        return evaluate_clt_folder(run_dir, data=data, out=out, model=model, prepend_bos=prepend_bos,
+                                   eval_tokens=eval_tokens, batch_size=batch_size, loaded=loaded, progress=progress)
     coder_dirs = find_coders(run_dir)
     if layers is not None:
         missing = sorted(set(layers) - {key.layer for key in coder_dirs})
@@ -175,6 +179,52 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, out: str | Pat
     if out_dir == run_dir and "training" not in info and (run_dir / "timing.json").exists():
         info["training"] = json.loads((run_dir / "timing.json").read_text())  # keep the training timings
     summary = write_report(out_dir, metrics, extra=info, header=f"{loaded.name} on {source}")
+    metrics = {k: v for k, v in metrics.items() if k != "feature_frequency"} | info
+    metrics["summary_path"] = str(summary)
+    return metrics
+
+
+def evaluate_clt_folder(run_dir: str | Path, *, data: str | None = None, out: str | Path | None = None,
+                        model: str | None = None, prepend_bos: bool | None = None, eval_tokens: int = 8192,
+                        batch_size: int = 8, loaded: LoadedModel | None = None, progress: bool = True) -> dict:
+    """:func:`evaluate_run` for a cross-layer transcoder folder in circuit-tracer's format
+    (:func:`~transcoders.evaluation.clt.evaluate_clt`: each layer spliced alone and all at
+    once). The text is ``data``, or the held-out split of the default corpus; the model is
+    ``model``, or the one the folder's ``config.yaml`` names when it is known locally. With BOS,
+    the first position keeps the real MLP output (the attention sink), as our runs train.
+    Results go to ``out`` (default as :func:`eval_folder`).
+
+    Raises:
+        CoderFileError: the folder is incomplete or does not fit the model.
+        ModelLoadError: no ``model`` and the folder names none known locally.
+    """
+    from .clt import evaluate_clt
+
+    run_dir = Path(run_dir)
+    out_dir = check_writable(Path(out) if out is not None else eval_folder(run_dir, data))
+    clt = read_clt(run_dir)
+    if loaded is None:
+        loaded = load_model(model or model_from_file(clt.model_name or None, f"the cross-layer transcoder in {run_dir}"))
+    ad = loaded.adapter
+    if (clt.n_layers, clt.d_model) != (ad.n_layers, ad.d_model):
+        raise CoderFileError(f"the cross-layer transcoder in {run_dir} spans {clt.n_layers} layers of width {clt.d_model}; "
+                             f"{loaded.name} has {ad.n_layers} of width {ad.d_model}: pass --model")
+    cfg = TrainConfig()
+    use_bos = resolve_prepend_bos(prepend_bos, ad, loaded.tokenizer)
+    bos_id = bos_id_if(use_bos, loaded.tokenizer)
+    if data is not None:
+        tokens, _ = tokenize_source(data, loaded.tokenizer, cfg.ctx_len, max_tokens=eval_tokens, bos_id=bos_id)
+        source = describe_source(data)
+    else:
+        split = build_token_split(cfg.data, loaded.tokenizer, cfg.ctx_len, eval_fraction=cfg.eval_fraction,
+                                  max_train_tokens=cfg.ctx_len, max_eval_tokens=eval_tokens, bos_id=bos_id)
+        tokens, source = split.eval, f"held-out split of {describe_source(cfg.data)}"
+    tokens = tokens[: max(1, eval_tokens // tokens.shape[1])]
+    t0 = time.perf_counter()
+    metrics = evaluate_clt(ad, clt, tokens, batch_size=batch_size, progress=progress, skip_first=int(bos_id is not None))
+    info = {"model": loaded.name, "eval_data": source, "prepend_bos": use_bos, "eval_seconds": time.perf_counter() - t0,
+            "coders": "cross-layer transcoder"}
+    summary = write_report(out_dir, metrics, extra=info, header=f"{loaded.name} (cross-layer transcoder) on {source}")
     metrics = {k: v for k, v in metrics.items() if k != "feature_frequency"} | info
     metrics["summary_path"] = str(summary)
     return metrics
