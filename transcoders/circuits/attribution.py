@@ -161,15 +161,21 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
             (``resid_mid[l]``, or ``resid_post[l]`` for parallel blocks), each ``[B, T, d]``.
     Returns:
         ``[B, index.n_cols]`` edge weights in ``rep.dtype`` (zeros where no path exists).
+
+    Attention is causal, so a read at position ``p`` sees only sources at positions ``<= p``: the
+    sweep runs on the prefix of positions up to the batch's last read position (without
+    ``record``), which is what sorting rows by position buys on long prompts.
     """
     B, T, d = len(reads), rep.n_pos, rep.d_model
     rows = torch.zeros(B, index.n_cols + 1, dtype=rep.dtype, device=rep.device)  # + a spare column for padding
+    # P: the positions the sweep needs (every read's gradient is zero past its own position)
+    P = T if record is not None else max(_last_position(r.grad) for r in reads) + 1
     inject: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
     for b, r in enumerate(reads):
-        inject.setdefault(r.site, []).append((b, r.grad))
+        inject.setdefault(r.site, []).append((b, r.grad[:P]))
     top = max(r.site[1] for r in reads)
-    G = torch.zeros(B, T, d, dtype=rep.dtype, device=rep.device)
-    bias_cols = lambda layer: slice(index.bias0 + layer * T, index.bias0 + (layer + 1) * T)
+    G = torch.zeros(B, P, d, dtype=rep.dtype, device=rep.device)
+    bias_cols = lambda layer: slice(index.bias0 + layer * T, index.bias0 + layer * T + P)
     for layer in range(top, -1, -1):
         fl = rep.layers[layer]
         for b, g in inject.get(("post", layer), ()):
@@ -182,10 +188,11 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         for src in rep.write_sources(layer):
             if len(rep.layers[src].features):
                 dec, act, col = index.pair(src, layer)
-                w = torch.bmm(Gt, dec) * act[:, None, :]  # [T, B, k]
+                dec, act, col = dec[:P], act[:P], col[:P]
+                w = torch.bmm(Gt, dec) * act[:, None, :]  # [P, B, k]
                 rows.index_add_(1, col.flatten(), w.permute(1, 0, 2).reshape(B, -1))
-        c = torch.bmm(Gt, index.consts[layer])  # [T, B, 3]: error, MLP constant, attention constant
-        rows[:, index.error0 + layer * T : index.error0 + (layer + 1) * T] = c[..., 0].T
+        c = torch.bmm(Gt, index.consts[layer][:P])  # [P, B, 3]: error, MLP constant, attention constant
+        rows[:, index.error0 + layer * T : index.error0 + layer * T + P] = c[..., 0].T
         bias = c[..., 1].T
         # What the MLP reads (the skip path and feature rows of this layer).
         G_mlp = None
@@ -203,15 +210,21 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         else:
             if G_mlp is not None:
                 G = G + G_mlp
-                bias = bias + torch.bmm(G.transpose(0, 1), fl.attn_const[:, :, None])[..., 0].T
+                bias = bias + torch.bmm(G.transpose(0, 1), fl.attn_const[:P, :, None])[..., 0].T
             if record is not None:
                 record.setdefault("attn", {})[layer] = G.clone()
             G = G + fl.attention_transpose(G)
         rows[:, bias_cols(layer)] = bias
     for b, g in inject.get(("post", -1), ()):
         G[b] += g
-    rows[:, :T] = torch.bmm(G.transpose(0, 1), rep.resid0[:, :, None])[..., 0].T
+    rows[:, :P] = torch.bmm(G.transpose(0, 1), rep.resid0[:P, :, None])[..., 0].T
     return rows[:, : index.n_cols]
+
+
+def _last_position(grad: torch.Tensor) -> int:
+    """The last position where ``grad [T, d]`` is non-zero (0 if none)."""
+    nz = grad.abs().amax(-1).nonzero()
+    return int(nz.max()) if nz.numel() else 0
 
 
 def row_read(rep: LocalReplacement, graph: Graph, node: int) -> Read:
@@ -235,7 +248,8 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
     earlier layers' columns (a feature reads the stream before its own MLP writes), so the rows
     taken from the last layer down form a topological order: one pass, each layer's rows
     scattering their entries times their (by then complete) influence with ``index_add_``. The
-    adjacency is never formed (about 20 bytes per stored entry), which bounds memory on long
+    adjacency is never formed, and the temporaries (about 28 bytes per entry, see
+    :data:`INFLUENCE_BYTES`) exist for one layer's rows at a time, which bounds memory on long
     prompts.
     """
     t = target_rows.abs().double()
@@ -243,19 +257,21 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
     if not rows:
         return total
     cols = torch.tensor(sorted(rows), dtype=torch.long)  # feature columns are laid out layer by layer
-    parts = [rows[int(c)] for c in cols]
-    counts = torch.tensor([idx.numel() for idx, _ in parts], dtype=torch.long)
-    c_idx = torch.cat([idx for idx, _ in parts])
-    r_idx = torch.repeat_interleave(torch.arange(len(cols), dtype=torch.long), counts)
-    vals = torch.cat([v for _, v in parts]).abs().double()
-    vals /= torch.zeros(len(cols), dtype=torch.float64).index_add_(0, r_idx, vals).clamp_min(1e-30)[r_idx]
-    layer = torch.searchsorted(torch.tensor(index.layer_offset[1:]), cols, right=True)  # [n_rows]
-    row_end = counts.cumsum(0)
+    layer = torch.searchsorted(torch.tensor(index.layer_offset[1:]), cols, right=True)
     for lay in layer.unique(sorted=True).flip(0).tolist():
-        sel = (layer == lay).nonzero().flatten()
-        lo, hi = int(row_end[sel[0]] - counts[sel[0]]), int(row_end[sel[-1]])
-        total.index_add_(0, c_idx[lo:hi], vals[lo:hi] * total[cols][r_idx[lo:hi]])
+        group = cols[layer == lay]
+        parts = [rows[int(c)] for c in group]
+        counts = torch.tensor([idx.numel() for idx, _ in parts], dtype=torch.long)
+        vals = torch.cat([v for _, v in parts]).abs().double()
+        r_idx = torch.repeat_interleave(torch.arange(len(group)), counts)
+        share = total[group] / torch.zeros(len(group), dtype=torch.float64).index_add_(0, r_idx, vals).clamp_min(1e-30)
+        total.index_add_(0, torch.cat([idx for idx, _ in parts]), vals * share[r_idx])
     return total
+
+
+ROUND_ROWS = 256  # feature rows between influence updates (a node budget picks each round by influence)
+INFLUENCE_BYTES = 36  # per stored entry of the layer being scattered: values, row index, shares, product, columns
+ROW_BYTES = 8  # per stored entry: int32 column + float32 weight (float64 rows: 12)
 
 
 def attribute(
@@ -297,10 +313,11 @@ def attribute(
     # Feature columns -> (layer, j).
     layer_of = torch.cat([torch.full((len(fl.features),), layer) for layer, fl in enumerate(rep.layers)]).long()
     j_of = torch.cat([torch.arange(len(fl.features)) for fl in rep.layers]).long()
+    pos_of = torch.cat([fl.features.pos.cpu() for fl in rep.layers]).long()
     budget = index.n_features if max_feature_nodes is None else min(max_feature_nodes, index.n_features)
     feat_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # column -> sparse row (indices, values)
     reads_meta: dict[int, tuple[float, float]] = {}  # column -> (value, const) of its row
-    round_size = max(batch_size, 4 * batch_size if budget < index.n_features else index.n_features)
+    round_size = max(batch_size, ROUND_ROWS if budget < index.n_features else index.n_features)
     done = torch.zeros(index.n_features, dtype=torch.bool)  # features whose row is computed
     while len(feat_rows) < budget:
         if budget == index.n_features:
@@ -312,7 +329,8 @@ def attribute(
         todo = order[~done[order]][: min(round_size, budget - len(feat_rows))].tolist()
         if not todo:
             break
-        todo.sort(key=lambda c: int(layer_of[c]))  # similar layers share a sweep's depth
+        # similar layers share a sweep's depth, similar positions its prefix of positions
+        todo.sort(key=lambda c: (int(layer_of[c]), int(pos_of[c])))
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
             reads = [feature_read(rep, int(layer_of[c]), int(j_of[c])) for c in chunk]

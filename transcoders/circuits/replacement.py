@@ -61,8 +61,9 @@ class FrozenNorm:
         return y if self.bias is None else y + self.bias
 
     def transpose(self, g: torch.Tensor) -> torch.Tensor:
-        """Adjoint of :meth:`linear`: maps a gradient on the output to one on the input."""
-        return self._center(g * self.weight / self.denom[:, None])
+        """Adjoint of :meth:`linear`: maps a gradient ``[..., P, d]`` on the output to one on the
+        input, for the first ``P <= T`` positions."""
+        return self._center(g * self.weight / self.denom[: g.shape[-2], None])
 
     def transpose_at(self, g: torch.Tensor, pos: int) -> torch.Tensor:
         """:meth:`transpose` for gradients ``g [..., d]`` at the one position ``pos``."""
@@ -130,7 +131,8 @@ class FrozenLayer:
         return out
 
     def attention_transpose(self, g: torch.Tensor) -> torch.Tensor:
-        """Adjoint of ``x -> attention(ln_attn.linear(x))`` for gradients ``g [B, T, d]``.
+        """Adjoint of ``x -> attention(ln_attn.linear(x))`` for gradients ``g [B, P, d]`` on the
+        first ``P <= T`` positions (attention is causal, so they need no later position).
 
         Written as three GEMMs (``W_O``, the frozen patterns, ``W_V``) on flattened heads,
         which is what makes attribution fast on CPU."""
@@ -142,7 +144,7 @@ class FrozenLayer:
         gz = (g.reshape(B * T, d) @ self.W_O.reshape(H * E, d).T).view(B, T, H, E)
         # gv[b, h, s, e] = sum_t pattern[h, t, s] gz[b, t, h, e]
         gz = gz.permute(2, 1, 0, 3).reshape(H, T, B * E)
-        gv = torch.bmm(self.pattern.transpose(1, 2), gz).view(n_kv, self.group, T, B, E).sum(1)  # [g, S, B, E]
+        gv = torch.bmm(self.pattern[:, :T, :T].transpose(1, 2), gz).view(n_kv, self.group, T, B, E).sum(1)  # [g, S, B, E]
         gv = gv.permute(2, 1, 0, 3).reshape(B * T, n_kv * E)
         W_V = self.W_V.permute(0, 2, 1).reshape(n_kv * E, d)
         return self.ln_attn.transpose((gv @ W_V).view(B, T, d))
