@@ -376,3 +376,33 @@ def test_influence_ranking_is_the_dense_power_series():
         cur = cur @ A
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
     assert float(got[5]) > 0 and float(got[0]) > 0  # influence reaches through the rows
+
+
+def test_max_memory_shrinks_the_batch_and_stops_rows_before_the_limit(monkeypatch):
+    """With the process's own memory taken as 0, the limit covers the attribution alone: the
+    projected peak stays under it, fewer feature rows are computed than asked, and the graph is
+    still exact over the nodes it has."""
+    import transcoders.hardware
+    from transcoders.circuits.attribution import AttributionMemoryError
+
+    monkeypatch.setattr(transcoders.hardware, "resident_bytes", lambda: 0)
+    adapter = adapter_for(build_tiny_model("llama", dtype=torch.float64))
+    rep = LocalReplacement(adapter, make_coders(adapter.n_layers, "transcoder", "relu"), torch.arange(3, 13),
+                           dtype=torch.float64)
+    targets = [Target("logit", -1, token=5)]
+    full = attribute(rep, targets, max_feature_nodes=60, batch_size=8)
+    assert full.meta["feature_rows"] == 60
+    n_cols = full.n_nodes - 60 - 1 + full.meta["n_active_features"]
+    one_row = (n_cols + 1) * 8 * 2 + rep.n_pos * rep.d_model * 8 * 12  # the sweep buffers of one float64 row
+    limit = 4 * 3.5 * one_row + 100_000
+    g = attribute(rep, targets, max_feature_nodes=60, batch_size=8, max_memory=limit)
+    assert g.meta["batch_size"] == int(limit / 4 / one_row) < 8 and g.meta["memory_limited"]
+    assert 0 < g.meta["feature_rows"] < 60
+    assert g.meta["memory_estimate_bytes"] <= limit
+    rows, residual = g.row_balance()
+    assert residual.abs().max() < 1e-9  # exact over the nodes it has
+    roomy = attribute(rep, targets, max_feature_nodes=60, batch_size=8, max_memory=1e12)
+    assert not roomy.meta["memory_limited"] and roomy.meta["feature_rows"] == 60
+    assert torch.equal(roomy.feature, full.feature)
+    with pytest.raises(AttributionMemoryError, match="raise --max-memory"):
+        attribute(rep, targets, max_memory=one_row / 2)

@@ -432,6 +432,17 @@ def test_trace_missing_run_folder_is_one_line_error(files, tmp_path):
     assert not (tmp_path / "g.json").exists()
 
 
+def test_trace_max_memory_below_what_the_process_holds_is_one_line_error(files, tmp_path):
+    result = invoke("trace", files["run"], "--model", files["model"], "--prompt", PROMPT, "--out", tmp_path / "g.json",
+                    "--max-memory", "0.001")
+    assert_one_line_error(result, "max_memory 0.00 GiB", "raise --max-memory")
+    assert not (tmp_path / "g.json").exists()
+    result = trace(files, tmp_path / "g.json", "--max-memory", "1000", "--max-feature-nodes", "20")
+    assert "stopped at" not in result.output
+    graph = load_graph(tmp_path / "g.json")
+    assert graph.meta["feature_rows"] == 20 and graph.meta["memory_limited"] is False
+
+
 def test_trace_run_folder_missing_a_layer_is_one_line_error(files, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(files["run"], copy)

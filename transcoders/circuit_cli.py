@@ -266,7 +266,8 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
                  max_feature_nodes: int = 2000, batch_size: int = 64, dtype: str = "float32",
                  node_threshold: float = 0.8, edge_threshold: float = 0.98, prepend_bos: bool | None = None,
                  progress: Callable[[float, str], None] | None = None, preloaded=None,
-                 row_progress: Callable[[int, int], None] | None = None, qk_heads: int = 0) -> Traced:
+                 row_progress: Callable[[int, int], None] | None = None, qk_heads: int = 0,
+                 max_memory_gib: float | None = None) -> Traced:
     """The work of ``transcoders trace`` without printing or saving: load ``model`` and the
     transcoders of ``run_dir``, build the attribution graph of ``prompt`` for ``target_specs``
     (default: the top next-token logits), compute influence, prune with the thresholds and
@@ -282,6 +283,8 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
         qk_heads: when > 0, the QK breakdown of the ``qk_heads`` (head, query, key) triples that
             carry the most of the graph's cross-position edges, with the edges' head loadings
             (:func:`~transcoders.circuits.head_loadings.head_loadings`), in ``graph.meta["qk"]``.
+        max_memory_gib: GiB the process may hold while attributing (``attribute``'s
+            ``max_memory``; None: no limit).
 
     Raises:
         ValueError / OSError subclasses (the CLI's user errors): a model, run, prompt or target
@@ -304,7 +307,7 @@ def trace_prompt(run_dir: Path, prompt: str, *, model: str = DEFAULT_MODEL, targ
     targets = _targets(target_specs, loaded, coders, rep.logits)
     say(0.3, "attributing")
     graph = attribute(rep, targets, max_feature_nodes=max_feature_nodes or None, batch_size=batch_size,
-                      progress=row_progress)
+                      progress=row_progress, max_memory=None if max_memory_gib is None else max_memory_gib * 2**30)
     t_graph = time.perf_counter()
     say(0.8, "influence, pruning and scores")
     graph.meta.update(graph_identity(loaded, coders), run_dir=str(Path(run_dir).resolve()), prompt=prompt,
@@ -375,6 +378,9 @@ def target_summary(traced: Traced) -> str:
 @TARGET_OPT
 @click.option("--max-feature-nodes", default=2000, show_default=True, help="feature budget, chosen by influence (0: all)")
 @click.option("--batch-size", default=64, show_default=True, help="attribution rows per backward sweep")
+@click.option("--max-memory", "max_memory_gib", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="GiB this process may hold while attributing; the batch shrinks and feature rows stop before the "
+                   "estimate passes it (fewer feature nodes, still exact) [default: no limit]")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--node-threshold", default=0.8, show_default=True, help="pruning: cumulative node influence kept")
 @click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")
@@ -394,8 +400,9 @@ def target_summary(traced: Traced) -> str:
 @FEATURES_OPT
 @BOS_OPT
 @user_errors
-def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, dtype, node_threshold, edge_threshold,
-          out, pruned_out, force, n_paths, paths_target, qk, qk_heads, rank, min_length, store_dir, prepend_bos):
+def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, max_memory_gib, dtype, node_threshold,
+          edge_threshold, out, pruned_out, force, n_paths, paths_target, qk, qk_heads, rank, min_length, store_dir,
+          prepend_bos):
     """Build the attribution graph of PROMPT with the transcoders in RUN_DIR (one per layer, or a
     cross-layer transcoder folder in circuit-tracer's format)."""
     from .circuits.export import save_graph
@@ -409,7 +416,7 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
         traced = trace_prompt(run_dir, prompt, model=model, target_specs=target_specs,
                               max_feature_nodes=max_feature_nodes, batch_size=batch_size, dtype=dtype,
                               node_threshold=node_threshold, edge_threshold=edge_threshold, prepend_bos=prepend_bos,
-                              row_progress=bar, qk_heads=qk_heads if qk else 0)
+                              row_progress=bar, qk_heads=qk_heads if qk else 0, max_memory_gib=max_memory_gib)
     graph, pruned, rep, tokens = traced.graph, traced.pruned, traced.rep, traced.tokens
     full_s, pruned_s = graph.meta["scores"]["full"], graph.meta["scores"]["pruned"]
     t_save = time.perf_counter()
@@ -422,6 +429,10 @@ def trace(run_dir, model, prompt, target_specs, max_feature_nodes, batch_size, d
     click.echo(f"prompt: {len(tokens)} tokens; {graph.meta['n_active_features']} active features; "
                f"{graph.meta['feature_rows']} feature rows")
     click.echo(f"graph: {graph.n_nodes} nodes, {graph.n_edges} edges; pruned: {pruned.n_nodes} nodes, {pruned.n_edges} edges")
+    if graph.meta.get("memory_limited"):
+        click.echo(f"--max-memory {max_memory_gib:g} GiB: stopped at {graph.meta['feature_rows']} feature rows of the "
+                   f"{max_feature_nodes or graph.meta['n_active_features']} asked (projected peak "
+                   f"{graph.meta['memory_estimate_bytes'] / 2**30:.2f} GiB); the graph is exact over the nodes it has")
     click.echo(f"scores: replacement {full_s['replacement_score']:.3f}, completeness {full_s['completeness_score']:.3f} "
                f"(pruned: {pruned_s['replacement_score']:.3f}, {pruned_s['completeness_score']:.3f})")
     qk_time = f", {sec['qk']:.1f} s QK attribution ({sec['qk'] / sec['graph']:.2f}x the graph)" if "qk" in sec else ""

@@ -1,4 +1,5 @@
-"""What the hardware does fast: whether bfloat16 matmuls pay off on a device.
+"""What the hardware does fast (whether bfloat16 matmuls pay off on a device), and how much
+memory this process holds.
 
 On CPUs with native bfloat16 (AVX512-BF16, AMX) a bf16 matmul runs 2x as fast as fp32; on CPUs
 without it (AVX2 only) torch's bf16 matmul is emulated and runs at well under 1% of fp32 speed
@@ -9,6 +10,7 @@ settings pick bf16 only where it is fast.
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import torch
@@ -51,3 +53,13 @@ def bf16_is_fast(device_type: str = "cpu") -> bool:
         return bf16 <= 1.5 * fp32
     finally:
         torch.set_num_threads(threads)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now, in bytes (Linux ``/proc/self/statm``); None where it
+    cannot be read."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")

@@ -270,8 +270,68 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
 
 
 ROUND_ROWS = 256  # feature rows between influence updates (a node budget picks each round by influence)
-INFLUENCE_BYTES = 36  # per stored entry of the layer being scattered: values, row index, shares, product, columns
-ROW_BYTES = 8  # per stored entry: int32 column + float32 weight (float64 rows: 12)
+# Memory accounting of ``max_memory`` (bytes per stored row entry, measured from the code paths):
+INFLUENCE_BYTES = 36  # while one layer's rows scatter: values, row index, shares, product, columns
+ASSEMBLY_BYTES = 40  # per edge kept in the graph while it is assembled: lists and their concatenation
+SWEEP_TD_COPIES = 12  # [B, T, d] buffers a sweep holds at once (gradients, attention transposes)
+
+
+class AttributionMemoryError(ValueError):
+    """``max_memory`` leaves too little room for even one attribution row."""
+
+
+class _MemoryBudget:
+    """What attribution holds against ``max_memory`` (see :func:`attribute`): the resident memory
+    at the start, one sweep's buffers, the stored rows, and the larger of the influence and
+    assembly temporaries, estimated from the rows stored so far."""
+
+    def __init__(self, max_memory: float, rep: LocalReplacement, index: SourceIndex, batch_size: int, budget: int):
+        from ..hardware import resident_bytes
+
+        self.limit, self.base = float(max_memory), float(resident_bytes() or 0)
+        isz = torch.empty(0, dtype=rep.dtype).element_size()
+        self.row_bytes = 4 + isz  # int32 column + value
+        per_row_sweep = (index.n_cols + 1) * isz * 2 + rep.n_pos * rep.d_model * isz * SWEEP_TD_COPIES
+        room = self.limit - self.base
+        if room < per_row_sweep:
+            gib = 2**30
+            raise AttributionMemoryError(
+                f"max_memory {self.limit / gib:.2f} GiB leaves {max(room, 0) / gib:.2f} GiB beyond what this process "
+                f"already holds ({self.base / gib:.2f} GiB: model, transcoders, replacement state), but one attribution "
+                f"row needs {per_row_sweep / gib:.3f} GiB; raise --max-memory")
+        self.batch = max(1, min(batch_size, int(room / 4 / per_row_sweep)))  # a sweep takes at most a quarter
+        self.sweep = self.batch * per_row_sweep
+        self.keep_share = budget / max(index.n_features, 1)  # expected share of feature entries kept as edges
+        self.feature0 = index.feature0
+        self.stored = self.kept = 0.0
+        self.by_layer: dict[int, float] = {}
+        self.n_rows = 0
+
+    def add(self, layer: int, cols: torch.Tensor) -> None:
+        n = cols.numel()
+        fixed = int((cols < self.feature0).sum())  # embeddings, biases, errors: always edges of the graph
+        self.stored += n
+        self.kept += fixed + (n - fixed) * self.keep_share
+        self.by_layer[layer] = self.by_layer.get(layer, 0) + n
+        self.n_rows += 1
+
+    def projected(self, stored: float, group: float, kept: float) -> float:
+        return self.base + self.sweep + stored * self.row_bytes + max(group * INFLUENCE_BYTES, kept * ASSEMBLY_BYTES)
+
+    def rows_that_fit(self, wanted: int, first_row_entries: float) -> int:
+        """How many of ``wanted`` more rows keep the projected peak within the limit."""
+        per = self.stored / self.n_rows if self.n_rows else first_row_entries
+        keep = self.kept / self.stored if self.stored else 1.0
+        group = max(self.by_layer.values(), default=0.0)
+        lo, hi = 0, wanted
+        while lo < hi:  # the projection grows with n: bisect
+            n = (lo + hi + 1) // 2
+            if self.projected(self.stored + n * per, group + n * per, self.kept + n * per * keep) <= self.limit:
+                lo = n
+            else:
+                hi = n - 1
+        return lo
+
 
 
 def attribute(
@@ -281,6 +341,7 @@ def attribute(
     max_feature_nodes: int | None = None,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    max_memory: float | None = None,
 ) -> Graph:
     """Compute the attribution graph of ``targets`` on the prompt of ``rep``.
 
@@ -291,19 +352,33 @@ def attribute(
             influence on the targets, recomputed after each round of rows.
         batch_size: rows per backward sweep.
         progress: called after each sweep with ``(feature rows done, feature rows planned)``.
+        max_memory: bytes this process may hold while attributing (None: no limit). Counted:
+            the resident memory when attribution starts (model, transcoders, replacement state;
+            read from ``/proc/self/statm``, else taken as 0), one sweep's buffers, the stored
+            rows (8 bytes per non-zero in float32) and the larger of the influence and assembly
+            temporaries, estimated from the rows so far. The batch shrinks so a sweep takes at
+            most a quarter of the room, and feature rows stop before the estimate would pass the
+            limit: the graph then has fewer feature nodes than the budget (still exact), and
+            ``meta["memory_limited"]`` is True.
 
     Returns:
         a :class:`Graph` with exact edges among its nodes; ``meta`` holds timings (s), the
-        number of active features and rows computed.
+        number of active features and rows computed, and ``max_memory``, ``memory_limited``,
+        ``batch_size`` and ``memory_estimate_bytes`` (the projected peak).
 
     Raises:
         TargetError: a target is out of range.
+        AttributionMemoryError: ``max_memory`` is below what the process holds plus one row.
     """
     t0 = time.perf_counter()
     targets = [t.resolved(rep.n_pos) for t in targets]
     if not targets:
         raise TargetError("no targets: give at least one")
     index = SourceIndex(rep)
+    budget = index.n_features if max_feature_nodes is None else min(max_feature_nodes, index.n_features)
+    memory = None if max_memory is None else _MemoryBudget(max_memory, rep, index, batch_size, budget)
+    if memory is not None:
+        batch_size = memory.batch
     t_reads = [target_read(rep, t) for t in targets]
     target_rows = torch.cat([attribution_rows(rep, t_reads[i : i + batch_size], index)
                              for i in range(0, len(t_reads), batch_size)])
@@ -314,11 +389,11 @@ def attribute(
     layer_of = torch.cat([torch.full((len(fl.features),), layer) for layer, fl in enumerate(rep.layers)]).long()
     j_of = torch.cat([torch.arange(len(fl.features)) for fl in rep.layers]).long()
     pos_of = torch.cat([fl.features.pos.cpu() for fl in rep.layers]).long()
-    budget = index.n_features if max_feature_nodes is None else min(max_feature_nodes, index.n_features)
     feat_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # column -> sparse row (indices, values)
     reads_meta: dict[int, tuple[float, float]] = {}  # column -> (value, const) of its row
     round_size = max(batch_size, ROUND_ROWS if budget < index.n_features else index.n_features)
     done = torch.zeros(index.n_features, dtype=torch.bool)  # features whose row is computed
+    limited = False  # stopped to stay within max_memory
     while len(feat_rows) < budget:
         if budget == index.n_features:
             order = torch.arange(index.n_features)
@@ -327,6 +402,10 @@ def attribute(
             order = infl.argsort(descending=True)
             order = order[infl[order] > 0]
         todo = order[~done[order]][: min(round_size, budget - len(feat_rows))].tolist()
+        if memory is not None:
+            fit = memory.rows_that_fit(len(todo), float((target_rows != 0).sum(-1).max()))
+            limited = fit < len(todo)
+            todo = todo[:fit]
         if not todo:
             break
         # similar layers share a sweep's depth, similar positions its prefix of positions
@@ -342,15 +421,24 @@ def attribute(
             for c, r, nz, vals in zip(chunk, reads, c_idx.to(torch.int32).split(counts), rows[r_idx, c_idx].split(counts)):
                 feat_rows[index.feature0 + c] = (nz, vals)
                 reads_meta[index.feature0 + c] = (r.value, r.const)
+                if memory is not None:
+                    memory.add(int(layer_of[c]), nz)
             done[chunk] = True
             if progress is not None:
                 progress(len(feat_rows), budget)
+        if memory is not None and limited:
+            break
     t_rows = time.perf_counter()
     graph = _assemble(rep, targets, t_reads, target_rows, feat_rows, reads_meta, index, layer_of, j_of)
     graph.meta.update(
         n_active_features=index.n_features, feature_rows=len(feat_rows), max_feature_nodes=max_feature_nodes,
         seconds_rows=t_rows - t0, seconds_total=time.perf_counter() - t0, dtype=str(rep.dtype).replace("torch.", ""),
+        batch_size=batch_size,
     )
+    if memory is not None:
+        graph.meta.update(max_memory=float(max_memory), memory_limited=limited,
+                          memory_estimate_bytes=memory.projected(memory.stored, max(memory.by_layer.values(), default=0),
+                                                                 memory.kept))
     return graph
 
 
