@@ -206,9 +206,15 @@ def report_length(mine: dict, peer: dict | None, a, load: float) -> None:
         lines.append(f"| {ours} | {theirs} | {r['load']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
+    replace_section(LENGTH_SECTION, text)
+
+
+def replace_section(section: str, text: str) -> None:
+    """Write ``text`` (starting with the ``section`` heading) into RESULTS.md in place of that
+    section, or at the end."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if LENGTH_SECTION + "\n" in old:
-        head, _, rest = old.partition(LENGTH_SECTION + "\n")
+    if section + "\n" in old:
+        head, _, rest = old.partition(section + "\n")
         nxt = rest.find("\n## ")
         old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
     RESULTS.write_text(old.rstrip() + "\n\n" + text)
@@ -247,12 +253,7 @@ def report(mine: dict, peer: dict | None, a, load: float) -> None:
                   f"**{mine['seconds_qk'] / mine['seconds_graph']:.2f}x the graph's time**.", ""]
     text = "\n".join(lines)
     print(text)
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if section + "\n" in old:
-        head, _, rest = old.partition(section + "\n")
-        nxt = rest.find("\n## ")
-        old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
-    RESULTS.write_text(old.rstrip() + "\n\n" + text)
+    replace_section(section, text)
 
 
 if __name__ == "__main__":

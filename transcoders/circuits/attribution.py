@@ -270,10 +270,12 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
 
 
 ROUND_ROWS = 256  # feature rows between influence updates (a node budget picks each round by influence)
+NONZERO_ROWS = 8  # rows whose non-zeros are gathered at once
 # Memory accounting of ``max_memory`` (bytes per stored row entry, measured from the code paths):
 INFLUENCE_BYTES = 36  # while one layer's rows scatter: values, row index, shares, product, columns
 ASSEMBLY_BYTES = 40  # per edge kept in the graph while it is assembled: lists and their concatenation
 SWEEP_TD_COPIES = 12  # [B, T, d] buffers a sweep holds at once (gradients, attention transposes)
+NONZERO_BYTES = 20  # per entry of the rows whose non-zeros are gathered at once (two int64 indices, a value)
 
 
 class AttributionMemoryError(ValueError):
@@ -291,16 +293,18 @@ class _MemoryBudget:
         self.limit, self.base = float(max_memory), float(resident_bytes() or 0)
         isz = torch.empty(0, dtype=rep.dtype).element_size()
         self.row_bytes = 4 + isz  # int32 column + value
-        per_row_sweep = (index.n_cols + 1) * isz * 2 + rep.n_pos * rep.d_model * isz * SWEEP_TD_COPIES
-        room = self.limit - self.base
+        # per row of a sweep: its row of edges and its [T, d] buffers; per sweep: the non-zero gather
+        per_row_sweep = (index.n_cols + 1) * isz + rep.n_pos * rep.d_model * isz * SWEEP_TD_COPIES
+        fixed = NONZERO_ROWS * (index.n_cols + 1) * NONZERO_BYTES
+        room = self.limit - self.base - fixed
         if room < per_row_sweep:
             gib = 2**30
             raise AttributionMemoryError(
-                f"max_memory {self.limit / gib:.2f} GiB leaves {max(room, 0) / gib:.2f} GiB beyond what this process "
-                f"already holds ({self.base / gib:.2f} GiB: model, transcoders, replacement state), but one attribution "
-                f"row needs {per_row_sweep / gib:.3f} GiB; raise --max-memory")
+                f"max_memory {self.limit / gib:.2f} GiB leaves {max(self.limit - self.base, 0) / gib:.2f} GiB beyond what "
+                f"this process already holds ({self.base / gib:.2f} GiB: model, transcoders, replacement state), but one "
+                f"attribution row needs {(fixed + per_row_sweep) / gib:.3f} GiB; raise --max-memory")
         self.batch = max(1, min(batch_size, int(room / 4 / per_row_sweep)))  # a sweep takes at most a quarter
-        self.sweep = self.batch * per_row_sweep
+        self.sweep = fixed + self.batch * per_row_sweep
         self.keep_share = budget / max(index.n_features, 1)  # expected share of feature entries kept as edges
         self.feature0 = index.feature0
         self.stored = self.kept = 0.0
@@ -415,14 +419,20 @@ def attribute(
             reads = [feature_read(rep, int(layer_of[c]), int(j_of[c])) for c in chunk]
             rows = attribution_rows(rep, reads, index)
             # int32 column indices and no injected gradient kept: memory per row is 8 bytes per
-            # nonzero (rows are dense in earlier sources, so this dominates long prompts)
-            r_idx, c_idx = rows.nonzero(as_tuple=True)
-            counts = torch.bincount(r_idx, minlength=len(chunk)).tolist()
-            for c, r, nz, vals in zip(chunk, reads, c_idx.to(torch.int32).split(counts), rows[r_idx, c_idx].split(counts)):
-                feat_rows[index.feature0 + c] = (nz, vals)
-                reads_meta[index.feature0 + c] = (r.value, r.const)
-                if memory is not None:
-                    memory.add(int(layer_of[c]), nz)
+            # nonzero (rows are dense in earlier sources, so this dominates long prompts). A few
+            # rows at a time: one nonzero() per row is slow, one per batch holds 20 bytes per
+            # entry of the whole batch at once.
+            for g in range(0, len(chunk), NONZERO_ROWS):
+                part = rows[g : g + NONZERO_ROWS]
+                r_idx, c_idx = part.nonzero(as_tuple=True)
+                counts = torch.bincount(r_idx, minlength=len(part)).tolist()
+                for c, r, nz, vals in zip(chunk[g : g + NONZERO_ROWS], reads[g : g + NONZERO_ROWS],
+                                          c_idx.to(torch.int32).split(counts), part[r_idx, c_idx].split(counts)):
+                    feat_rows[index.feature0 + c] = (nz, vals)
+                    reads_meta[index.feature0 + c] = (r.value, r.const)
+                    if memory is not None:
+                        memory.add(int(layer_of[c]), nz)
+                del r_idx, c_idx
             done[chunk] = True
             if progress is not None:
                 progress(len(feat_rows), budget)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..coders.clt import require_per_layer
 from ..coders.coder import SparseCoder
 from ..data.activations import harvest
 from ..evaluation.splice import splice_mlps
@@ -85,6 +86,7 @@ class FreePD:
 
     def __init__(self, adapter: ModelAdapter, coders: dict[int, SparseCoder], tokens: torch.Tensor,
                  plus: Sequence[int], minus: Sequence[int] = (), cf_tokens: torch.Tensor | None = None):
+        require_per_layer(coders, "a case study")
         self.adapter, self.coders = adapter, coders
         self.tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         self.plus, self.minus = list(plus), list(minus)

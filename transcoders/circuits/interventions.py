@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..coders.clt import CrossLayerTranscoder
+from ..coders.clt import CrossLayerTranscoder, require_per_layer
 from ..coders.coder import SparseCoder
 from ..data.activations import harvest
 from ..evaluation.splice import splice_clt, splice_mlps
@@ -293,9 +293,7 @@ def steer(adapter: ModelAdapter, coders: dict[int, SparseCoder], tokenizer, prom
     Returns:
         ``(baseline continuation, steered continuation)``.
     """
-    if isinstance(coders, CrossLayerTranscoder):
-        raise ValueError("steering generation with a cross-layer transcoder is not supported yet (its features write into "
-                         "several layers); use `intervene --mode free`, which runs the CLT's replacement model")
+    require_per_layer(coders, "steering generation")
     ids = prompt[None] if torch.is_tensor(prompt) else tokenizer(prompt, return_tensors="pt").input_ids
     ids = ids.to(adapter.device)
     n_prompt = ids.shape[1]

@@ -34,7 +34,7 @@ from .coder import SparseCoder
 from .config import CoderConfig
 from .io import CoderFileError, atomic_save_tensors, atomic_write_bytes
 
-__all__ = ["CLT_READS", "CLTLayer", "CrossLayerTranscoder", "is_clt_folder", "read_clt", "write_clt"]
+__all__ = ["CLT_READS", "CLTLayer", "CrossLayerTranscoder", "is_clt_folder", "read_clt", "require_per_layer", "write_clt"]
 
 CLT_READS = ("mlp_in", "resid_mid")
 CLT_CONFIG = "config.yaml"
@@ -125,6 +125,10 @@ class CrossLayerTranscoder(nn.Module):
             self.__dict__["_views"] = views
         return views
 
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_views", None)  # the views would keep the old tensors (device or dtype moves)
+        return super()._apply(fn, *args, **kwargs)
+
     # Read-only mapping of layer -> CLTLayer, so code that takes ``{layer: coder}`` (d_sae
     # checks, fingerprints, feature targets) also takes a CLT.
     def __getitem__(self, layer: int) -> CLTLayer:
@@ -173,6 +177,14 @@ class CLTLayer(SparseCoder):
             self.threshold = nn.Parameter(clt.threshold.detach()[layer], requires_grad=False)
 
 
+def require_per_layer(coders, what: str) -> None:
+    """Raise ``ValueError`` if ``coders`` is a cross-layer transcoder: ``what`` is defined here
+    for per-layer transcoders only (a CLT feature writes into several layers)."""
+    if isinstance(coders, CrossLayerTranscoder):
+        raise ValueError(f"{what} needs per-layer transcoders: a cross-layer transcoder's features write into several "
+                         "layers. Graphs, paths, verify and the free replacement model (intervene --mode free) take CLTs")
+
+
 # ---------------------------------------------------------------------------- files
 def is_clt_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder holding a CLT in circuit-tracer's format."""
@@ -203,17 +215,12 @@ def _shape(file: Path, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> to
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    from .formats import _yaml
+    from .formats import read_yaml_mapping
 
     cfg_path = folder / CLT_CONFIG
     if not cfg_path.is_file():
         return {}
-    try:
-        raw = _yaml().safe_load(cfg_path.read_text())
-    except (_yaml().YAMLError, UnicodeDecodeError) as exc:
-        raise CoderFileError(f"{cfg_path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise CoderFileError(f"{cfg_path} should hold a YAML mapping, found {type(raw).__name__}")
+    raw = read_yaml_mapping(cfg_path)
     if raw.get("model_kind", "cross_layer_transcoder") != "cross_layer_transcoder":
         raise ValueError(f"{cfg_path}: model_kind {raw.get('model_kind')!r} is not a cross-layer transcoder "
                          "(a per-layer set loads with read_circuit_tracer)")

@@ -646,6 +646,21 @@ def _yaml():
     return yaml
 
 
+def read_yaml_mapping(cfg_path: Path) -> dict[str, Any]:
+    """The mapping a circuit-tracer ``config.yaml`` holds (``safe_load``: plain values only).
+
+    Raises:
+        CoderFileError: the file is not valid YAML or not a mapping.
+    """
+    try:
+        raw = _yaml().safe_load(cfg_path.read_text())
+    except (_yaml().YAMLError, UnicodeDecodeError) as exc:
+        raise CoderFileError(f"{cfg_path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CoderFileError(f"{cfg_path} should hold a YAML mapping, found {type(raw).__name__}.")
+    return raw
+
+
 def read_circuit_tracer(
     path: PathLike, *, allow_topk: bool = False, device: str | torch.device = "cpu"
 ) -> dict[int, SparseCoder]:
@@ -681,12 +696,7 @@ def read_circuit_tracer(
             f"{cfg_path} is missing: expected a circuit-tracer transcoder set (config.yaml + layer_{{i}}.safetensors)."
         )
     folder = cfg_path.parent
-    try:
-        raw = _yaml().safe_load(cfg_path.read_text())
-    except (_yaml().YAMLError, UnicodeDecodeError) as exc:
-        raise CoderFileError(f"{cfg_path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise CoderFileError(f"{cfg_path} should hold a YAML mapping, found {type(raw).__name__}.")
+    raw = read_yaml_mapping(cfg_path)
     model_kind = raw.get("model_kind")
     if model_kind != "transcoder_set":
         raise ValueError(
