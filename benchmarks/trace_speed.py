@@ -181,14 +181,27 @@ def report_length(mine: dict, peer: dict | None, a, load: float) -> None:
     """Add this run to ``results/trace_lengths.json`` (keyed by prompt length) and rewrite the
     prompt-length table in RESULTS.md from all runs kept there."""
     runs = json.loads(LENGTHS.read_text()) if LENGTHS.exists() else {}
+    old = runs.get(str(a.prompt_tokens), {})
+    peer_date = str(datetime.date.today())
+    if peer is None and old.get("peer") is not None and old.get("run_dir") == a.run_dir:  # --no-peer: keep its last run
+        peer, peer_date = old["peer"], old.get("peer_date", old.get("date"))
     runs[str(a.prompt_tokens)] = {"date": str(datetime.date.today()), "nodes": a.nodes, "load": load, "ours": mine,
-                                  "peer": peer, "run_dir": a.run_dir}
+                                  "peer": peer, "peer_date": peer_date, "run_dir": a.run_dir}
     LENGTHS.write_text(json.dumps(runs, indent=2) + "\n")
+    text = length_table(runs)
+    print(text)
+    replace_section(LENGTH_SECTION, text)
+
+
+def length_table(runs: dict) -> str:
+    """The RESULTS.md section of the prompt-length runs (``results/trace_lengths.json``)."""
+    nodes = "/".join(map(str, sorted({r["nodes"] for r in runs.values()})))
     lines = [LENGTH_SECTION, "",
-             f"`benchmarks/trace_speed.py --prompt-tokens N --nodes {a.nodes}`: the first N tokens (BOS included) of the "
+             f"`benchmarks/trace_speed.py --prompt-tokens N --nodes {nodes}`: the first N tokens (BOS included) of the "
              "bundled 2021 address, the same JumpReLU transcoders on both sides (all 30 layers), 2 threads, fastest of "
              "the repeats. Peak RSS includes the model and transcoders. Ours writes the full graph as a compact file; "
-             "circuit-tracer's is its `Graph.to_pt` (dense adjacency over the kept nodes).", "",
+             "circuit-tracer's is its `Graph.to_pt` (dense adjacency over the kept nodes). A run with `--no-peer` "
+             "keeps the last circuit-tracer result for that length (dates below).", "",
              "| tokens | ours s | ours peak RSS GiB | ours edges | ours file MiB | circuit-tracer s | circuit-tracer peak "
              "RSS GiB | circuit-tracer edges | circuit-tracer file MiB | speed-up | load at start |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -204,9 +217,9 @@ def report_length(mine: dict, peer: dict | None, a, load: float) -> None:
             theirs = (f"{p['attribution_s']:.1f} | {p['peak_rss_attribution_mib'] / 1024:.2f} | {p['n_edges_nonzero']:,} | "
                       f"{p.get('graph_file_mib', float('nan')):.1f} | **{p['attribution_s'] / o['seconds_graph']:.2f}x**")
         lines.append(f"| {ours} | {theirs} | {r['load']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    replace_section(LENGTH_SECTION, text)
+    lines += ["", "Dates: " + "; ".join(f"{n} tokens: ours {runs[n]['date']}, circuit-tracer "
+                                        f"{runs[n].get('peer_date') or runs[n]['date']}" for n in sorted(runs, key=int))]
+    return "\n".join(lines) + "\n"
 
 
 def replace_section(section: str, text: str) -> None:

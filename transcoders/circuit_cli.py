@@ -379,8 +379,8 @@ def target_summary(traced: Traced) -> str:
 @click.option("--max-feature-nodes", default=2000, show_default=True, help="feature budget, chosen by influence (0: all)")
 @click.option("--batch-size", default=64, show_default=True, help="attribution rows per backward sweep")
 @click.option("--max-memory", "max_memory_gib", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="GiB this process may hold while attributing; the batch shrinks and feature rows stop before the "
-                   "estimate passes it (fewer feature nodes, still exact) [default: no limit]")
+              help="GiB this process may hold while tracing; the batch shrinks and feature rows stop before the "
+                   "estimate passes 95% of it (fewer feature nodes, still exact) [default: no limit]")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--node-threshold", default=0.8, show_default=True, help="pruning: cumulative node influence kept")
 @click.option("--edge-threshold", default=0.98, show_default=True, help="pruning: cumulative edge influence kept")

@@ -48,15 +48,31 @@ class Read:
     const: float
 
 
+@dataclass
+class Block:
+    """Active features of one layer padded by position, for one batched GEMM: the features in
+    slots ``[lo, lo + k)`` of the positions ``pos [P_b]`` (ascending) that have that many.
+    ``dec [P_b, d, k]`` (decoder rows into one target layer), ``act [P_b, k]``, ``col [P_b, k]``
+    (padding points at the spare column ``n_cols``)."""
+
+    pos: torch.Tensor
+    dec: torch.Tensor
+    act: torch.Tensor
+    col: torch.Tensor
+
+
 class SourceIndex:
     """Column layout of attribution rows: embeddings ``[T]``, bias nodes ``[L*T]``, error nodes
     ``[L*T]``, then every layer's active features in order.
 
-    Also holds, per layer, the active features' decoder rows padded by position
-    (``dec [T, d, k_max]``, ``act [T, k_max]``, ``col [T, k_max]``; padding points at a spare
-    column ``n_cols``) so a sweep computes all feature edges of a layer as one batched GEMM.
-    With a cross-layer transcoder, :meth:`pair` gives the same for a source layer's decoders into
-    a later layer (built when a sweep reaches it; only the own-layer ones are kept).
+    Also holds, per layer, the active features' decoder rows padded by position in
+    :class:`Block` s, so a sweep computes all feature edges of a layer in a few batched GEMMs.
+    One block of width ``k_max`` would waste memory when a few positions have many features (a
+    JumpReLU set at 1,024 tokens: 14 GB of padding), so the first block is as wide as 90% of the
+    positions need and each further one, twice as wide, holds only the positions that overflow:
+    the padding stays within about twice the decoder rows themselves. With a cross-layer
+    transcoder, :meth:`pair` gives the blocks of a source layer's decoders into a later layer
+    (built when a sweep reaches them; only the own-layer ones are kept).
     """
 
     def __init__(self, rep: LocalReplacement):
@@ -73,31 +89,44 @@ class SourceIndex:
         # Per layer [T, d, 3]: error node, the MLP's constant, attention's constant.
         self.consts = [torch.stack([fl.error, fl.mlp_const, fl.attn_const], dim=-1) for fl in rep.layers]
 
-    def _slots(self, rep: LocalReplacement, layer: int):
-        """Where each active feature of ``layer`` sits in the padded layout: ``(order, pos,
-        slot, k)``, plus the padded ``act [T, k]`` and ``col [T, k]``."""
+    def _slots(self, rep: LocalReplacement, layer: int) -> list[tuple]:
+        """Per block: ``(pos, rows, slots, features, act, col)``, where the features (indices
+        into the layer's active list) sit at ``(rows, slots)`` of the block."""
         f = rep.layers[layer].features
-        T = rep.n_pos
-        counts = torch.bincount(f.pos, minlength=T)
-        k = max(int(counts.max()) if len(f) else 0, 1)
+        T, dev = rep.n_pos, rep.device
+        counts = torch.bincount(f.pos, minlength=T).cpu()
         order = torch.argsort(f.pos, stable=True)
-        pos = f.pos[order]
+        pos = f.pos[order].cpu()
         slot = torch.arange(len(f)) - torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])[pos]
-        act = torch.zeros(T, k, dtype=rep.dtype, device=rep.device)
-        col = torch.full((T, k), self.n_cols, dtype=torch.long, device=rep.device)
-        act[pos, slot] = f.activation[order]
-        col[pos, slot] = self.layer_offset[layer] + order.to(rep.device)
-        return order, pos, slot, k, act, col
+        blocks, lo = [], 0
+        width = max(1, int(torch.quantile(counts[counts > 0].double(), 0.9))) if len(f) else 1
+        while bool((counts > lo).any()):
+            k = min(width, int(counts.max()) - lo)
+            at = (counts > lo).nonzero().flatten()  # the positions with a feature in slot lo
+            row_of = torch.full((T,), -1, dtype=torch.long)
+            row_of[at] = torch.arange(len(at))
+            inside = (slot >= lo) & (slot < lo + k)
+            rows, slots, which = row_of[pos[inside]], slot[inside] - lo, order[inside].cpu()
+            act = torch.zeros(len(at), k, dtype=rep.dtype, device=dev)
+            col = torch.full((len(at), k), self.n_cols, dtype=torch.long, device=dev)
+            act[rows, slots] = f.activation[which.to(dev)]
+            col[rows, slots] = self.layer_offset[layer] + which.to(dev)
+            blocks.append((at.to(dev), rows, slots, which, act, col))
+            lo, width = lo + k, 2 * width
+        return blocks
 
-    def _pad(self, rep: LocalReplacement, source: int, target: int):
-        order, pos, slot, k, act, col = self.slots[source]
-        dec = torch.zeros(rep.n_pos, k, rep.d_model, dtype=rep.dtype, device=rep.device)
-        dec[pos, slot] = rep.decoder(source, target)[rep.layers[source].features.feature[order]]
-        return dec.transpose(1, 2).contiguous(), act, col
+    def _pad(self, rep: LocalReplacement, source: int, target: int) -> list[Block]:
+        decoder = rep.decoder(source, target)
+        feature = rep.layers[source].features.feature
+        out = []
+        for at, rows, slots, which, act, col in self.slots[source]:
+            dec = torch.zeros(len(at), act.shape[1], rep.d_model, dtype=rep.dtype, device=rep.device)
+            dec[rows, slots] = decoder[feature[which.to(feature.device)]]
+            out.append(Block(at, dec.transpose(1, 2).contiguous(), act, col))
+        return out
 
-    def pair(self, source: int, target: int):
-        """``(dec [T, d, k], act [T, k], col [T, k])`` of layer ``source``'s features writing
-        into ``resid_post[target]``."""
+    def pair(self, source: int, target: int) -> list[Block]:
+        """The :class:`Block` s of layer ``source``'s features writing into ``resid_post[target]``."""
         return self.padded[source] if source == target else self._pad(self.rep, source, target)
 
     def features(self, layer: int) -> slice:
@@ -186,11 +215,14 @@ def attribution_rows(rep: LocalReplacement, reads: list[Read], index: SourceInde
         # Sources writing resid_post[layer]: features (one batched GEMM over positions per source
         # layer: just this one, or every earlier one for a CLT), error nodes and the constants.
         for src in rep.write_sources(layer):
-            if len(rep.layers[src].features):
-                dec, act, col = index.pair(src, layer)
-                dec, act, col = dec[:P], act[:P], col[:P]
-                w = torch.bmm(Gt, dec) * act[:, None, :]  # [P, B, k]
-                rows.index_add_(1, col.flatten(), w.permute(1, 0, 2).reshape(B, -1))
+            for blk in index.pair(src, layer) if len(rep.layers[src].features) else ():
+                n = int(torch.searchsorted(blk.pos, P)) if P < T else len(blk.pos)  # positions < P
+                if n == 0:
+                    continue
+                contiguous = int(blk.pos[n - 1]) == n - 1  # positions 0..n-1: a view, no gather
+                Gb = Gt[:n] if contiguous else Gt[blk.pos[:n]]
+                w = torch.bmm(Gb, blk.dec[:n]) * blk.act[:n, None, :]  # [n, B, k]
+                rows.index_add_(1, blk.col[:n].flatten(), w.permute(1, 0, 2).reshape(B, -1))
         c = torch.bmm(Gt, index.consts[layer][:P])  # [P, B, 3]: error, MLP constant, attention constant
         rows[:, index.error0 + layer * T : index.error0 + layer * T + P] = c[..., 0].T
         bias = c[..., 1].T
@@ -273,8 +305,9 @@ ROUND_ROWS = 256  # feature rows between influence updates (a node budget picks 
 NONZERO_ROWS = 8  # rows whose non-zeros are gathered at once
 # Memory accounting of ``max_memory`` (bytes per stored row entry, measured from the code paths):
 INFLUENCE_BYTES = 36  # while one layer's rows scatter: values, row index, shares, product, columns
-ASSEMBLY_BYTES = 40  # per edge kept in the graph while it is assembled: lists and their concatenation
+ASSEMBLY_BYTES = 64  # per edge kept: assembling the graph (lists, concatenation), then influence and pruning on it
 SWEEP_TD_COPIES = 12  # [B, T, d] buffers a sweep holds at once (gradients, attention transposes)
+HEADROOM = 0.95  # share of max_memory the projection may reach
 NONZERO_BYTES = 20  # per entry of the rows whose non-zeros are gathered at once (two int64 indices, a value)
 
 
@@ -290,7 +323,8 @@ class _MemoryBudget:
     def __init__(self, max_memory: float, rep: LocalReplacement, index: SourceIndex, batch_size: int, budget: int):
         from ..hardware import resident_bytes
 
-        self.limit, self.base = float(max_memory), float(resident_bytes() or 0)
+        # 5% headroom: freed memory the allocator keeps, and what the estimates miss
+        self.limit, self.base = HEADROOM * float(max_memory), float(resident_bytes() or 0)
         isz = torch.empty(0, dtype=rep.dtype).element_size()
         self.row_bytes = 4 + isz  # int32 column + value
         # per row of a sweep: its row of edges and its [T, d] buffers; per sweep: the non-zero gather
@@ -309,7 +343,7 @@ class _MemoryBudget:
         self.feature0 = index.feature0
         self.stored = self.kept = 0.0
         self.by_layer: dict[int, float] = {}
-        self.n_rows = 0
+        self.n_rows = self.max_row = 0
 
     def add(self, layer: int, cols: torch.Tensor) -> None:
         n = cols.numel()
@@ -318,19 +352,32 @@ class _MemoryBudget:
         self.kept += fixed + (n - fixed) * self.keep_share
         self.by_layer[layer] = self.by_layer.get(layer, 0) + n
         self.n_rows += 1
+        self.max_row = max(self.max_row, n)
 
     def projected(self, stored: float, group: float, kept: float) -> float:
         return self.base + self.sweep + stored * self.row_bytes + max(group * INFLUENCE_BYTES, kept * ASSEMBLY_BYTES)
 
-    def rows_that_fit(self, wanted: int, first_row_entries: float) -> int:
-        """How many of ``wanted`` more rows keep the projected peak within the limit."""
-        per = self.stored / self.n_rows if self.n_rows else first_row_entries
-        keep = self.kept / self.stored if self.stored else 1.0
-        group = max(self.by_layer.values(), default=0.0)
-        lo, hi = 0, wanted
+    def rows_that_fit(self, layers: list[int], first_row_entries: float) -> int:
+        """How many of the next rows (of these ``layers``, in the order they would be computed)
+        keep the projected peak within the limit."""
+        per = self.max_row if self.n_rows else first_row_entries  # the largest row so far: rows grow with depth
+        if self.stored:
+            keep = self.kept / self.stored
+        else:  # before any row: its non-feature columns are kept, its feature columns at the budget's share
+            fixed = min(per, self.feature0)
+            keep = (fixed + (per - fixed) * self.keep_share) / max(per, 1.0)
+
+        def group(n: int) -> float:  # the largest layer's entries after n more rows
+            new: dict[int, int] = {}
+            for layer in layers[:n]:
+                new[layer] = new.get(layer, 0) + 1
+            return max([self.by_layer.get(lay, 0) + c * per for lay, c in new.items()] + list(self.by_layer.values()),
+                       default=0.0)
+
+        lo, hi = 0, len(layers)
         while lo < hi:  # the projection grows with n: bisect
             n = (lo + hi + 1) // 2
-            if self.projected(self.stored + n * per, group + n * per, self.kept + n * per * keep) <= self.limit:
+            if self.projected(self.stored + n * per, group(n), self.kept + n * per * keep) <= self.limit:
                 lo = n
             else:
                 hi = n - 1
@@ -360,10 +407,10 @@ def attribute(
             the resident memory when attribution starts (model, transcoders, replacement state;
             read from ``/proc/self/statm``, else taken as 0), one sweep's buffers, the stored
             rows (8 bytes per non-zero in float32) and the larger of the influence and assembly
-            temporaries, estimated from the rows so far. The batch shrinks so a sweep takes at
-            most a quarter of the room, and feature rows stop before the estimate would pass the
-            limit: the graph then has fewer feature nodes than the budget (still exact), and
-            ``meta["memory_limited"]`` is True.
+            temporaries (influence and pruning on the graph included), estimated from the rows so
+            far. The batch shrinks so a sweep takes at most a quarter of the room, and feature rows
+            stop before the estimate would pass 95% of the limit: the graph then has fewer feature
+            nodes than the budget (still exact), and ``meta["memory_limited"]`` is True.
 
     Returns:
         a :class:`Graph` with exact edges among its nodes; ``meta`` holds timings (s), the
@@ -407,8 +454,8 @@ def attribute(
             order = order[infl[order] > 0]
         todo = order[~done[order]][: min(round_size, budget - len(feat_rows))].tolist()
         if memory is not None:
-            fit = memory.rows_that_fit(len(todo), float((target_rows != 0).sum(-1).max()))
-            limited = fit < len(todo)
+            fit = memory.rows_that_fit([int(layer_of[c]) for c in todo], float((target_rows != 0).sum(-1).max()))
+            limited = bool(todo) and fit == 0  # each round refits with what the rows so far measured
             todo = todo[:fit]
         if not todo:
             break
@@ -436,8 +483,6 @@ def attribute(
             done[chunk] = True
             if progress is not None:
                 progress(len(feat_rows), budget)
-        if memory is not None and limited:
-            break
     t_rows = time.perf_counter()
     graph = _assemble(rep, targets, t_reads, target_rows, feat_rows, reads_meta, index, layer_of, j_of)
     graph.meta.update(
