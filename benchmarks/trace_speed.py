@@ -182,11 +182,11 @@ def report_length(mine: dict, peer: dict | None, a, load: float) -> None:
     prompt-length table in RESULTS.md from all runs kept there."""
     runs = json.loads(LENGTHS.read_text()) if LENGTHS.exists() else {}
     old = runs.get(str(a.prompt_tokens), {})
-    peer_date = str(datetime.date.today())
+    peer_date, same_run = str(datetime.date.today()), peer is not None
     if peer is None and old.get("peer") is not None and old.get("run_dir") == a.run_dir:  # --no-peer: keep its last run
         peer, peer_date = old["peer"], old.get("peer_date", old.get("date"))
     runs[str(a.prompt_tokens)] = {"date": str(datetime.date.today()), "nodes": a.nodes, "load": load, "ours": mine,
-                                  "peer": peer, "peer_date": peer_date, "run_dir": a.run_dir}
+                                  "peer": peer, "peer_date": peer_date, "peer_same_run": same_run, "run_dir": a.run_dir}
     LENGTHS.write_text(json.dumps(runs, indent=2) + "\n")
     text = length_table(runs)
     print(text)
@@ -201,7 +201,8 @@ def length_table(runs: dict) -> str:
              "bundled 2021 address, the same JumpReLU transcoders on both sides (all 30 layers), 2 threads, fastest of "
              "the repeats. Peak RSS includes the model and transcoders. Ours writes the full graph as a compact file; "
              "circuit-tracer's is its `Graph.to_pt` (dense adjacency over the kept nodes). A run with `--no-peer` "
-             "keeps the last circuit-tracer result for that length (dates below).", "",
+             "keeps the last circuit-tracer result for that length (dates below) and shows no ratio: this machine's "
+             "speed drifts, so only a same-run pair compares.", "",
              "| tokens | ours s | ours peak RSS GiB | ours edges | ours file MiB | circuit-tracer s | circuit-tracer peak "
              "RSS GiB | circuit-tracer edges | circuit-tracer file MiB | speed-up | load at start |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -214,11 +215,18 @@ def length_table(runs: dict) -> str:
         elif "failed" in p:
             theirs = f"{p['failed']} | | | | "
         else:
+            ratio = (f"**{p['attribution_s'] / o['seconds_graph']:.2f}x**" if r.get("peer_same_run", True)
+                     else "(other run)")
             theirs = (f"{p['attribution_s']:.1f} | {p['peak_rss_attribution_mib'] / 1024:.2f} | {p['n_edges_nonzero']:,} | "
-                      f"{p.get('graph_file_mib', float('nan')):.1f} | **{p['attribution_s'] / o['seconds_graph']:.2f}x**")
+                      f"{p.get('graph_file_mib', float('nan')):.1f} | {ratio}")
         lines.append(f"| {ours} | {theirs} | {r['load']:.2f} |")
     lines += ["", "Dates: " + "; ".join(f"{n} tokens: ours {runs[n]['date']}, circuit-tracer "
                                         f"{runs[n].get('peer_date') or runs[n]['date']}" for n in sorted(runs, key=int))]
+    later = [(n, runs[n]["later_ours_only"]) for n in sorted(runs, key=int) if runs[n].get("later_ours_only")]
+    if later:  # ours measured again alone: shown apart, since only same-run ratios compare
+        lines += ["", "Ours measured again alone (not beside circuit-tracer, so no ratio): " + "; ".join(
+            f"{n} tokens {x['seconds_graph']:.1f} s, {x['peak_rss_mib'] / 1024:.2f} GiB ({x['note']}, {x['date']})"
+            for n, x in later) + "."]
     return "\n".join(lines) + "\n"
 
 
