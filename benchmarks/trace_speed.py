@@ -50,7 +50,8 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: str, qk_heads: int = 20) -> dict:
+def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: str, qk_heads: int = 20,
+         max_memory_gib: float | None = None) -> dict:
     """Child process: build the graph ``repeat`` times and report the fastest (s) and the peak
     RSS while attributing (MiB; model and transcoders included, as they stay resident)."""
     import torch
@@ -69,7 +70,8 @@ def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: st
         t0 = time.perf_counter()
         rep = LocalReplacement(loaded.adapter, coders, tokens, dtype=torch.float32, constant_positions=(0,))
         targets = top_logit_targets(rep.logits, tokenizer=loaded.tokenizer)
-        graph = attribute(rep, targets, max_feature_nodes=nodes, batch_size=batch)
+        graph = attribute(rep, targets, max_feature_nodes=nodes, batch_size=batch,
+                          max_memory=None if max_memory_gib is None else max_memory_gib * 2**30)
         times.append(time.perf_counter() - t0)
     peak_attr = _peak_rss_mib()
     from transcoders.circuits.compact import save_compact
@@ -90,7 +92,7 @@ def ours(run_dir: str, prompt: str, nodes: int, batch: int, repeat: int, out: st
     result = {**qk,
         "tokens": len(tokens), "active_features": graph.meta["n_active_features"], "feature_nodes": graph.meta["feature_rows"],
         "nodes": graph.n_nodes, "edges": graph.n_edges, "pruned_nodes": pruned.n_nodes, "seconds_graph": min(times),
-        "compact_file_mib": file_mib,
+        "compact_file_mib": file_mib, "max_memory_gib": max_memory_gib, "memory_limited": graph.meta.get("memory_limited"),
         "seconds_runs": times, "seconds_pruning_scores": t_prune,
         "peak_rss_mib": peak_attr if reset else max(peak_attr, peak_load),
         "peak_rss_load_mib": peak_load, "peak_reset": reset, **scores,
@@ -137,16 +139,18 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=None,
                     help="use the first N tokens (BOS included) of the 2021 State of the Union address instead of --prompt")
     ap.add_argument("--peer-timeout", type=int, default=None, help="seconds before the peer is stopped (reported as such)")
+    ap.add_argument("--max-memory", type=float, default=None, help="ours: GiB limit for attribution (trace --max-memory)")
     a = ap.parse_args()
     if a.prompt_tokens and not a.child:
         a.prompt = long_prompt(a.prompt_tokens)
     if a.child:
-        ours(a.run_dir, a.prompt, a.nodes, a.batch, a.repeat, a.child, a.qk_heads)
+        ours(a.run_dir, a.prompt, a.nodes, a.batch, a.repeat, a.child, a.qk_heads, a.max_memory)
         return
     tmp = Path(tempfile.mkdtemp(prefix="trace_speed_"))
     load = os.getloadavg()[0]
     run_child([__file__, "--run-dir", a.run_dir, "--prompt", a.prompt, "--nodes", str(a.nodes), "--batch", str(a.batch),
-               "--repeat", str(a.repeat), "--qk-heads", str(a.qk_heads), "--child", str(tmp / "ours.json")], sys.executable)
+               "--repeat", str(a.repeat), "--qk-heads", str(a.qk_heads), "--child", str(tmp / "ours.json")]
+              + (["--max-memory", str(a.max_memory)] if a.max_memory else []), sys.executable)
     mine = json.loads((tmp / "ours.json").read_text())
     peer = None
     peer_py = Path(a.peer_venv) / "bin" / "python"
@@ -208,7 +212,11 @@ def length_table(runs: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sorted(runs, key=int):
         r, o, p = runs[n], runs[n]["ours"], runs[n]["peer"]
-        ours = (f"{o['tokens']} | {o['seconds_graph']:.1f} | {o['peak_rss_mib'] / 1024:.2f} | {o['edges']:,} | "
+        limited = ""
+        if o.get("max_memory_gib"):
+            limited = (f" ({o['feature_nodes']} feature rows: stopped by --max-memory {o['max_memory_gib']:g})"
+                       if o.get("memory_limited") else f" (--max-memory {o['max_memory_gib']:g})")
+        ours = (f"{o['tokens']}{limited} | {o['seconds_graph']:.1f} | {o['peak_rss_mib'] / 1024:.2f} | {o['edges']:,} | "
                 f"{o.get('compact_file_mib', float('nan')):.1f}")
         if p is None:
             theirs = "not run | | | | "
