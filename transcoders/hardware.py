@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,7 +60,7 @@ def resident_bytes() -> int | None:
     """This process's resident memory now, in bytes (Linux ``/proc/self/statm``); None where it
     cannot be read."""
     try:
-        pages = int(open("/proc/self/statm").read().split()[1])
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, ValueError, IndexError):
         return None
     return pages * os.sysconf("SC_PAGE_SIZE")

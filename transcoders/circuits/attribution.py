@@ -280,8 +280,8 @@ def _influence(rows: dict[int, tuple[torch.Tensor, torch.Tensor]], target_rows: 
     earlier layers' columns (a feature reads the stream before its own MLP writes), so the rows
     taken from the last layer down form a topological order: one pass, each layer's rows
     scattering their entries times their (by then complete) influence with ``index_add_``. The
-    adjacency is never formed, and the temporaries (about 28 bytes per entry, see
-    :data:`INFLUENCE_BYTES`) exist for one layer's rows at a time, which bounds memory on long
+    adjacency is never formed, and the temporaries (:data:`INFLUENCE_BYTES` per entry) exist for
+    one layer's rows at a time, which bounds memory on long
     prompts.
     """
     t = target_rows.abs().double()
@@ -334,7 +334,7 @@ class _MemoryBudget:
         if room < per_row_sweep:
             gib = 2**30
             raise AttributionMemoryError(
-                f"max_memory {self.limit / gib:.2f} GiB leaves {max(self.limit - self.base, 0) / gib:.2f} GiB beyond what "
+                f"max_memory {max_memory / gib:.2f} GiB leaves {max(self.limit - self.base, 0) / gib:.2f} GiB beyond what "
                 f"this process already holds ({self.base / gib:.2f} GiB: model, transcoders, replacement state), but one "
                 f"attribution row needs {(fixed + per_row_sweep) / gib:.3f} GiB; raise --max-memory")
         self.batch = max(1, min(batch_size, int(room / 4 / per_row_sweep)))  # a sweep takes at most a quarter
@@ -382,7 +382,6 @@ class _MemoryBudget:
             else:
                 hi = n - 1
         return lo
-
 
 
 def attribute(

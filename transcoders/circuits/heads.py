@@ -85,16 +85,9 @@ def split_source(rep: LocalReplacement, read: Read, G_attn: dict, G_post: dict, 
 
 
 def node_writes(rep: LocalReplacement, graph: Graph, node: int) -> dict[int, torch.Tensor]:
-    """``{layer: [T, d]}``: everything a feature, error or embedding node writes, by the
-    ``resid_post`` layer it enters (-1: the embeddings; a CLT feature enters several)."""
-    kind, layer, pos = int(graph.kind[node]), int(graph.layer[node]), int(graph.pos[node])
-    amount = torch.zeros(rep.n_pos, dtype=rep.dtype, device=rep.device)
-    if kind == FEATURE:
-        amount[pos] = float(graph.activation[node])
-        return rep.feature_writes(layer, int(graph.feature[node]), amount)
-    layer, pos, v = source_write(rep, graph, node)
-    amount[pos] = 1.0
-    return {layer: amount[:, None] * v}
+    """:func:`source_writes` as ``{layer: [T, d]}`` writes into the residual stream."""
+    q, writes = source_writes(rep, graph, node)
+    return {layer: _at(v, q, rep) for layer, v in writes}
 
 
 def source_write(rep: LocalReplacement, graph: Graph, node: int) -> tuple[int, int, torch.Tensor]:

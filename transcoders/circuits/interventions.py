@@ -162,15 +162,17 @@ class ReplacementRunner:
         self.softcap = getattr(adapter.config, "final_logit_softcapping", None)
         self.errors: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            clean = harvest(adapter, self.tokens[None], list(coders))
             if self.clt is not None:  # a CLT layer's reconstruction needs every earlier layer's features
-                with splice_clt(adapter, self.clt, ()) as acts:
+                outs: dict = {}
+                with splice_clt(adapter, self.clt, (), outputs=outs) as acts:
                     adapter.model(input_ids=self.tokens[None].to(adapter.device))
-                recon = {t: self.clt.reconstruct(t, acts) for t in range(adapter.n_layers)}
+                for t, y in outs.items():
+                    self.errors[t] = y - self.clt.reconstruct(t, acts).to(y.dtype)
+                return
+            clean = harvest(adapter, self.tokens[None], list(coders))
         for layer, (x, y) in clean.items():
             coder = coders[layer]
-            recon_l = recon[layer] if self.clt is not None else coder(x.to(coder.W_enc.dtype))
-            self.errors[layer] = y - recon_l.to(y.dtype)
+            self.errors[layer] = y - coder(x.to(coder.W_enc.dtype)).to(y.dtype)
 
     def clean_activations(self) -> dict[int, torch.Tensor]:
         """``{layer: [T, d_sae]}`` feature activations on the clean prompt."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..coders.clt import CrossLayerTranscoder
+from ..coders.clt import CrossLayerTranscoder, require_per_layer
 from ..coders.coder import SparseCoder
 from ..models.adapters import BlockInternals, ModelAdapter, NormSpec
 
@@ -294,11 +294,7 @@ class LocalReplacement:
     ):
         self.clt = coders if isinstance(coders, CrossLayerTranscoder) else None
         if self.clt is not None:
-            if self.clt.n_layers != adapter.n_layers or self.clt.d_model != adapter.d_model:
-                raise ReplacementError(
-                    f"the cross-layer transcoder spans {self.clt.n_layers} layers of width {self.clt.d_model}, but the "
-                    f"model has {adapter.n_layers} layers of width {adapter.d_model}; it belongs to another model"
-                )
+            self.clt.check_fits(adapter.n_layers, adapter.d_model, ReplacementError)
             coders = self.clt.layer_coders()
         tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
         if tokens.numel() == 0:
@@ -429,8 +425,9 @@ class LocalReplacement:
             for src in self.write_sources(layer):
                 folded = self.layers[src].folded
                 if folded is not None:
-                    fl.mlp_const += self.write(src, layer, folded)
-                    recon = recon + self.write(src, layer, folded)
+                    folded_write = self.write(src, layer, folded)
+                    fl.mlp_const += folded_write
+                    recon = recon + folded_write
                 recon = recon + self.write(src, layer, self.layers[src].features)
             if fl.W_skip is not None:
                 recon = recon + fl.mlp_in @ fl.W_skip
@@ -440,11 +437,11 @@ class LocalReplacement:
         self.resid_pre.append(resid)
         self.logits = self.unembed(resid)
 
-    def feature_write(self, layer: int, activation: torch.Tensor | None = None, target: int | None = None) -> torch.Tensor:
-        """``[T, d]``: what layer ``layer``'s active features write into ``resid_post[target]``
-        (default: ``layer``; ``sum_i a_i W_dec[i]`` per position), with ``activation [n]``
-        replacing the held activations if given."""
-        return self.write(layer, layer if target is None else target, self.layers[layer].features, activation)
+    def feature_write(self, layer: int, activation: torch.Tensor | None = None) -> torch.Tensor:
+        """``[T, d]``: what layer ``layer``'s active features write into ``resid_post[layer]``
+        (``sum_i a_i W_dec[i]`` per position), with ``activation [n]`` replacing the held
+        activations if given. A CLT's features also write into later layers: :meth:`write`."""
+        return self.write(layer, layer, self.layers[layer].features, activation)
 
     def write(self, source: int, target: int, feats: ActiveFeatures, activation: torch.Tensor | None = None) -> torch.Tensor:
         """``[T, d]``: what the features ``feats`` of layer ``source`` write into
@@ -481,11 +478,7 @@ class LocalReplacement:
 
     def require_per_layer(self, what: str) -> None:
         """Raise :class:`ReplacementError` if the features come from a cross-layer transcoder."""
-        if self.clt is not None:
-            raise ReplacementError(
-                f"{what} needs per-layer transcoders: a cross-layer transcoder's features write into several layers. "
-                "Graphs, paths and verify's frozen checks work with CLTs; use per-layer transcoders for this one"
-            )
+        require_per_layer(self.clt, what, ReplacementError)
 
     def capped(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply the model's final logit soft-cap (Gemma 2), if any, to ``logits``."""

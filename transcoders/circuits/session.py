@@ -25,9 +25,7 @@ def load_layer_coders(run_dir: str | Path, loaded: LoadedModel) -> dict[int, Spa
     ad = loaded.adapter
     if is_clt_folder(run_dir):
         clt = read_clt(run_dir, device=ad.device).requires_grad_(False)
-        if (clt.n_layers, clt.d_model) != (ad.n_layers, ad.d_model):
-            raise CoderFileError(f"the cross-layer transcoder in {run_dir} spans {clt.n_layers} layers of width "
-                                 f"{clt.d_model}; the model has {ad.n_layers} of width {ad.d_model}: pass --model")
+        clt.check_fits(ad.n_layers, ad.d_model, CoderFileError)
         return clt
     found = find_coders(Path(run_dir))
     coders = {}

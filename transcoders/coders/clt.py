@@ -89,6 +89,12 @@ class CrossLayerTranscoder(nn.Module):
             return torch.relu(pre)
         return pre * (pre > self.threshold[layer])
 
+    def check_fits(self, n_layers: int, d_model: int, error: type[Exception] = ValueError) -> None:
+        """Raise ``error`` unless this CLT spans ``n_layers`` layers of width ``d_model``."""
+        if (self.n_layers, self.d_model) != (n_layers, d_model):
+            raise error(f"the cross-layer transcoder spans {self.n_layers} layers of width {self.d_model}, but the model "
+                        f"has {n_layers} of width {d_model}: it belongs to another model (pass --model)")
+
     def decoder(self, source: int, target: int) -> torch.Tensor:
         """``[d_sae, d_model]``: how source-layer features write into ``target``'s MLP output.
 
@@ -177,11 +183,11 @@ class CLTLayer(SparseCoder):
             self.threshold = nn.Parameter(clt.threshold.detach()[layer], requires_grad=False)
 
 
-def require_per_layer(coders, what: str) -> None:
-    """Raise ``ValueError`` if ``coders`` is a cross-layer transcoder: ``what`` is defined here
-    for per-layer transcoders only (a CLT feature writes into several layers)."""
+def require_per_layer(coders, what: str, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` if ``coders`` is a cross-layer transcoder: ``what`` is defined here for
+    per-layer transcoders only (a CLT feature writes into several layers)."""
     if isinstance(coders, CrossLayerTranscoder):
-        raise ValueError(f"{what} needs per-layer transcoders: a cross-layer transcoder's features write into several "
+        raise error(f"{what} needs per-layer transcoders: a cross-layer transcoder's features write into several "
                          "layers. Graphs, paths, verify and the free replacement model (intervene --mode free) take CLTs")
 
 

@@ -206,9 +206,7 @@ def evaluate_clt_folder(run_dir: str | Path, *, data: str | None = None, out: st
     if loaded is None:
         loaded = load_model(model or model_from_file(clt.model_name or None, f"the cross-layer transcoder in {run_dir}"))
     ad = loaded.adapter
-    if (clt.n_layers, clt.d_model) != (ad.n_layers, ad.d_model):
-        raise CoderFileError(f"the cross-layer transcoder in {run_dir} spans {clt.n_layers} layers of width {clt.d_model}; "
-                             f"{loaded.name} has {ad.n_layers} of width {ad.d_model}: pass --model")
+    clt.check_fits(ad.n_layers, ad.d_model, CoderFileError)
     cfg = TrainConfig()
     use_bos = resolve_prepend_bos(prepend_bos, ad, loaded.tokenizer)
     bos_id = bos_id_if(use_bos, loaded.tokenizer)

@@ -104,9 +104,7 @@ def splice_clt(adapter: ModelAdapter, clt, layers=None, *, keep_first_n: int = 0
         ValueError: the CLT does not span the model's layers or width.
     """
     L = adapter.n_layers
-    if clt.n_layers != L or clt.d_model != adapter.d_model:
-        raise ValueError(f"the cross-layer transcoder spans {clt.n_layers} layers of width {clt.d_model}; "
-                         f"the model has {L} of width {adapter.d_model}")
+    clt.check_fits(L, adapter.d_model)
     spliced = set(range(L) if layers is None else layers)
     acts: dict[int, torch.Tensor] = {}
     stream: dict[int, torch.Tensor] = {}
